@@ -1,0 +1,42 @@
+# align-kit: `make demo` runs the whole pipeline on the embedded default; `make test` is what CI runs.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.align-kit-installed
+TORCH  := torch==2.13.0
+export TRL_EXPERIMENTAL_SILENCE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-all bench lint format clean
+
+install: $(STAMP)
+
+# torch goes in first, pinned: a plain or newer torch would pull several GB of CUDA packages.
+# The stamp depends on pyproject.toml, so a second call reinstalls nothing unless it changed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m align_kit.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

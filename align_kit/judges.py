@@ -1,0 +1,838 @@
+"""Pairwise judges for win rates, and the both-orders protocol that removes their position bias.
+
+A judge compares ``(prompt, answer_a, answer_b)`` in ONE order and returns ``'A'``, ``'B'``, ``'tie'``
+or ``None`` (its output could not be parsed; never guessed). ``judge_both_orders`` asks every pair
+with the system in slot A and again swapped, caches each single-order verdict on disk, and combines
+the two: see ``combine_orders``.
+
+A judge is data: ``eval/judges/<name>/judge.yaml`` (read into ``JudgeConfig``; unknown keys fail)
+next to a prompt template in which ``{instruction}``, ``{output_1}`` (slot A) and ``{output_2}``
+(slot B) are replaced in one pass. Backends:
+
+- ``oracle``: the embedded task's exact checker ``align_kit.task.oracle_score``; higher score wins.
+- ``reward_model``: any object with ``score(prompts, answers) -> list[float]`` (an ensemble fits),
+  or a sequence-classification model loaded from ``model``; higher score wins.
+- ``hf_logits``: a local causal LM reads the rendered template and the verdict is the sign of
+  ``logit(label_1) - logit(label_2)`` at the next token, one forward pass per left-padded batch
+  (``mode: generate`` instead generates text and parses it, for comparison only).
+- ``openai``: an OpenAI-compatible chat-completions endpoint, concurrent, with counted retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from align_kit.data import ASSISTANT, HUMAN
+from align_kit.judge_cache import JudgmentCache, cache_key
+
+Verdict = str | None  # 'A', 'B', 'tie', or None for an unparseable answer
+SystemVerdict = str | None  # 'win', 'tie', 'loss' from the system's point of view, or None
+BACKENDS = ("oracle", "reward_model", "hf_logits", "openai")
+PLACEHOLDERS = ("{instruction}", "{output_1}", "{output_2}")
+ROW_KEYS = ("prompt_id", "verdict", "first_order_verdict", "swapped_order_verdict", "parse_failures", "judge")
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """One question for a judge, in one order: which of ``answer_a`` (slot A) and ``answer_b`` is better."""
+
+    prompt: str
+    answer_a: str
+    answer_b: str
+
+
+@dataclass
+class JudgeStats:
+    """What a judge did; read by tests and benchmarks (a rerun from a full cache leaves ``calls`` at 0)."""
+
+    calls: int = 0  # single-order pairs handed to the backend
+    requests: int = 0  # HTTP requests, retries included (openai only)
+    retries: int = 0
+    timeouts: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    connection_errors: int = 0
+    parse_failures: int = 0
+
+
+class Judge(Protocol):
+    """What ``judge_both_orders`` needs from a judge."""
+
+    name: str
+    identity: str  # everything that changes a verdict (model, template, decoding); keys the cache
+    batch_size: int  # pairs per ``judge_batch`` call, and so per cache flush
+    stats: JudgeStats
+
+    def judge_batch(self, items: list[PairItem]) -> list[Verdict]: ...
+
+
+class Scorer(Protocol):
+    """Anything that scores answers: a reward model, an ensemble of them, the task oracle."""
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]: ...
+
+
+@dataclass
+class JudgeConfig:
+    """One judge as written in ``eval/judges/<name>/judge.yaml``."""
+
+    backend: str = field(metadata={"help": f"One of {BACKENDS}."})
+    name: str = field(default="", metadata={"help": "Shown in results; defaults to the judge's folder name."})
+    description: str = field(default="", metadata={"help": "One line for humans."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "hf_logits: causal LM (Hub id, local folder, 'tiny-gpt2'); reward_model: sequence-classification "
+            "model folder; openai: the served model name. Part of the cache key, so it must name the weights."
+        },
+    )
+    cache_tag: str = field(
+        default="",
+        metadata={"help": "Change it to invalidate cached verdicts when the weights behind `model` change."},
+    )
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt template file next to judge.yaml, with {instruction}, {output_1}, {output_2}."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System message for chat backends (openai, and hf_logits with a chat template)."},
+    )
+    use_chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "hf_logits: wrap the rendered template as a user turn in the tokenizer's chat template."
+        },
+    )
+    labels: list[str] = field(
+        default_factory=lambda: ["1", "2"],
+        metadata={"help": "What the judge says for slot A and for slot B; quote them in YAML."},
+    )
+    tie_label: str | None = field(
+        default=None, metadata={"help": "Optional answer meaning a tie (text backends)."}
+    )
+    parser: str = field(
+        default="exact",
+        metadata={
+            "help": "'exact': the stripped answer must equal a label; 'regex': parse_regex must fullmatch."
+        },
+    )
+    parse_regex: str | None = field(
+        default=None,
+        metadata={
+            "help": "parser=regex: must fullmatch the stripped answer; its group 'verdict' (or 1) is the label."
+        },
+    )
+    mode: str = field(
+        default="logits",
+        metadata={
+            "help": "hf_logits: 'logits' (one forward pass) or 'generate' (free text then parse; slower)."
+        },
+    )
+    tie_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "Tie when |logit or score difference| <= tie_margin (0: only exact equality ties)."
+        },
+    )
+    max_new_tokens: int = field(
+        default=8, metadata={"help": "Tokens generated (generate mode, openai max_tokens)."}
+    )
+    temperature: float = field(
+        default=0.0, metadata={"help": "0 is greedy; cached verdicts assume a deterministic judge."}
+    )
+    batch_size: int = field(
+        default=16,
+        metadata={"help": "Pairs per backend batch; also how many verdicts a crash can lose at most."},
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "hf_logits/reward_model: longest input in tokens (None: the model's limit); longer fails."
+        },
+    )
+    append_eos: bool = field(
+        default=True,
+        metadata={"help": "reward_model: append EOS to prompt+answer, as TRL's RewardTrainer does."},
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Torch device; None picks cuda when available."}
+    )
+    torch_dtype: str = field(default="float32", metadata={"help": "Weights dtype for local models."})
+    base_url: str | None = field(
+        default=None, metadata={"help": "openai: endpoint root, e.g. http://host:8000/v1."}
+    )
+    api_key_env: str | None = field(
+        default="OPENAI_API_KEY",
+        metadata={
+            "help": "openai: environment variable holding the key (never the key itself); null sends 'EMPTY'."
+        },
+    )
+    max_concurrency: int = field(default=8, metadata={"help": "openai: requests in flight at once."})
+    timeout: float = field(
+        default=60.0, metadata={"help": "openai: seconds before a request counts as timed out."}
+    )
+    max_retries: int = field(
+        default=5, metadata={"help": "openai: retries after a timeout, 429, 5xx or connection error."}
+    )
+    backoff_base: float = field(
+        default=1.0, metadata={"help": "openai: first retry waits about this long; each further one doubles."}
+    )
+    backoff_max: float = field(
+        default=60.0, metadata={"help": "openai: cap on one wait (also on Retry-After)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if (
+            len(self.labels) != 2
+            or len(set(self.labels)) != 2
+            or not all(isinstance(x, str) for x in self.labels)
+        ):
+            raise ValueError(
+                f"labels must be two different strings (quote them in YAML), got {self.labels!r}"
+            )
+        if self.parser not in ("exact", "regex"):
+            raise ValueError(f"parser must be 'exact' or 'regex', got {self.parser!r}")
+        if self.parser == "regex":
+            if not self.parse_regex:
+                raise ValueError("parser: regex needs parse_regex")
+            re.compile(self.parse_regex)
+        if self.mode not in ("logits", "generate"):
+            raise ValueError(f"mode must be 'logits' or 'generate', got {self.mode!r}")
+        if self.backend in ("hf_logits", "openai") and not (self.template and self.model):
+            raise ValueError(f"backend {self.backend} needs both `model` and `template`")
+        if self.batch_size < 1 or self.max_concurrency < 1 or self.max_retries < 0:
+            raise ValueError("batch_size and max_concurrency must be >= 1 and max_retries >= 0")
+
+
+# Settings that change how fast a judge answers, not what it answers; they stay out of the cache key.
+_OPERATIONAL = {"name", "description", "batch_size", "device", "api_key_env", "max_concurrency", "timeout"}
+_OPERATIONAL |= {"max_retries", "backoff_base", "backoff_max", "max_length", "template"}
+
+
+def judge_identity(config: JudgeConfig, template_text: str | None) -> str:
+    """Stable hash of every setting that can change a verdict, plus the template's text (not its path)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _OPERATIONAL}
+    payload = json.dumps({"settings": settings, "template": template_text}, sort_keys=True)
+    return f"{config.backend}:{config.model}:{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading judges
+
+
+def judges_dir() -> Path:
+    """The shipped judges: ``eval/judges`` of this checkout."""
+    return Path(__file__).resolve().parents[1] / "eval" / "judges"
+
+
+def _check_keys(values: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(JudgeConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown judge key(s) {unknown}; known keys: {sorted(known)}")
+
+
+def read_judge_config(name_or_path: str | Path, **overrides: Any) -> JudgeConfig:
+    """Read ``judge.yaml`` (a shipped judge's name, its folder, or the file) plus overrides.
+
+    Unknown keys in the file or in ``overrides`` raise ValueError. ``template`` comes back as an
+    absolute path resolved against the YAML's folder.
+    """
+    path = Path(name_or_path)
+    if not path.exists():
+        path = judges_dir() / str(name_or_path)
+    if path.is_dir():
+        path = path / "judge.yaml"
+    if not path.is_file():
+        shipped = sorted(p.name for p in judges_dir().iterdir() if (p / "judge.yaml").exists())
+        raise FileNotFoundError(f"no judge {str(name_or_path)!r}: not a judge.yaml path nor one of {shipped}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of judge settings")
+    _check_keys(values, str(path))
+    _check_keys(overrides, "overrides")
+    values.update(overrides)
+    if not values.get("name"):
+        values["name"] = path.parent.name
+    if values.get("template"):
+        values["template"] = str((path.parent / values["template"]).resolve())
+    return JudgeConfig(**values)
+
+
+def read_template(path: str | Path) -> str:
+    """The template text, final newline(s) dropped so a label follows the last line directly."""
+    text = Path(path).read_text().rstrip("\n")
+    missing = [p for p in PLACEHOLDERS if p not in text]
+    if missing:
+        raise ValueError(f"{path}: template lacks placeholder(s) {missing}")
+    return text
+
+
+def load_judge(
+    name_or_path: str | Path,
+    *,
+    lm: Any = None,
+    tokenizer: Any = None,
+    scorer: Scorer | None = None,
+    **overrides: Any,
+) -> Judge:
+    """Read a judge's YAML (plus ``overrides`` of its keys) and build its backend.
+
+    ``lm``/``tokenizer`` (hf_logits, reward_model) and ``scorer`` (reward_model) pass objects already
+    in memory instead of loading ``model`` from disk; then also override ``model`` with a name for
+    those weights, since it keys the cache.
+    """
+    return build_judge(
+        read_judge_config(name_or_path, **overrides), lm=lm, tokenizer=tokenizer, scorer=scorer
+    )
+
+
+def build_judge(
+    config: JudgeConfig, *, lm: Any = None, tokenizer: Any = None, scorer: Scorer | None = None
+) -> Judge:
+    """The backend named by ``config.backend``."""
+    template = read_template(config.template) if config.template else None
+    if config.backend == "oracle":
+        return ScoreJudge(config, OracleScorer())
+    elif config.backend == "reward_model":
+        if scorer is None:
+            if lm is None:
+                lm, tokenizer = _load_reward_model(config)
+            scorer = SequenceClassifierScorer(
+                lm, tokenizer, config.batch_size, config.device, config.append_eos
+            )
+        return ScoreJudge(config, scorer)
+    elif config.backend == "hf_logits":
+        if lm is None:
+            lm, tokenizer = _load_causal_lm(config)
+        return HFLogitsJudge(config, template, lm, tokenizer)
+    elif config.backend == "openai":
+        return OpenAIJudge(config, template)
+    raise ValueError(f"unknown backend {config.backend!r}")
+
+
+def _load_causal_lm(config: JudgeConfig) -> tuple[Any, Any]:
+    from align_kit.configs import ModelArgs
+    from align_kit.models import load_model, load_tokenizer
+
+    lm = load_model(ModelArgs(model_name_or_path=config.model, torch_dtype=config.torch_dtype))
+    return lm, load_tokenizer(config.model)
+
+
+def _load_reward_model(config: JudgeConfig) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification
+
+    from align_kit.models import load_tokenizer, resolve
+
+    dtype = getattr(torch, config.torch_dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve(config.model), dtype=dtype)
+    return model, load_tokenizer(config.model)
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts and parsing
+
+
+def instruction_of(prompt: str) -> str:
+    """What the judge is shown as the request: the question of a single-turn hh-rlhf prompt, else the
+    whole (multi-turn or plain) prompt stripped."""
+    if prompt.count(HUMAN) == 1 and prompt.rstrip().endswith(ASSISTANT.strip()):
+        start = prompt.find(HUMAN) + len(HUMAN)
+        return prompt[start : prompt.rfind(ASSISTANT)].strip()
+    return prompt.strip()
+
+
+def render_prompt(template: str, item: PairItem) -> str:
+    """Fill the three placeholders in one pass, so text inside an answer is never substituted again."""
+    values = {
+        "instruction": instruction_of(item.prompt),
+        "output_1": item.answer_a.strip(),
+        "output_2": item.answer_b.strip(),
+    }
+    return re.sub(r"\{(instruction|output_1|output_2)\}", lambda m: values[m.group(1)], template)
+
+
+def parse_verdict(
+    text: str | None, labels: Sequence[str], tie_label: str | None = None, regex: str | None = None
+) -> Verdict:
+    """Strict parse of a judge's answer: the stripped text must be a label (or, with ``regex``, the
+    regex must fullmatch it and its group 'verdict' or 1 must be a label). Anything else is None."""
+    if text is None:
+        return None
+    answer = text.strip()
+    if regex is not None:
+        match = re.fullmatch(regex, answer, flags=re.DOTALL)
+        if match is None:
+            return None
+        answer = (
+            match.group("verdict") if "verdict" in match.re.groupindex else match.group(1) or ""
+        ).strip()
+    if answer == labels[0].strip():
+        return "A"
+    if answer == labels[1].strip():
+        return "B"
+    if tie_label is not None and answer == tie_label.strip():
+        return "tie"
+    return None
+
+
+def verdict_from_margin(margin: float, tie_margin: float) -> Verdict:
+    """'A' when slot A leads by more than ``tie_margin``, 'B' when it trails by more, else 'tie'."""
+    if abs(margin) <= tie_margin:
+        return "tie"
+    return "A" if margin > 0 else "B"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backends
+
+
+class FakeJudge:
+    """Deterministic judge for tests: prefers the answer containing ``keyword`` (tie when both or
+    neither do); ``always`` makes it answer that verdict for every pair (a fully position-biased
+    judge); a prompt containing ``fail_marker`` gives a parse failure."""
+
+    def __init__(
+        self,
+        keyword: str = "good",
+        always: Verdict = None,
+        fail_marker: str = "[unparseable]",
+        name: str = "fake",
+        batch_size: int = 4,
+    ):
+        self.keyword, self.always, self.fail_marker = keyword, always, fail_marker
+        self.name, self.batch_size = name, batch_size
+        self.identity = f"fake:{keyword}:{always}:{fail_marker}"
+        self.stats = JudgeStats()
+
+    def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
+        self.stats.calls += len(items)
+        return [self._one(item) for item in items]
+
+    def _one(self, item: PairItem) -> Verdict:
+        if self.fail_marker in item.prompt:
+            self.stats.parse_failures += 1
+            return None
+        if self.always is not None:
+            return self.always
+        in_a, in_b = self.keyword in item.answer_a, self.keyword in item.answer_b
+        return "A" if in_a and not in_b else "B" if in_b and not in_a else "tie"
+
+
+class OracleScorer:
+    """The embedded task's checker as a scorer (1.0 correct, helpful and harmless; else 0.0)."""
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        from align_kit.task import oracle_score
+
+        return [float(oracle_score(p, a)) for p, a in zip(prompts, answers, strict=True)]
+
+
+class SequenceClassifierScorer:
+    """A reward model (sequence classification, one label) scoring ``prompt + answer``.
+
+    Texts are tokenized as TRL's RewardTrainer does in training (EOS appended), right-padded, and the
+    model's own pooling picks the last non-pad token. ``score`` returns r(x, y) per pair.
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, batch_size: int = 16, device: str | None = None, append_eos=True
+    ):
+        self.device = _device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer, self.batch_size, self.append_eos = tokenizer, batch_size, append_eos
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tokenizer.pad_token_id
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        eos = self.tokenizer.eos_token if self.append_eos else ""
+        texts = [p + a + eos for p, a in zip(prompts, answers, strict=True)]
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                return_tensors="pt",
+                add_special_tokens=False,
+            ).to(self.device)
+            out.extend(self.model(**batch).logits[:, 0].float().tolist())  # (B,)
+        return out
+
+
+class ScoreJudge:
+    """Scores both answers independently; the higher score wins, within ``tie_margin`` it is a tie.
+    Backs both ``oracle`` and ``reward_model``. Each distinct (prompt, answer) is scored once per batch."""
+
+    def __init__(self, config: JudgeConfig, scorer: Scorer):
+        self.config, self.scorer = config, scorer
+        self.name, self.batch_size = config.name, config.batch_size
+        self.identity = judge_identity(config, None)
+        self.stats = JudgeStats()
+
+    def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
+        self.stats.calls += len(items)
+        pairs = list(dict.fromkeys((i.prompt, a) for i in items for a in (i.answer_a, i.answer_b)))
+        scores = dict(
+            zip(pairs, self.scorer.score([p for p, _ in pairs], [a for _, a in pairs]), strict=True)
+        )
+        return [
+            verdict_from_margin(
+                scores[(i.prompt, i.answer_a)] - scores[(i.prompt, i.answer_b)], self.config.tie_margin
+            )
+            for i in items
+        ]
+
+
+class HFLogitsJudge:
+    """A local causal LM as a pairwise judge.
+
+    ``logits`` mode: for each rendered prompt x, the margin is
+    ``logit(label_1 | x) - logit(label_2 | x)`` at the next token (equal to the log-probability
+    difference, as softmax's normaliser cancels); one forward pass per batch, left-padded so every
+    row's next token sits in the last column. ``generate`` mode generates ``max_new_tokens`` and parses.
+    """
+
+    def __init__(self, config: JudgeConfig, template: str, lm: Any, tokenizer: Any):
+        self.config, self.template, self.tokenizer = config, template, tokenizer
+        self.name, self.batch_size = config.name, config.batch_size
+        self.identity = judge_identity(config, template)
+        self.stats = JudgeStats()
+        self.device = _device(config.device)
+        self.lm = lm.to(self.device).eval()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.chat = config.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        limit = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
+        self.max_length = config.max_length or limit
+
+    def text(self, item: PairItem) -> str:
+        """The exact string the model reads (chat template applied when configured and available)."""
+        rendered = render_prompt(self.template, item)
+        if not self.chat:
+            return rendered
+        messages = (
+            [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        )
+        messages.append({"role": "user", "content": rendered})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        # a chat template already holds the special tokens it wants
+        return self.tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
+
+    def _label_inputs(self, items: list[PairItem]) -> tuple[list[list[int]], list[int], list[int]]:
+        """Context ids and the two competing next tokens per item.
+
+        ``text + label`` is tokenized for both labels; the shared prefix is the context and the first
+        differing token must be the last of each (so ' 1'/' 2' or 'A'/'B' work with any tokenizer).
+        """
+        texts = [self.text(item) for item in items]
+        with_a = self._encode([t + self.config.labels[0] for t in texts])
+        with_b = self._encode([t + self.config.labels[1] for t in texts])
+        contexts, label_a, label_b = [], [], []
+        for ids_a, ids_b in zip(with_a, with_b, strict=True):
+            n = 0
+            while n < min(len(ids_a), len(ids_b)) and ids_a[n] == ids_b[n]:
+                n += 1
+            if len(ids_a) != n + 1 or len(ids_b) != n + 1:
+                raise ValueError(
+                    f"labels {self.config.labels!r} must end in one differing token after the prompt; "
+                    f"got {ids_a[n:]} vs {ids_b[n:]}"
+                )
+            contexts.append(ids_a[:n])
+            label_a.append(ids_a[n])
+            label_b.append(ids_b[n])
+        return contexts, label_a, label_b
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) input ids and attention mask, padded on the left."""
+        width = max(len(r) for r in rows)
+        if self.max_length is not None and width > self.max_length:
+            raise ValueError(f"a judge prompt has {width} tokens, over max_length {self.max_length}")
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices in batches of similar length (less padding), longest first."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+
+    @torch.inference_mode()
+    def margins(self, items: list[PairItem]) -> list[float]:
+        """``logit(label_1) - logit(label_2)`` at the next token of each rendered prompt."""
+        contexts, label_a, label_b = self._label_inputs(items)
+        out = [0.0] * len(items)
+        for batch in self._batches([len(c) for c in contexts]):
+            ids, mask = self._left_pad([contexts[i] for i in batch])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0 despite left padding
+            logits = self.lm(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            ).logits
+            last = logits[:, -1, :].float()  # (B, V)
+            rows = torch.arange(len(batch), device=last.device)
+            a = torch.tensor([label_a[i] for i in batch], device=last.device)
+            b = torch.tensor([label_b[i] for i in batch], device=last.device)
+            for i, margin in zip(batch, (last[rows, a] - last[rows, b]).tolist(), strict=True):
+                out[i] = margin
+        return out
+
+    @torch.inference_mode()
+    def generate(self, items: list[PairItem]) -> list[str]:
+        """Greedy (or sampled, if temperature > 0) continuations of each rendered prompt, decoded."""
+        prompts = self._encode([self.text(item) for item in items])
+        out = [""] * len(items)
+        sampling = {"do_sample": self.config.temperature > 0}
+        if self.config.temperature > 0:
+            sampling["temperature"] = self.config.temperature
+        for batch in self._batches([len(p) for p in prompts]):
+            ids, mask = self._left_pad([prompts[i] for i in batch])
+            new = self.lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=self.config.max_new_tokens,
+                pad_token_id=self.pad_id,
+                **sampling,
+            )[:, ids.shape[1] :]
+            for i, text in zip(
+                batch, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True
+            ):
+                out[i] = text
+        return out
+
+    def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
+        self.stats.calls += len(items)
+        if self.config.mode == "logits":
+            return [verdict_from_margin(m, self.config.tie_margin) for m in self.margins(items)]
+        verdicts = [
+            parse_verdict(t, self.config.labels, self.config.tie_label, self.config.parse_regex)
+            for t in self.generate(items)
+        ]
+        self.stats.parse_failures += sum(v is None for v in verdicts)
+        return verdicts
+
+
+class JudgeRequestError(RuntimeError):
+    """A request that still failed after all retries; verdicts already cached are kept."""
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible chat-completions judge.
+
+    The client runs with ``max_retries=0``; this class retries timeouts, 429, 5xx and connection
+    errors itself, waiting ``min(backoff_max, backoff_base * 2**attempt)`` scaled by a random factor
+    in [0.5, 1] (or the server's Retry-After when longer), and counts every request and retry.
+    """
+
+    def __init__(self, config: JudgeConfig, template: str, client: Any = None):
+        self.config, self.template = config, template
+        self.name, self.batch_size = config.name, config.batch_size
+        self.identity = judge_identity(config, template)
+        self.stats = JudgeStats()
+        self._lock = threading.Lock()
+        if client is None:
+            from openai import OpenAI
+
+            key = "EMPTY"
+            if config.api_key_env:
+                key = os.environ.get(config.api_key_env, "")
+                if not key:
+                    raise ValueError(
+                        f"judge {config.name}: set the environment variable {config.api_key_env}"
+                    )
+            client = OpenAI(base_url=config.base_url, api_key=key, max_retries=0, timeout=config.timeout)
+        self.client = client
+
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            for key, value in increments.items():
+                setattr(self.stats, key, getattr(self.stats, key) + value)
+
+    def messages(self, item: PairItem) -> list[dict[str, str]]:
+        messages = (
+            [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        )
+        messages.append({"role": "user", "content": render_prompt(self.template, item)})
+        return messages
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        wait = min(self.config.backoff_max, self.config.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.config.backoff_max))
+        return wait
+
+    def ask(self, item: PairItem) -> Verdict:
+        """One pair, one order, retried as configured; raises JudgeRequestError when retries run out."""
+        import openai
+
+        for attempt in range(self.config.max_retries + 1):
+            self._count(requests=1)
+            retry_after = None
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.config.model,
+                    messages=self.messages(item),
+                    temperature=self.config.temperature,
+                    max_tokens=self.config.max_new_tokens,
+                )
+            except openai.APITimeoutError as err:  # before APIConnectionError, its parent class
+                self._count(timeouts=1)
+                error: Exception = err
+            except openai.RateLimitError as err:
+                self._count(rate_limited=1)
+                retry_after = _retry_after_seconds(err.response)
+                error = err
+            except openai.InternalServerError as err:
+                self._count(server_errors=1)
+                error = err
+            except openai.APIConnectionError as err:
+                self._count(connection_errors=1)
+                error = err
+            else:
+                text = response.choices[0].message.content if response.choices else None
+                verdict = parse_verdict(
+                    text, self.config.labels, self.config.tie_label, self.config.parse_regex
+                )
+                if verdict is None:
+                    self._count(parse_failures=1)
+                return verdict
+            if attempt == self.config.max_retries:
+                raise JudgeRequestError(
+                    f"judge {self.name}: gave up after {attempt + 1} attempts: {type(error).__name__}: {error}"
+                ) from error
+            self._count(retries=1)
+            time.sleep(self._backoff(attempt, retry_after))
+        raise AssertionError("unreachable")
+
+    def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
+        self._count(calls=len(items))
+        if not items:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.config.max_concurrency, len(items))) as pool:
+            return list(pool.map(self.ask, items))
+
+
+def _retry_after_seconds(response: Any) -> float | None:
+    try:
+        return float(response.headers.get("retry-after"))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Both orders
+
+
+def to_system_view(verdict: Verdict, system_slot: str) -> SystemVerdict:
+    """Translate a slot verdict into 'win'/'tie'/'loss' for the system sitting in ``system_slot``."""
+    if verdict is None or verdict == "tie":
+        return verdict
+    return "win" if verdict == system_slot else "loss"
+
+
+def combine_orders(first: SystemVerdict, swapped: SystemVerdict) -> tuple[SystemVerdict, int]:
+    """Combine the system's result in both orders into (verdict, parse failures).
+
+    - both orders agree on win (or on loss): that verdict;
+    - they disagree, or either says tie: 'tie' (a position-dependent preference is no preference);
+    - one order failed to parse: 'tie', one failure counted: a lone order cannot be checked for
+      position bias, so it may not decide a pair;
+    - both failed: None, two failures counted; the caller excludes the pair and reports the count.
+    """
+    failures = (first is None) + (swapped is None)
+    if failures == 2:
+        return None, 2
+    if failures == 1:
+        return "tie", 1
+    if first == swapped and first in ("win", "loss"):
+        return first, 0
+    return "tie", 0
+
+
+def judge_both_orders(
+    judge: Judge,
+    prompts: Sequence[str],
+    system_answers: Sequence[str],
+    baseline_answers: Sequence[str],
+    cache: JudgmentCache | None = None,
+    prompt_ids: Sequence[Any] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Judge each (prompt, system, baseline) with the system in slot A, then swapped.
+
+    Verdicts already in ``cache`` are not asked again; new ones are appended batch by batch as they
+    arrive. Returns one row per prompt with keys ``ROW_KEYS``; the three verdicts are from the
+    system's point of view ('win', 'tie', 'loss', or None for a parse failure).
+    """
+    if not len(prompts) == len(system_answers) == len(baseline_answers):
+        raise ValueError("prompts, system_answers and baseline_answers must have the same length")
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(len(prompts)))
+    orders = [
+        (PairItem(p, s, b), PairItem(p, b, s))
+        for p, s, b in zip(prompts, system_answers, baseline_answers, strict=True)
+    ]
+    keys = {
+        item: cache_key(judge.identity, item.prompt, item.answer_a, item.answer_b)
+        for pair in orders
+        for item in pair
+    }
+    verdicts: dict[str, Verdict] = {}
+    pending: dict[str, PairItem] = {}  # both orders of a prompt side by side, so scorers can share work
+    for item, key in keys.items():
+        if cache is not None and key in cache:
+            verdicts[key] = cache.get(key)
+        else:
+            pending.setdefault(key, item)
+    todo = list(pending.items())
+    with tqdm(total=len(todo), desc=f"judge {judge.name}", disable=not progress) as bar:
+        for start in range(0, len(todo), judge.batch_size):
+            chunk = todo[start : start + judge.batch_size]
+            for (key, _), verdict in zip(chunk, judge.judge_batch([item for _, item in chunk]), strict=True):
+                verdicts[key] = verdict
+                if cache is not None:
+                    cache.put(key, verdict, judge.name)
+            bar.update(len(chunk))
+    rows = []
+    for prompt_id, (first_item, swapped_item) in zip(ids, orders, strict=True):
+        first = to_system_view(verdicts[keys[first_item]], "A")
+        swapped = to_system_view(verdicts[keys[swapped_item]], "B")
+        verdict, failures = combine_orders(first, swapped)
+        rows.append(
+            {
+                "prompt_id": prompt_id,
+                "verdict": verdict,
+                "first_order_verdict": first,
+                "swapped_order_verdict": swapped,
+                "parse_failures": failures,
+                "judge": judge.name,
+            }
+        )
+    return rows

@@ -1,0 +1,120 @@
+"""The run directory: resolved config, data counts, metrics, completion marker; rank-aware logging.
+
+A finished run is never overwritten, and an interrupted one resumes from its last checkpoint, so
+no run loses finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from align_kit.configs import save_resolved
+
+COMPLETE = "run_complete.json"
+logger = logging.getLogger("align_kit")
+
+
+def is_main_process() -> bool:
+    return PartialState().is_main_process
+
+
+def log(message: str) -> None:
+    """Print on the main process only (one line per event, whatever the process count)."""
+    if is_main_process():
+        print(f"[align-kit] {message}", flush=True)
+
+
+@dataclass
+class Run:
+    """A run's output folder and whether it resumes an interrupted run."""
+
+    output_dir: Path
+    resume_from: str | None
+
+    def path(self, name: str) -> Path:
+        return self.output_dir / name
+
+    def write_json(self, name: str, payload: Any) -> None:
+        if is_main_process():
+            tmp = self.path(name + ".tmp")
+            tmp.write_text(json.dumps(payload, indent=2, default=str))
+            tmp.replace(self.path(name))
+
+
+def start(args: Any, *configs: Any) -> Run:
+    """Seed everything, refuse to clobber a finished run, find a checkpoint to resume, save the config."""
+    set_seed(args.seed)
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
+    output_dir = Path(args.output_dir)
+    if (output_dir / COMPLETE).exists():
+        raise FileExistsError(
+            f"{output_dir} already holds a finished run ({COMPLETE}); choose another output_dir "
+            "(align-kit never deletes finished work)."
+        )
+    resume_from = args.resume_from_checkpoint
+    if resume_from is None and output_dir.is_dir():
+        resume_from = get_last_checkpoint(str(output_dir))
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(str(output_dir / "run_config.json"), *configs, args)
+    if resume_from:
+        log(f"resuming from {resume_from}")
+    return Run(output_dir, resume_from)
+
+
+def finish(run: Run, trainer: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write metrics (final and per-step log history) and the completion marker."""
+    history = trainer.state.log_history
+    metrics = {"log_history": history, **(extra or {})}
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    metrics["first_loss"], metrics["last_loss"] = (losses[0], losses[-1]) if losses else (None, None)
+    run.write_json("metrics.json", metrics)
+    run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": trainer.state.global_step})
+    log(f"done: outputs in {run.output_dir}")
+    return metrics
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def save_model(run: Run, trainer: Any, tokenizer: Any, base_model: str, adapter_args: Any) -> None:
+    """Save the trained model where every later stage can load it with ``align_kit.models.load_model``.
+
+    With an adapter only the adapter weights and their config are written (``Trainer.save_model``
+    would write renamed keys that ``from_pretrained`` silently ignores); otherwise the full model.
+    """
+    from align_kit import adapters
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if adapters.has_adapters(model):
+        if is_main_process():
+            adapters.save_adapter(model, run.output_dir, base_model=base_model, args=adapter_args)
+    else:
+        trainer.save_model(str(run.output_dir))  # collective under FSDP/DeepSpeed: every rank calls it
+    if is_main_process():
+        tokenizer.save_pretrained(str(run.output_dir))
+
+
+def record_data(run: Run, counts: Any) -> None:
+    """Print and keep the data counts (rows kept, dropped by reason, located examples)."""
+    log("data:\n" + counts.summary())
+    run.write_json("data_counts.json", counts.to_dict())
+
+
+def callbacks(stopping: Any) -> list:
+    """Trainer callbacks asked for by the config (early stopping for now)."""
+    from transformers import EarlyStoppingCallback
+
+    if stopping.early_stopping_patience is None:
+        return []
+    return [EarlyStoppingCallback(stopping.early_stopping_patience, stopping.early_stopping_threshold)]

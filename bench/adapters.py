@@ -1,0 +1,284 @@
+"""Cost of the hand-written MLP adapter against full fine-tuning and peft LoRA, and of its adapter-off reference.
+
+Usage: python bench/adapters.py [--quick]
+
+Part 1, training step: on the GPT-2 124M shape (random weights), a plain AdamW loop on a causal-LM loss for
+full fine-tuning, the residual adapter, the replace adapter and peft LoRA on the MLPs, at about the same
+trainable count. Part 2, DPO: a real TRL DPOTrainer with a residual adapter and either the adapter-off
+reference or a copied reference model. Every case runs in its own subprocess, so its peak RSS
+(``ru_maxrss`` of that process) holds nothing from the others. Writes bench/results/adapters.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "adapters.json"
+TRAIN_CASES = ("full", "residual", "replace", "lora")
+DPO_CASES = ("dpo_copied", "dpo_adapter_off")
+TARGETS = {
+    "adapter_step_time_ratio_max": 0.6,
+    "adapter_peak_rss_ratio_max": 0.6,
+    "adapter_trainable_pct_max": 2.0,
+    "dpo_adapter_off_rss_ratio_max": 0.7,
+}
+
+
+def shape(quick: bool) -> dict:
+    """Model, batch and step counts; --quick is a smoke run on a small model."""
+    if quick:
+        return {
+            "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 50257, "batch": 2, "seq": 32,
+            "warmup": 1, "steps": 2, "rank": 16, "lora_r": 4, "dpo_steps": 2, "dpo_batch": 2, "dpo_max_length": 64,
+        }  # fmt: skip
+    # adapter rank 80 and LoRA r 16 on both MLP matrices give about 1.48M trainable parameters each (1.2%)
+    return {
+        "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "batch": 4, "seq": 128,
+        "warmup": 1, "steps": 3, "rank": 80, "lora_r": 16, "dpo_steps": 3, "dpo_batch": 2, "dpo_max_length": 64,
+    }  # fmt: skip
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(cfg: dict):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], n_head=cfg["n_head"],
+        bos_token_id=256, eos_token_id=256, pad_token_id=257,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def adapt(model, case: str, cfg: dict):
+    """Turn the base model into the case's trainable model (full: unchanged)."""
+    from align_kit.adapters import freeze_non_adapter, inject_adapters
+    from align_kit.configs import AdapterArgs
+
+    if case in ("residual", "replace"):
+        inject_adapters(model, AdapterArgs(adapter=case, adapter_rank=cfg["rank"], adapter_init="pretrained"))
+        freeze_non_adapter(model)
+    elif case == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], lora_dropout=0.0, fan_in_fan_out=True,
+            target_modules=r".*\.mlp\.(c_fc|c_proj)",
+        )  # fmt: skip
+        model = get_peft_model(model, lora)
+    return model
+
+
+def child_train(case: str, cfg: dict) -> dict:
+    """Time ``cfg['steps']`` AdamW steps after ``cfg['warmup']`` on a (batch, seq) causal-LM loss."""
+    import torch
+
+    model = build(cfg)
+    base_params = sum(p.numel() for p in model.parameters())
+    model = adapt(model, case, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    times = []
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        input_ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]), generator=generator)
+        start = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= cfg["warmup"]:
+            times.append(time.perf_counter() - start)
+    n_trainable = sum(p.numel() for p in trainable)
+    return {
+        "case": case,
+        "trainable": n_trainable,
+        "base_params": base_params,
+        "trainable_pct": 100 * n_trainable / base_params,
+        "step_s": min(times),  # the least disturbed step: other processes share these cores
+        "step_s_median": statistics.median(times),
+        "step_s_all": times,
+        "peak_rss_mb": peak_rss_mb(),
+        "final_loss": loss.item(),
+    }
+
+
+def child_dpo(case: str, cfg: dict) -> dict:
+    """A few steps of TRL's DPOTrainer with a residual-adapter policy and the case's reference model."""
+    import copy
+    import tempfile
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from align_kit.adapters import AdapterOffReference
+    from align_kit.models import build_byte_tokenizer
+
+    policy = build(cfg)
+    reference = copy.deepcopy(policy).eval() if case == "dpo_copied" else None  # copied before any training
+    policy = adapt(policy, "residual", cfg)
+    if reference is None:
+        reference = AdapterOffReference(policy)
+    rows = [
+        {
+            "prompt": f"\n\nHuman: {i}+{i + 2}?\n\nAssistant:",  # short: DPO drops prompts that fill max_length
+            "chosen": f" It is {2 * i + 2}.",
+            "rejected": f" Maybe {3 * i + 7}, or so.",
+        }
+        for i in range(cfg["dpo_batch"] * cfg["dpo_steps"])
+    ]
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = DPOConfig(
+            output_dir=output_dir, per_device_train_batch_size=cfg["dpo_batch"], max_steps=cfg["dpo_steps"],
+            max_length=cfg["dpo_max_length"], learning_rate=1e-4, logging_steps=1, save_strategy="no",
+            report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False, dataloader_num_workers=0,
+            disable_tqdm=True,
+        )  # fmt: skip
+        trainer = DPOTrainer(
+            model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+            processing_class=build_byte_tokenizer(),
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "case": case,
+        "step_s": elapsed / cfg["dpo_steps"],
+        "peak_rss_mb": peak_rss_mb(),
+        "losses": losses,
+    }
+
+
+def run_child(case: str, quick: bool, threads: int) -> dict:
+    """Run one case in a fresh interpreter; its last stdout line is the JSON result."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--threads", str(threads)]
+    command += ["--quick"] if quick else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench case {case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine(threads: int) -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def summarise(train: dict[str, dict], dpo: dict[str, dict]) -> tuple[dict, dict[str, bool]]:
+    full = train["full"]
+    figures = {"train": {}, "dpo": {}}
+    for case, result in train.items():
+        figures["train"][case] = {
+            **result,
+            "step_time_ratio": result["step_s"] / full["step_s"],
+            "peak_rss_ratio": result["peak_rss_mb"] / full["peak_rss_mb"],
+        }
+    for case, result in dpo.items():
+        figures["dpo"][case] = {
+            **result,
+            "peak_rss_ratio": result["peak_rss_mb"] / dpo["dpo_copied"]["peak_rss_mb"],
+        }
+    passed = {}
+    for case in ("residual", "replace"):
+        row = figures["train"][case]
+        passed[f"{case}_step_time"] = row["step_time_ratio"] <= TARGETS["adapter_step_time_ratio_max"]
+        passed[f"{case}_peak_rss"] = row["peak_rss_ratio"] <= TARGETS["adapter_peak_rss_ratio_max"]
+        passed[f"{case}_trainable_pct"] = row["trainable_pct"] <= TARGETS["adapter_trainable_pct_max"]
+    off = figures["dpo"]["dpo_adapter_off"]["peak_rss_ratio"]
+    passed["dpo_adapter_off_peak_rss"] = off <= TARGETS["dpo_adapter_off_rss_ratio_max"]
+    return figures, passed
+
+
+def table(figures: dict) -> str:
+    lines = [
+        f"{'case':<16}{'trainable':>12}{'% of base':>10}{'step s':>9}{'x full':>8}{'peak RSS MB':>13}{'x full':>8}"
+    ]
+    for case, row in figures["train"].items():
+        lines.append(
+            f"{case:<16}{row['trainable']:>12,}{row['trainable_pct']:>10.2f}{row['step_s']:>9.2f}"
+            f"{row['step_time_ratio']:>8.2f}{row['peak_rss_mb']:>13.0f}{row['peak_rss_ratio']:>8.2f}"
+        )
+    lines.append(f"{'DPO reference':<16}{'':>12}{'':>10}{'step s':>9}{'':>8}{'peak RSS MB':>13}{'x copy':>8}")
+    for case, row in figures["dpo"].items():
+        lines.append(
+            f"{case:<16}{'':>12}{'':>10}{row['step_s']:>9.2f}{'':>8}{row['peak_rss_mb']:>13.0f}{row['peak_rss_ratio']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model and few steps (smoke run)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per case; 1 by default because on shared cores two threads wait on each other and "
+        "step times swing by 3x",
+    )
+    parser.add_argument("--child", choices=TRAIN_CASES + DPO_CASES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--out", default=None, help="JSON results (default bench/results/adapters[_quick].json)"
+    )
+    args = parser.parse_args(argv)
+    cfg = shape(args.quick)
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = child_train(args.child, cfg) if args.child in TRAIN_CASES else child_dpo(args.child, cfg)
+        print(json.dumps(result))
+        return result
+
+    started = time.perf_counter()
+    info = machine(args.threads)
+    train = {case: run_child(case, args.quick, args.threads) for case in TRAIN_CASES}
+    dpo = {case: run_child(case, args.quick, args.threads) for case in DPO_CASES}
+    figures, passed = summarise(train, dpo)
+    print(table(figures))
+    print("targets:", ", ".join(f"{name} {'ok' if ok else 'MISSED'}" for name, ok in passed.items()))
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    info["wall_s"] = round(time.perf_counter() - started, 1)
+    report = {
+        "name": "adapters",
+        "figures": {"shape": cfg, **figures},
+        "targets": TARGETS,
+        "passed": all(passed.values()) if not args.quick else None,
+        "passed_by_target": passed,
+        "machine": info,
+    }
+    out = Path(args.out or (RESULTS.with_name("adapters_quick.json") if args.quick else RESULTS))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} in {info['wall_s']} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

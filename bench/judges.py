@@ -1,0 +1,231 @@
+"""Judge throughput, measured side by side in one run.
+
+1. A local LM judge reading the verdict from next-token logits (one forward pass) against the same
+   model generating a verdict (greedy, ``max_new_tokens`` tokens) and parsing it; same pairs, same
+   batch size, same left padding. Random GPT-2 (4 layers x 256, byte tokenizer), the shipped
+   ``local_hf_pairwise`` template, pairs from the embedded task. Target: >= 10x pairs/s.
+   With a KV cache, generating k tokens costs the same prefill plus k-1 one-token steps, so the
+   ratio is about 1 + (k-1) * step / prefill: large when steps are overhead-bound (short prompts,
+   GPUs), small for long prompts on a CPU, where the prefill dominates both.
+2. The OpenAI-compatible judge at concurrency 16 against sequential (concurrency 1), on a loopback
+   server that adds 100 ms per request. Target: >= 12x.
+
+Run: .venv/bin/python bench/judges.py   (writes bench/results/judges.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+from align_kit import task
+from align_kit.judges import PairItem, load_judge
+from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+
+RESULTS = Path(__file__).resolve().parent / "results" / "judges.json"
+TARGETS = {"logits_vs_generate_speedup": 10.0, "http_concurrency_speedup": 12.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=int, default=32, help="Pairs judged by each local-LM mode.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Local-LM batch size (both modes).")
+    parser.add_argument("--layers", type=int, default=4, help="Random GPT-2 depth.")
+    parser.add_argument("--width", type=int, default=256, help="Random GPT-2 width.")
+    parser.add_argument(
+        "--new-tokens", type=int, default=8, help="Tokens generated per verdict in generate mode."
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Timed passes per local-LM mode; the fastest counts."
+    )
+    parser.add_argument("--requests", type=int, default=64, help="HTTP judge requests per setting.")
+    parser.add_argument(
+        "--latency", type=float, default=0.1, help="Seconds the loopback server adds per request."
+    )
+    parser.add_argument("--concurrency", type=int, default=16, help="Concurrent HTTP requests.")
+    parser.add_argument("--output", default=str(RESULTS), help="Where to write the JSON results.")
+    return parser.parse_args(argv)
+
+
+def embedded_pairs(n: int) -> list[PairItem]:
+    examples = task.generate(n, split="test", seed=0)
+    return [PairItem(e.prompt, f" {e.chosen}", f" {e.rejected}") for e in examples]
+
+
+def logits_vs_generate(args: argparse.Namespace) -> dict[str, float]:
+    """Pairs/s of the two hf_logits modes on the same model, pairs and batching."""
+    shape = TinyGPT2Shape(n_layer=args.layers, n_embd=args.width, n_head=4, n_positions=1024)
+    lm, tokenizer = build_tiny_gpt2(shape), build_byte_tokenizer()
+    tokenizer.model_max_length = shape.n_positions
+    common = {"lm": lm, "tokenizer": tokenizer, "model": f"random-gpt2-{args.layers}x{args.width}"}
+    common |= {"device": "cpu", "batch_size": args.batch_size, "torch_dtype": "float32"}
+    logits_judge = load_judge("local_hf_pairwise", mode="logits", **common)
+    generate_judge = load_judge(
+        "local_hf_pairwise", mode="generate", max_new_tokens=args.new_tokens, **common
+    )
+    items = embedded_pairs(args.pairs)
+    tokens = [len(tokenizer(logits_judge.text(item))["input_ids"]) for item in items]
+    warmup = items[: args.batch_size]
+    logits_judge.judge_batch(warmup)
+    generate_judge.judge_batch(warmup)
+    logits_s, generate_s = [], []
+    for _ in range(args.repeats):  # alternate, and keep the fastest: the CPU is shared
+        start = time.perf_counter()
+        logits_judge.judge_batch(items)
+        logits_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        generated = generate_judge.judge_batch(items)
+        generate_s.append(time.perf_counter() - start)
+    logits_s, generate_s = min(logits_s), min(generate_s)
+    return {
+        "pairs": len(items),
+        "mean_prompt_tokens": sum(tokens) / len(tokens),
+        "logits_pairs_per_s": len(items) / logits_s,
+        "generate_pairs_per_s": len(items) / generate_s,
+        "logits_vs_generate_speedup": generate_s / logits_s,
+        "generate_parse_failure_rate": sum(v is None for v in generated) / len(generated),
+    }
+
+
+class SlowChatServer:
+    """Loopback chat-completions endpoint answering '1' after a fixed latency."""
+
+    def __init__(self, latency: float):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(latency)
+                message = {"role": "assistant", "content": "1"}
+                data = json.dumps(
+                    {
+                        "id": "bench",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def http_concurrency(args: argparse.Namespace) -> dict[str, float]:
+    """Pairs/s of the openai judge sequentially and at ``args.concurrency``, same server and pairs."""
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+    server = SlowChatServer(args.latency)
+    items = [
+        PairItem(f"\n\nHuman: question {k}?\n\nAssistant:", " good", " bad") for k in range(args.requests)
+    ]
+    try:
+        timings = {}
+        for concurrency in (1, args.concurrency):
+            judge = load_judge(
+                "openai_pairwise",
+                base_url=server.url,
+                api_key_env=None,
+                max_concurrency=concurrency,
+                batch_size=args.requests,
+                timeout=10.0,
+            )
+            judge.judge_batch(items[:2])  # open connections before timing
+            start = time.perf_counter()
+            verdicts = judge.judge_batch(items)
+            timings[concurrency] = time.perf_counter() - start
+            assert verdicts == ["A"] * len(items), "loopback server answers '1' to every request"
+    finally:
+        server.close()
+    return {
+        "requests": args.requests,
+        "latency_s": args.latency,
+        "sequential_pairs_per_s": args.requests / timings[1],
+        "concurrent_pairs_per_s": args.requests / timings[args.concurrency],
+        "concurrency": args.concurrency,
+        "http_concurrency_speedup": timings[1] / timings[args.concurrency],
+    }
+
+
+def machine() -> dict[str, str | int]:
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count() or 0,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    figures = {"local_lm": logits_vs_generate(args), "http": http_concurrency(args)}
+    measured = {
+        "logits_vs_generate_speedup": figures["local_lm"]["logits_vs_generate_speedup"],
+        "http_concurrency_speedup": figures["http"]["http_concurrency_speedup"],
+    }
+    passed = {key: measured[key] >= TARGETS[key] for key in TARGETS}
+    result = {
+        "name": "judges",
+        "figures": figures,
+        "targets": TARGETS,
+        "passed": passed,
+        "machine": machine(),
+    }
+
+    lm, http = figures["local_lm"], figures["http"]
+    print(f"{'comparison':<42} {'baseline/s':>11} {'ours/s':>9} {'speedup':>8} {'target':>7} {'ok':>4}")
+    rows = [
+        (
+            f"local LM: logits vs generate {args.new_tokens} tokens",
+            lm["generate_pairs_per_s"],
+            lm["logits_pairs_per_s"],
+            "logits_vs_generate_speedup",
+        ),
+        (
+            f"HTTP: concurrency {args.concurrency} vs 1 ({args.latency * 1000:.0f} ms)",
+            http["sequential_pairs_per_s"],
+            http["concurrent_pairs_per_s"],
+            "http_concurrency_speedup",
+        ),
+    ]
+    for label, base, ours, key in rows:
+        ok = "yes" if passed[key] else "NO"
+        print(f"{label:<42} {base:>11.2f} {ours:>9.2f} {measured[key]:>7.1f}x {TARGETS[key]:>6.0f}x {ok:>4}")
+    print(
+        f"(local LM: {lm['pairs']} pairs, {lm['mean_prompt_tokens']:.0f} prompt tokens on average, "
+        f"generate parse failures {lm['generate_parse_failure_rate']:.0%}; HTTP: {http['requests']} requests)"
+    )
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, output)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Shared test setup: offline, CPU only, generated assets in a per-session folder, tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
+
+# Tests never download: any Hub access fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def align_kit_home(tmp_path_factory) -> Path:
+    """Embedded model and task are generated into a fresh folder, never the user's cache."""
+    home = tmp_path_factory.mktemp("align_kit_home")
+    os.environ["ALIGN_KIT_HOME"] = str(home)
+    return home
+
+
+def load_recipe(name: str):
+    """Import recipes/<name>.py as a module (recipes are scripts, not a package)."""
+    path = ROOT / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+CPU_ARGS = ["--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none"]
+
+
+def tiny_run_args(output_dir: Path, **overrides) -> list[str]:
+    """Command-line arguments for a few-step recipe run on a small embedded task."""
+    values = {
+        "dataset": "embedded",
+        "embedded_train_size": "48",
+        "embedded_test_size": "24",
+        "output_dir": str(output_dir),
+        "max_steps": "3",
+        "per_device_train_batch_size": "8",
+        "per_device_eval_batch_size": "8",
+        "logging_steps": "1",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "max_length": "128",
+        "dataloader_num_workers": "0",
+        "seed": "0",
+    }
+    values.update({k: str(v) for k, v in overrides.items()})
+    args = [item for key, value in values.items() for item in (f"--{key}", value)]
+    return args + CPU_ARGS
