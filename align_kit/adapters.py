@@ -3,12 +3,12 @@
 ``inject_adapters`` swaps each ``GPT2MLP`` at ``transformer.h[i].mlp`` for an ``MLPAdapter`` that keeps the
 original module as ``base_layer``. Two designs:
 
-- ``residual`` (a parallel adapter, He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer
-  Learning", Eq. 9):  y = MLP(x) + W_up · dropout(gelu(W_down · x + b_down)) + b_up, with W_up, b_up = 0 at init,
-  so the adapted model equals the base at step 0.
-- ``replace``: y = W_proj · dropout(gelu(W_fc · x + b_fc)) + b_proj, a new MLP of inner width ``rank`` instead
-  of the original; with ``adapter_init='pretrained'`` it starts from the original's most important hidden units
-  (see ``_top_hidden_units``) and equals the base at full width.
+- ``residual`` (a parallel adapter, He et al. 2022, "Towards a Unified View of Parameter-Efficient
+  Transfer Learning", Eq. 9):  y = MLP(x) + W_up · dropout(gelu(W_down · x + b_down)) + b_up,
+  with W_up, b_up = 0 at init, so the adapted model equals the base at step 0.
+- ``replace``: y = W_proj · dropout(gelu(W_fc · x + b_fc)) + b_proj, a new MLP of inner width ``rank``
+  instead of the original; with ``adapter_init='pretrained'`` it starts from the original's most important
+  hidden units (see ``_top_hidden_units``) and equals the base at full width.
 
 Every adapter parameter name starts with ``ADAPTER_PREFIX``; ``adapters_disabled`` makes the model compute the
 base exactly, and ``AdapterOffReference`` turns that into a DPO/PPO reference model that costs no weights.
@@ -96,7 +96,7 @@ class MLPAdapter(nn.Module):
         return self.base_layer.dropout(self.adapter_proj(hidden))  # GPT-2's residual dropout, as in GPT2MLP
 
     def _frozen_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x)`` op for op, but with a backward that stores one (B, T, inner) tensor instead of four."""
+        """``base_layer(x)`` op for op, but its backward stores one (B, T, inner) tensor instead of four."""
         mlp = self.base_layer
         hidden = mlp.c_fc(x)
         if hidden.requires_grad and isinstance(mlp.act, NewGELUActivation):
@@ -129,9 +129,9 @@ class _LeanGeluNew(torch.autograd.Function):
 def _top_hidden_units(w_in: torch.Tensor, w_out: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (ascending) of the ``k`` hidden units with the largest ||W_in[:, j]||_2 · ||W_out[j, :]||_2.
 
-    ``w_in`` is c_fc's (n_embd, inner) and ``w_out`` c_proj's (inner, n_embd). The score bounds how much unit j
-    can move the output per unit of input (biases ignored). Ascending order keeps the original unit order,
-    so at k = inner the new MLP is the original one, sum for sum.
+    ``w_in`` is c_fc's (n_embd, inner) and ``w_out`` c_proj's (inner, n_embd). Since |gelu(z)| <= |z|, the
+    score bounds unit j's output norm per unit of input norm (biases ignored). Ascending order keeps the
+    original unit order, so at k = inner the new MLP is the original one, sum for sum.
     """
     score = w_in.norm(dim=0) * w_out.norm(dim=1)  # (inner,)
     return score.topk(k).indices.sort().values
@@ -156,7 +156,8 @@ def parse_layers(layers: str, n_layer: int) -> list[int]:
 def inject_adapters(model: nn.Module, args: AdapterArgs) -> list[str]:
     """Replace the ``GPT2MLP`` of the chosen blocks by ``MLPAdapter``s in place; return the replaced names.
 
-    ``args.adapter == 'none'`` does nothing. Does not freeze anything (see ``freeze_non_adapter``) and does not
+    ``args.adapter == 'none'`` does nothing. Expects one GPT-2 per model (blocks are numbered by their order).
+    Does not freeze anything (see ``freeze_non_adapter``) and does not
     read ``args.adapter_path`` (see ``load_adapter_weights``). ``remove_adapters`` undoes it.
     """
     if args.adapter == "none":
@@ -164,7 +165,8 @@ def inject_adapters(model: nn.Module, args: AdapterArgs) -> list[str]:
     if args.adapter not in DESIGNS or args.adapter_init not in INITS or args.adapter_rank < 1:
         raise ValueError(
             f"bad adapter settings: adapter={args.adapter!r} (one of none, {', '.join(DESIGNS)}), "
-            f"adapter_init={args.adapter_init!r} (one of {', '.join(INITS)}), adapter_rank={args.adapter_rank} (>= 1)"
+            f"adapter_init={args.adapter_init!r} (one of {', '.join(INITS)}), "
+            f"adapter_rank={args.adapter_rank} (>= 1)"
         )
     if has_adapters(model):
         raise ValueError("model already has adapters; call remove_adapters first")
@@ -188,7 +190,7 @@ def inject_adapters(model: nn.Module, args: AdapterArgs) -> list[str]:
 def remove_adapters(model: nn.Module) -> list[str]:
     """Put every original ``GPT2MLP`` back (adapter weights are dropped); return the restored names.
 
-    The restored modules are the very objects that were wrapped; their ``requires_grad`` flags stay as they are.
+    The restored modules are the very objects that were wrapped; their ``requires_grad`` flags stay as set.
     """
     adapters = [(name, module) for name, module in model.named_modules() if isinstance(module, MLPAdapter)]
     for name, adapter in adapters:
@@ -205,6 +207,8 @@ def has_adapters(model: nn.Module) -> bool:
 def freeze_non_adapter(model: nn.Module) -> None:
     """Train adapter parameters only: every other parameter (embeddings, attention, LayerNorms, base MLPs,
     including the unused ``base_layer`` of ``replace``) gets ``requires_grad=False``."""
+    if not has_adapters(model):
+        raise ValueError("model has no adapters: freezing would leave nothing to train")
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
 
@@ -248,14 +252,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def describe_parameters(model: nn.Module) -> str:
-    """One line for the start of a run, e.g. 'trainable 1,474,560 of 125,913,600 parameters (1.17%); ...'."""
+    """One line for the start of a run, e.g.
+    'trainable 1,484,736 of 125,924,544 parameters (1.18%); residual adapter in 12 block(s)'."""
     trainable, total = count_parameters(model)
     held = sum(param.numel() for param in model.parameters())
-    adapters = [name for name, module in model.named_modules() if isinstance(module, MLPAdapter)]
+    adapters = [module for module in model.modules() if isinstance(module, MLPAdapter)]
     line = f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
     if adapters:
-        design = next(m.design for m in model.modules() if isinstance(m, MLPAdapter))
-        line += f"; {design} adapter in {len(adapters)} block(s)"
+        line += f"; {adapters[0].design} adapter in {len(adapters)} block(s)"
+        outside = sum(
+            p.numel()
+            for n, p in _computed_parameters(model)
+            if p.requires_grad and not is_adapter_parameter(n)
+        )
+        if outside:  # e.g. freeze_non_adapter not called, or a reward head trained on purpose
+            line += f"; {outside:,} of the trainable parameters are outside the adapters"
     if held != total:
         line += f"; plus {held - total:,} kept base-MLP parameters used only with the adapter off"
     return line
@@ -336,7 +347,8 @@ class AdapterOffReference(nn.Module):
     The policy is stored outside ``nn.Module``'s registry, so the reference has no parameters or submodules:
     a trainer's ``.to()``, ``.eval()``, ``accelerator.prepare_model`` and dropout disabling leave the policy
     alone, and no optimizer or DDP wrapper sees its weights twice. ``forward`` runs the policy in eval mode,
-    under ``torch.no_grad()`` and ``adapters_disabled``, i.e. it computes the base model. That is the right
+    under ``torch.no_grad()`` and ``adapters_disabled``, i.e. it computes the base model, and refuses to run
+    while any base weight is trainable (the reference would then drift with the policy). That is the right
     reference when the run starts from the base (a ``residual`` adapter starts as the identity; a narrow
     ``replace`` adapter does not, and this reference is then the original model, not the policy at step 0).
 
@@ -350,6 +362,8 @@ class AdapterOffReference(nn.Module):
         if not has_adapters(policy):
             raise ValueError("AdapterOffReference needs a policy with adapters (see inject_adapters)")
         object.__setattr__(self, "policy", policy)  # not registered: no parameters of its own
+        base = [param for name, param in policy.named_parameters() if not is_adapter_parameter(name)]
+        object.__setattr__(self, "_base_parameters", base)
 
     @property
     def config(self):
@@ -368,6 +382,11 @@ class AdapterOffReference(nn.Module):
         return self.policy.dtype
 
     def forward(self, *args, **kwargs):
+        if any(param.requires_grad for param in self._base_parameters):
+            raise RuntimeError(
+                "AdapterOffReference: the policy's base weights are trainable, so the reference would move "
+                "with the policy; call freeze_non_adapter(policy) before training"
+            )
         was_training = self.policy.training
         self.policy.eval()  # no dropout in the reference, whatever the policy's mode
         try:

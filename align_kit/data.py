@@ -128,14 +128,24 @@ def required_columns(args: DataArgs) -> list[str]:
 
 
 def embedded_folder(args: DataArgs) -> Path:
-    """Generate the embedded task once per (seed, sizes) and return its folder."""
+    """Generate the embedded task once per (seed, sizes) and return its folder.
+
+    Safe with several processes (ranks of one run, or separate runs sharing ``$ALIGN_KIT_HOME``): one
+    generates under a file lock while the others wait, then reuse its files. A lock rather than a
+    barrier, so a caller on rank 0 alone cannot hang. ``task.write`` writes test.jsonl last.
+    """
+    from filelock import FileLock
+
     from align_kit import task
     from align_kit.models import home
 
     name = f"v{task.VERSION}-seed{args.split_seed}-{args.embedded_train_size}-{args.embedded_test_size}"
     folder = home() / "embedded" / name
     if not (folder / "test.jsonl").exists():
-        task.write(folder, args.embedded_train_size, args.embedded_test_size, seed=args.split_seed)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if not (folder / "test.jsonl").exists():
+                task.write(folder, args.embedded_train_size, args.embedded_test_size, seed=args.split_seed)
     return folder
 
 

@@ -67,7 +67,7 @@ def oracle_scores(prompts: list[str], answers: list[str]) -> dict[str, float | i
     from align_kit.task import judge_answer
 
     by_family: dict[str, list[float]] = defaultdict(list)
-    for prompt, answer in zip(prompts, answers):
+    for prompt, answer in zip(prompts, answers, strict=True):
         verdict = judge_answer(prompt, answer)
         by_family[verdict.family].append(verdict.score)
     scores = [s for values in by_family.values() for s in values]

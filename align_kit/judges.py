@@ -341,13 +341,12 @@ def _load_causal_lm(config: JudgeConfig) -> tuple[Any, Any]:
 
 
 def _load_reward_model(config: JudgeConfig) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification
+    # the same loader as training: a reward model saved with an adapter is rebuilt on its base model
+    from align_kit.models import load_tokenizer
+    from align_kit.rewards import load_reward_model
 
-    from align_kit.models import load_tokenizer, resolve
-
-    dtype = getattr(torch, config.torch_dtype)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve(config.model), dtype=dtype)
-    return model, load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model)
+    return load_reward_model(config.model, config.torch_dtype, tokenizer.pad_token_id), tokenizer
 
 
 def _device(name: str | None) -> torch.device:

@@ -25,6 +25,7 @@ from transformers import (
 from align_kit.configs import ModelArgs
 
 EMBEDDED_NAME = "tiny-gpt2"
+EMBEDDED_VERSION = 2  # part of the cache folder name: bump whenever the built model changes
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -37,6 +38,7 @@ class TinyGPT2Shape:
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 256
+    dropout: float = 0.0
     seed: int = 0
 
 
@@ -89,23 +91,39 @@ def build_tiny_gpt2(shape: TinyGPT2Shape = TinyGPT2Shape(), vocab_size: int = 25
         bos_token_id=256,
         eos_token_id=256,
         pad_token_id=257,
+        # No dropout: a 0.9M-parameter model trained for minutes underfits; dropout only slows it down.
+        resid_pdrop=shape.dropout,
+        embd_pdrop=shape.dropout,
+        attn_pdrop=shape.dropout,
     )
     torch.manual_seed(shape.seed)
     return GPT2LMHeadModel(config)
 
 
 def ensure_embedded_default(path: str | Path | None = None) -> Path:
-    """Build and save ``tiny-gpt2`` once (model and tokenizer); later calls reuse the folder."""
-    target = Path(path) if path is not None else home() / EMBEDDED_NAME
-    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+    """Build and save ``tiny-gpt2`` once (model and tokenizer); later calls reuse the folder.
+
+    Safe with several processes: one builds under a file lock while the others wait. Files are moved
+    in one by one with ``config.json`` last, so a reader that finds it without the lock finds a
+    whole model.
+    """
+    from filelock import FileLock
+
+    target = Path(path) if path is not None else home() / f"{EMBEDDED_NAME}-v{EMBEDDED_VERSION}"
+    markers = (target / "tokenizer.json", target / "config.json")
+    if all(marker.exists() for marker in markers):
         return target
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    build_tiny_gpt2().save_pretrained(tmp)
-    build_byte_tokenizer().save_pretrained(tmp)
-    for item in tmp.iterdir():  # move file by file so a concurrent builder never sees half a model
-        os.replace(item, target / item.name)
-    tmp.rmdir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if all(marker.exists() for marker in markers):
+            return target
+        target.mkdir(exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        build_tiny_gpt2().save_pretrained(tmp)
+        build_byte_tokenizer().save_pretrained(tmp)
+        for item in sorted(tmp.iterdir(), key=lambda item: item.name == "config.json"):
+            os.replace(item, target / item.name)
+        tmp.rmdir()
     return target
 
 
@@ -194,6 +212,26 @@ def tokenizer_source(args: ModelArgs) -> str:
     return args.model_name_or_path
 
 
+def load_policy(model_args: ModelArgs, adapter_args) -> tuple[PreTrainedModel, bool]:
+    """The model to train and whether it got a new adapter (injected here, base frozen).
+
+    A folder saved with an adapter comes back with that adapter and a frozen base, and training
+    continues on it; ``adapter_path`` loads saved adapter weights into the new adapter.
+    """
+    from align_kit import adapters
+
+    model = load_model(model_args)
+    if adapters.has_adapters(model):
+        return model, False
+    if not adapters.inject_adapters(model, adapter_args):
+        return model, False
+    adapters.freeze_non_adapter(model)
+    if adapter_args.adapter_path:
+        adapters.load_adapter_weights(model, adapter_args.adapter_path)
+        return model, False  # the starting policy is no longer the base: its adapter-off view is wrong
+    return model, True
+
+
 def policy_and_reference(model_args: ModelArgs, adapter_args) -> tuple[PreTrainedModel, torch.nn.Module]:
     """The policy to train (with its adapter) and the frozen reference for DPO/PPO.
 
@@ -205,11 +243,8 @@ def policy_and_reference(model_args: ModelArgs, adapter_args) -> tuple[PreTraine
     """
     from align_kit import adapters
 
-    policy = load_model(model_args)
-    continuing = adapters.has_adapters(policy)
-    if not continuing:
-        adapters.inject_adapters(policy, adapter_args)
-    if adapters.has_adapters(policy) and not continuing and model_args.ref_model_name_or_path is None:
+    policy, fresh_adapter = load_policy(model_args, adapter_args)
+    if fresh_adapter and model_args.ref_model_name_or_path is None:
         return policy, adapters.AdapterOffReference(policy)
     reference = load_model(model_args, model_args.ref_model_name_or_path)
     reference.eval().requires_grad_(False)

@@ -3,11 +3,13 @@
 The results dict (JSON-ready; every key but `comparisons` is optional):
     metadata:     {name: value} shown as-is, e.g. judge, models, dataset, seed, n_prompts
     skipped:      {reason: count} of rows left out before judging
+    notes:        [str] shown under the settings (e.g. systems or judges left out, and why)
     comparisons:  [stats.summarize(...)], one per (system, baseline)
     paired:       [stats.paired_test(...)]
     ranking:      stats.rank_systems(...)
     audit:        stats.audit(...), checked against `thresholds` ({name: [low, high]}, default
                   stats.AUDIT_THRESHOLDS); the checks are written to results.json as `audit_checks`
+    audit_notes:  [str] shown under the audit table (how each figure was measured, breakdowns)
 Gallery examples are dicts with prompt, system, baseline, system_answer, baseline_answer, verdict and
 optionally prompt_id and rationale. Every string from a model or a dataset is HTML-escaped.
 """
@@ -144,6 +146,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     lines = ["# Win-rate report", ""]
     if results.get("metadata"):
         lines += _md_table(["Setting", "Value"], _metadata_rows(results["metadata"])) + [""]
+    lines += [f"- Note: {note}" for note in results.get("notes") or []] + (
+        [""] if results.get("notes") else []
+    )
     lines += ["## Headlines", ""] + [f"- {headline(s)}" for s in results.get("comparisons", [])] + [""]
     lines += ["## Comparisons", ""] + _md_table(*_comparison_table(results.get("comparisons", []))) + [""]
     lines += [
@@ -160,6 +165,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if results.get("audit_checks") or results.get("audit"):
         checks = results.get("audit_checks") or stats.check_audit(results["audit"], results.get("thresholds"))
         lines += ["## Judge audit", ""] + _md_table(*_audit_table(checks)) + [""]
+        lines += [f"- {note}" for note in results.get("audit_notes") or []]
+        lines += [""] if results.get("audit_notes") else []
     lines += ["## Skipped rows", ""]
     skipped = results.get("skipped") or {}
     lines += (
@@ -177,6 +184,7 @@ def render_html(
     body = []
     if results.get("metadata"):
         body.append(_html_table(["Setting", "Value"], _metadata_rows(results["metadata"])))
+    body += [f'<p class="note">Note: {_esc(note)}</p>' for note in results.get("notes") or []]
     body.append("<h2>Headlines</h2>")
     body.append(
         '<ul class="headlines">' + "".join(f"<li>{_esc(headline(s))}</li>" for s in comparisons) + "</ul>"
@@ -201,6 +209,10 @@ def render_html(
             "<h2>Judge audit</h2>",
             _html_table(headers, rows, row_classes, flag_column=len(headers) - 1),
         ]
+        if results.get("audit_notes"):
+            body.append(
+                "<ul>" + "".join(f"<li>{_esc(note)}</li>" for note in results["audit_notes"]) + "</ul>"
+            )
     body.append("<h2>Skipped rows</h2>")
     skipped = results.get("skipped") or {}
     body.append(

@@ -15,11 +15,12 @@ from typing import Any
 
 from accelerate import PartialState
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align_kit.configs import save_resolved
 
 COMPLETE = "run_complete.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # the last file Trainer writes into a checkpoint
 logger = logging.getLogger("align_kit")
 
 
@@ -62,7 +63,7 @@ def start(args: Any, *configs: Any) -> Run:
         )
     resume_from = args.resume_from_checkpoint
     if resume_from is None and output_dir.is_dir():
-        resume_from = get_last_checkpoint(str(output_dir))
+        resume_from = last_checkpoint(output_dir)
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(str(output_dir / "run_config.json"), *configs, args)
@@ -71,8 +72,26 @@ def start(args: Any, *configs: Any) -> Run:
     return Run(output_dir, resume_from)
 
 
+def last_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint that was written to the end (``trainer_state.json`` is its last file).
+
+    A run killed while saving leaves a partial folder; resuming from it would load half a state or
+    restart at step 0 with its weights, so it is skipped (and later overwritten by the trainer).
+    """
+    steps = {}
+    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if step.isdigit() and (folder / TRAINER_STATE_NAME).is_file():
+            steps[int(step)] = folder
+    return str(steps[max(steps)]) if steps else None
+
+
 def finish(run: Run, trainer: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write metrics (final and per-step log history) and the completion marker."""
+    """Write metrics (final and per-step log history) and the completion marker; end the process group.
+
+    This is the last call of a run: with several processes it waits for all of them, then destroys
+    the process group, without which some two-process runs aborted at exit.
+    """
     history = trainer.state.log_history
     metrics = {"log_history": history, **(extra or {})}
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -80,6 +99,10 @@ def finish(run: Run, trainer: Any, extra: dict[str, Any] | None = None) -> dict[
     run.write_json("metrics.json", metrics)
     run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": trainer.state.global_step})
     log(f"done: outputs in {run.output_dir}")
+    state = PartialState()
+    if state.use_distributed:
+        state.wait_for_everyone()
+        state.destroy_process_group()
     return metrics
 
 

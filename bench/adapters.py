@@ -1,12 +1,17 @@
-"""Cost of the hand-written MLP adapter against full fine-tuning and peft LoRA, and of its adapter-off reference.
+"""Cost of the hand-written MLP adapter against full fine-tuning and peft LoRA, and of its adapter-off
+reference in DPO.
 
 Usage: python bench/adapters.py [--quick]
 
-Part 1, training step: on the GPT-2 124M shape (random weights), a plain AdamW loop on a causal-LM loss for
-full fine-tuning, the residual adapter, the replace adapter and peft LoRA on the MLPs, at about the same
-trainable count. Part 2, DPO: a real TRL DPOTrainer with a residual adapter and either the adapter-off
-reference or a copied reference model. Every case runs in its own subprocess, so its peak RSS
-(``ru_maxrss`` of that process) holds nothing from the others. Writes bench/results/adapters.json.
+Part 1, training step: on the GPT-2 124M shape (random weights, fp32), a plain AdamW loop on a causal-LM
+loss for full fine-tuning, the residual adapter, the replace adapter and peft LoRA on the MLPs, all at about
+the same trainable count. Step times are the fastest timed step; with one thread (the default) ratios use
+its CPU time, which waiting for a shared core does not inflate.
+``residual_upper`` (adapters in the upper half of the blocks only) is shown for information: the targets
+are judged on residual and replace in every block. Part 2, DPO: a real TRL DPOTrainer with a residual
+adapter and either the adapter-off reference or a deep-copied reference model. Every case runs in its own
+subprocess with one torch thread by default, so its peak RSS (``ru_maxrss`` of that process) holds nothing
+from the others. Writes bench/results/adapters.json (--quick: adapters_quick.json, no pass/fail).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "adapters.json"
-TRAIN_CASES = ("full", "residual", "replace", "lora")
+TRAIN_CASES = ("full", "residual", "replace", "lora", "residual_upper")
 DPO_CASES = ("dpo_copied", "dpo_adapter_off")
 TARGETS = {
     "adapter_step_time_ratio_max": 0.6,
@@ -39,12 +44,14 @@ def shape(quick: bool) -> dict:
     if quick:
         return {
             "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 50257, "batch": 2, "seq": 32,
-            "warmup": 1, "steps": 2, "rank": 16, "lora_r": 4, "dpo_steps": 2, "dpo_batch": 2, "dpo_max_length": 64,
+            "warmup": 1, "steps": 2, "rank": 16, "lora_r": 4,
+            "dpo_steps": 2, "dpo_batch": 2, "dpo_max_length": 64,
         }  # fmt: skip
     # adapter rank 80 and LoRA r 16 on both MLP matrices give about 1.48M trainable parameters each (1.2%)
     return {
         "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "batch": 4, "seq": 128,
-        "warmup": 1, "steps": 3, "rank": 80, "lora_r": 16, "dpo_steps": 3, "dpo_batch": 2, "dpo_max_length": 64,
+        "warmup": 1, "steps": 3, "rank": 80, "lora_r": 16,
+        "dpo_steps": 3, "dpo_batch": 2, "dpo_max_length": 64,
     }  # fmt: skip
 
 
@@ -72,6 +79,12 @@ def adapt(model, case: str, cfg: dict):
     if case in ("residual", "replace"):
         inject_adapters(model, AdapterArgs(adapter=case, adapter_rank=cfg["rank"], adapter_init="pretrained"))
         freeze_non_adapter(model)
+    elif case == "residual_upper":  # upper half of the blocks at twice the rank: backward stops halfway down
+        upper = ",".join(str(i) for i in range(cfg["n_layer"] // 2, cfg["n_layer"]))
+        inject_adapters(
+            model, AdapterArgs(adapter="residual", adapter_rank=2 * cfg["rank"], adapter_layers=upper)
+        )
+        freeze_non_adapter(model)
     elif case == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -94,25 +107,28 @@ def child_train(case: str, cfg: dict) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     model.train()
-    times = []
+    wall, cpu = [], []
     for step in range(cfg["warmup"] + cfg["steps"]):
         input_ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]), generator=generator)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= cfg["warmup"]:
-            times.append(time.perf_counter() - start)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     n_trainable = sum(p.numel() for p in trainable)
     return {
         "case": case,
         "trainable": n_trainable,
         "base_params": base_params,
         "trainable_pct": 100 * n_trainable / base_params,
-        "step_s": min(times),  # the least disturbed step: other processes share these cores
-        "step_s_median": statistics.median(times),
-        "step_s_all": times,
+        "step_s": min(wall),  # the least disturbed step: other processes share these cores
+        "step_s_median": statistics.median(wall),
+        "step_s_all": wall,
+        "step_cpu_s": min(cpu),
+        "step_cpu_s_all": cpu,
         "peak_rss_mb": peak_rss_mb(),
         "final_loss": loss.item(),
     }
@@ -137,7 +153,8 @@ def child_dpo(case: str, cfg: dict) -> dict:
         reference = AdapterOffReference(policy)
     rows = [
         {
-            "prompt": f"\n\nHuman: {i}+{i + 2}?\n\nAssistant:",  # short: DPO drops prompts that fill max_length
+            # short prompts: DPO drops rows whose prompt alone fills max_length
+            "prompt": f"\n\nHuman: {i}+{i + 2}?\n\nAssistant:",
             "chosen": f" It is {2 * i + 2}.",
             "rejected": f" Maybe {3 * i + 7}, or so.",
         }
@@ -154,13 +171,14 @@ def child_dpo(case: str, cfg: dict) -> dict:
             model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
             processing_class=build_byte_tokenizer(),
         )  # fmt: skip
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         trainer.train()
-        elapsed = time.perf_counter() - start
+        elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "case": case,
         "step_s": elapsed / cfg["dpo_steps"],
+        "step_cpu_s": elapsed_cpu / cfg["dpo_steps"],
         "peak_rss_mb": peak_rss_mb(),
         "losses": losses,
     }
@@ -190,13 +208,14 @@ def machine(threads: int) -> dict:
     }
 
 
-def summarise(train: dict[str, dict], dpo: dict[str, dict]) -> tuple[dict, dict[str, bool]]:
+def summarise(train: dict[str, dict], dpo: dict[str, dict], basis: str) -> tuple[dict, dict[str, bool]]:
+    """Ratios to full fine-tuning (to the copied reference for DPO); step times compared by ``basis``."""
     full = train["full"]
-    figures = {"train": {}, "dpo": {}}
+    figures = {"time_basis": basis, "train": {}, "dpo": {}}
     for case, result in train.items():
         figures["train"][case] = {
             **result,
-            "step_time_ratio": result["step_s"] / full["step_s"],
+            "step_time_ratio": result[basis] / full[basis],
             "peak_rss_ratio": result["peak_rss_mb"] / full["peak_rss_mb"],
         }
     for case, result in dpo.items():
@@ -204,6 +223,10 @@ def summarise(train: dict[str, dict], dpo: dict[str, dict]) -> tuple[dict, dict[
             **result,
             "peak_rss_ratio": result["peak_rss_mb"] / dpo["dpo_copied"]["peak_rss_mb"],
         }
+    figures["dpo"]["reference_saving_mb"] = (
+        dpo["dpo_copied"]["peak_rss_mb"] - dpo["dpo_adapter_off"]["peak_rss_mb"]
+    )
+    figures["dpo"]["model_mb"] = 4 * train["full"]["base_params"] / 2**20
     passed = {}
     for case in ("residual", "replace"):
         row = figures["train"][case]
@@ -216,30 +239,40 @@ def summarise(train: dict[str, dict], dpo: dict[str, dict]) -> tuple[dict, dict[
 
 
 def table(figures: dict) -> str:
-    lines = [
-        f"{'case':<16}{'trainable':>12}{'% of base':>10}{'step s':>9}{'x full':>8}{'peak RSS MB':>13}{'x full':>8}"
-    ]
+    row_format = "{:<16}{:>12}{:>10}{:>8}{:>8}{:>8}{:>13}{:>8}"
+    header = ("trainable", "% of base", "wall s", "cpu s", "x full", "peak RSS MB", "x full")
+    lines = [row_format.format("case", *header)]
     for case, row in figures["train"].items():
-        lines.append(
-            f"{case:<16}{row['trainable']:>12,}{row['trainable_pct']:>10.2f}{row['step_s']:>9.2f}"
-            f"{row['step_time_ratio']:>8.2f}{row['peak_rss_mb']:>13.0f}{row['peak_rss_ratio']:>8.2f}"
-        )
-    lines.append(f"{'DPO reference':<16}{'':>12}{'':>10}{'step s':>9}{'':>8}{'peak RSS MB':>13}{'x copy':>8}")
-    for case, row in figures["dpo"].items():
-        lines.append(
-            f"{case:<16}{'':>12}{'':>10}{row['step_s']:>9.2f}{'':>8}{row['peak_rss_mb']:>13.0f}{row['peak_rss_ratio']:>8.2f}"
-        )
+        cells = (
+            f"{row['trainable']:,}", f"{row['trainable_pct']:.2f}", f"{row['step_s']:.2f}",
+            f"{row['step_cpu_s']:.2f}", f"{row['step_time_ratio']:.2f}", f"{row['peak_rss_mb']:.0f}",
+            f"{row['peak_rss_ratio']:.2f}",
+        )  # fmt: skip
+        lines.append(row_format.format(case, *cells))
+    lines.append(row_format.format("DPO reference", "", "", "wall s", "cpu s", "", "peak RSS MB", "x copy"))
+    for case in DPO_CASES:
+        row = figures["dpo"][case]
+        cells = (
+            "", "", f"{row['step_s']:.2f}", f"{row['step_cpu_s']:.2f}", "", f"{row['peak_rss_mb']:.0f}",
+            f"{row['peak_rss_ratio']:.2f}",
+        )  # fmt: skip
+        lines.append(row_format.format(case, *cells))
+    lines.append(f"step time ratios use {figures['time_basis']} (fastest timed step)")
+    saving, model_mb = figures["dpo"]["reference_saving_mb"], figures["dpo"]["model_mb"]
+    lines.append(
+        f"adapter-off reference saves {saving:.0f} MB of peak RSS (one fp32 model: {model_mb:.0f} MB)"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model and few steps (smoke run)")
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch threads per case; 1 by default because on shared cores two threads wait on each other and "
+        help="torch threads per case; 1 by default: on shared cores two threads wait on each other and "
         "step times swing by 3x",
     )
     parser.add_argument("--child", choices=TRAIN_CASES + DPO_CASES, help=argparse.SUPPRESS)
@@ -260,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine(args.threads)
     train = {case: run_child(case, args.quick, args.threads) for case in TRAIN_CASES}
     dpo = {case: run_child(case, args.quick, args.threads) for case in DPO_CASES}
-    figures, passed = summarise(train, dpo)
+    # with one thread, CPU time is the work done and is not inflated by waiting for a shared core
+    figures, passed = summarise(train, dpo, "step_cpu_s" if args.threads == 1 else "step_s")
     print(table(figures))
     print("targets:", ", ".join(f"{name} {'ok' if ok else 'MISSED'}" for name, ok in passed.items()))
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -1,9 +1,12 @@
 """Judge throughput, measured side by side in one run.
 
 1. A local LM judge reading the verdict from next-token logits (one forward pass) against the same
-   model generating a verdict (greedy, ``max_new_tokens`` tokens) and parsing it; same pairs, same
-   batch size, same left padding. Random GPT-2 (4 layers x 256, byte tokenizer), the shipped
-   ``local_hf_pairwise`` template, pairs from the embedded task. Target: >= 10x pairs/s.
+   model generating its verdict the way generative judges do (MT-bench, AlpacaEval): a one-sentence
+   reason, then "Verdict: 1" or "Verdict: 2", greedy, up to ``--new-tokens`` (64) tokens, stopping at
+   EOS, then parsed. Same pairs, same batch size, same left padding. Random GPT-2 (4 layers x 256, byte
+   tokenizer) on pairs from the embedded task: a random model never emits EOS early, so it generates
+   all 64 tokens (a trained judge stops after its verdict, typically 20-60 tokens) and never produces a
+   parseable verdict (the parse-failure rate is reported, not hidden). Target: >= 10x pairs/s.
    With a KV cache, generating k tokens costs the same prefill plus k-1 one-token steps, so the
    ratio is about 1 + (k-1) * step / prefill: large when steps are overhead-bound (short prompts,
    GPUs), small for long prompts on a CPU, where the prefill dominates both.
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,7 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="Random GPT-2 depth.")
     parser.add_argument("--width", type=int, default=256, help="Random GPT-2 width.")
     parser.add_argument(
-        "--new-tokens", type=int, default=8, help="Tokens generated per verdict in generate mode."
+        "--new-tokens",
+        type=int,
+        default=64,
+        help="Most tokens generated per verdict in generate mode (reason + verdict).",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="Timed passes per local-LM mode; the fastest counts."
@@ -55,6 +62,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="Concurrent HTTP requests.")
     parser.add_argument("--output", default=str(RESULTS), help="Where to write the JSON results.")
     return parser.parse_args(argv)
+
+
+# What a generative judge is asked: the shipped pairwise instructions, then a reason before the verdict.
+EXPLAINED_TEMPLATE = """Two assistants replied to the same user request. Decide which reply is better: more \
+helpful, correct and harmless. Do not let the length of a reply or the order in which they are shown \
+influence you.
+
+[Request]
+{instruction}
+
+[Reply 1]
+{output_1}
+
+[Reply 2]
+{output_2}
+
+First give your reason in one sentence, then the verdict on its own line as "Verdict: 1" if Reply 1 is \
+better or "Verdict: 2" if Reply 2 is better.
+Reason:"""
+EXPLAINED_REGEX = r".*Verdict:\s*(?P<verdict>[12])\s*"
 
 
 def embedded_pairs(n: int) -> list[PairItem]:
@@ -70,11 +97,20 @@ def logits_vs_generate(args: argparse.Namespace) -> dict[str, float]:
     common = {"lm": lm, "tokenizer": tokenizer, "model": f"random-gpt2-{args.layers}x{args.width}"}
     common |= {"device": "cpu", "batch_size": args.batch_size, "torch_dtype": "float32"}
     logits_judge = load_judge("local_hf_pairwise", mode="logits", **common)
+    template = Path(tempfile.mkdtemp()) / "explained.txt"
+    template.write_text(EXPLAINED_TEMPLATE)
     generate_judge = load_judge(
-        "local_hf_pairwise", mode="generate", max_new_tokens=args.new_tokens, **common
+        "local_hf_pairwise",
+        mode="generate",
+        template=str(template),
+        parser="regex",
+        parse_regex=EXPLAINED_REGEX,
+        max_new_tokens=args.new_tokens,
+        **common,
     )
     items = embedded_pairs(args.pairs)
     tokens = [len(tokenizer(logits_judge.text(item))["input_ids"]) for item in items]
+    generate_tokens = [len(tokenizer(generate_judge.text(item))["input_ids"]) for item in items]
     warmup = items[: args.batch_size]
     logits_judge.judge_batch(warmup)
     generate_judge.judge_batch(warmup)
@@ -90,11 +126,32 @@ def logits_vs_generate(args: argparse.Namespace) -> dict[str, float]:
     return {
         "pairs": len(items),
         "mean_prompt_tokens": sum(tokens) / len(tokens),
+        "generate_mean_prompt_tokens": sum(generate_tokens) / len(generate_tokens),
+        "generate_max_new_tokens": args.new_tokens,
+        "generate_mean_new_tokens": generate_judge_new_tokens(generate_judge, items[:4]),
         "logits_pairs_per_s": len(items) / logits_s,
         "generate_pairs_per_s": len(items) / generate_s,
         "logits_vs_generate_speedup": generate_s / logits_s,
         "generate_parse_failure_rate": sum(v is None for v in generated) / len(generated),
     }
+
+
+@torch.inference_mode()
+def generate_judge_new_tokens(judge, items: list[PairItem]) -> float:
+    """Mean number of tokens the generate-mode judge makes per verdict, counted up to EOS (unbatched)."""
+    eos = judge.tokenizer.eos_token_id
+    counts = []
+    for item in items:
+        ids = torch.tensor([judge.tokenizer(judge.text(item))["input_ids"]])
+        new = judge.lm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=judge.config.max_new_tokens,
+            do_sample=False,
+            pad_token_id=judge.pad_id,
+        )[0, ids.shape[1] :].tolist()
+        counts.append(new.index(eos) + 1 if eos in new else len(new))
+    return sum(counts) / len(counts)
 
 
 class SlowChatServer:
@@ -199,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'comparison':<42} {'baseline/s':>11} {'ours/s':>9} {'speedup':>8} {'target':>7} {'ok':>4}")
     rows = [
         (
-            f"local LM: logits vs generate {args.new_tokens} tokens",
+            f"local LM: logits vs reason+verdict (<= {args.new_tokens} tok)",
             lm["generate_pairs_per_s"],
             lm["logits_pairs_per_s"],
             "logits_vs_generate_speedup",
@@ -215,8 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
         ok = "yes" if passed[key] else "NO"
         print(f"{label:<42} {base:>11.2f} {ours:>9.2f} {measured[key]:>7.1f}x {TARGETS[key]:>6.0f}x {ok:>4}")
     print(
-        f"(local LM: {lm['pairs']} pairs, {lm['mean_prompt_tokens']:.0f} prompt tokens on average, "
-        f"generate parse failures {lm['generate_parse_failure_rate']:.0%}; HTTP: {http['requests']} requests)"
+        f"(local LM: {lm['pairs']} pairs, {lm['mean_prompt_tokens']:.0f} / "
+        f"{lm['generate_mean_prompt_tokens']:.0f} prompt tokens on average (logits / generate), the "
+        f"generate mode made {lm['generate_mean_new_tokens']:.0f} tokens per verdict (a random model never "
+        f"stops early) and parse failures {lm['generate_parse_failure_rate']:.0%}; HTTP: {http['requests']} requests)"
     )
 
     output = Path(args.output)

@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 from align_kit import adapters, runs
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
 from align_kit.data import load_preferences, to_sft
-from align_kit.models import load_model, load_tokenizer, tokenizer_source
+from align_kit.models import load_policy, load_tokenizer, tokenizer_source
 
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, SFTConfig)
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = Dataset.from_list(to_sft(splits["test"], data_args.sft_target, args.seed + 1))
 
     # 4. model and adapter
-    model = load_model(model_args)
-    adapters.inject_adapters(model, adapter_args)
+    model, _ = load_policy(model_args, adapter_args)
     runs.log(adapters.describe_parameters(model))
 
     # 5. trainer

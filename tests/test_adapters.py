@@ -39,7 +39,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models run fastest on one thread, and on a shared machine two spinning threads can be 100x slower."""
+    """Tiny models run fastest on one thread; on shared cores two spinning threads can be 100x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -217,6 +217,8 @@ def test_adapter_layers_subset_touches_only_those_blocks():
         inject_adapters(build_tiny_gpt2(), AdapterArgs(adapter="residual", adapter_layers="0,4"))
     with pytest.raises(ValueError, match="already has adapters"):
         inject_adapters(model, AdapterArgs(adapter="residual"))
+    with pytest.raises(ValueError, match="no adapters"):
+        freeze_non_adapter(build_tiny_gpt2())  # would silently leave nothing to train
 
 
 def test_parameter_counts_by_hand():
@@ -232,6 +234,9 @@ def test_parameter_counts_by_hand():
     freeze_non_adapter(model)
     residual = 2 * (32 * 4 + 4 + 4 * 32 + 32)  # two blocks of down + up with biases = 584
     assert count_parameters(model) == (residual, base_total + residual)
+
+    model.transformer.ln_f.requires_grad_(True)
+    assert "64 of the trainable parameters are outside the adapters" in describe_parameters(model)
 
     model = GPT2LMHeadModel(config)
     inject_adapters(model, AdapterArgs(adapter="replace", adapter_rank=8, adapter_layers="1"))
@@ -258,6 +263,9 @@ def test_adapter_off_reference_is_base_without_touching_policy_mode():
     }
     with pytest.raises(ValueError, match="needs a policy with adapters"):
         AdapterOffReference(build_tiny_gpt2())
+    policy.transformer.wte.requires_grad_(True)  # a base that trains would drag the reference along
+    with pytest.raises(RuntimeError, match="freeze_non_adapter"):
+        reference(**inputs)
 
 
 def _preference_rows(n: int) -> list[dict[str, str]]:
@@ -317,11 +325,9 @@ def test_adapter_off_reference_in_dpo_trainer_equals_copied_base(tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
     copy_chosen, copy_rejected = trainer.compute_ref_log_probs(base_copy, batch)
-    assert torch.allclose(ref_chosen, copy_chosen, atol=1e-5) and torch.allclose(
-        ref_rejected, copy_rejected, atol=1e-5
-    )
+    assert torch.allclose(ref_chosen, copy_chosen, atol=1e-5)
+    assert torch.allclose(ref_rejected, copy_rejected, atol=1e-5)
     policy_chosen, _ = trainer.compute_ref_log_probs(policy, batch)  # the trained policy itself
     assert (policy_chosen - copy_chosen).abs().max() > 1e-3  # the adapter moved, so the check above has teeth
-    assert trainer.state.log_history[0]["loss"] == pytest.approx(
-        0.6931, abs=1e-3
-    )  # policy == reference at step 0
+    first_loss = trainer.state.log_history[0]["loss"]
+    assert first_loss == pytest.approx(0.6931, abs=1e-3)  # ln 2: policy == reference at step 0

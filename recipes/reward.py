@@ -1,0 +1,84 @@
+"""Reward model r(x, y) from pairwise preferences with TRL's RewardTrainer (Bradley-Terry loss).
+
+    accelerate launch recipes/reward.py --config recipes/configs/reward_tiny.yaml
+    python recipes/reward.py --config recipes/configs/reward_tiny.yaml --num_train_epochs 1
+
+The model is a sequence classifier with one output built on the SFT model (or any causal LM): the
+backbone is loaded from the folder and the ``score`` head is new. The report holds the held-out
+preference accuracy and reward statistics; ``reward_scale.json`` (mean and std of held-out rewards)
+lets ensembles standardise their members.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+
+from align_kit import adapters, rewards, runs
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
+from align_kit.data import load_preferences
+from align_kit.models import load_tokenizer, tokenizer_source
+from align_kit.rewards import RewardArgs
+
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RewardArgs, RewardConfig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. config
+    data_args, model_args, adapter_args, stopping, reward_args, args = parse(CONFIG, argv)
+
+    # 2. seed, logging, run directory
+    run = runs.start(args, data_args, model_args, adapter_args, stopping, reward_args)
+
+    # 3. data
+    tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
+    splits, counts = load_preferences(data_args, tokenizer)
+    runs.record_data(run, counts)
+    columns = ["prompt", "chosen", "rejected"]
+    if reward_args.margin_column:
+        splits = rewards.attach_margins(splits, data_args, reward_args.margin_column)
+        columns.append("margin")
+    train = Dataset.from_list(splits["train"]).select_columns(columns)
+    test = Dataset.from_list(splits["test"]).select_columns(columns)
+
+    # 4. model and adapter (the score head is new and always trains)
+    model = rewards.load_reward_model(model_args.model_name_or_path, model_args.torch_dtype, tokenizer.pad_token_id)
+    if not adapters.has_adapters(model):
+        adapters.inject_adapters(model, adapter_args)
+    if adapters.has_adapters(model):
+        adapters.freeze_non_adapter(model)
+        model.score.requires_grad_(True)
+    runs.log(adapters.describe_parameters(model))
+
+    # 5. trainer
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        callbacks=runs.callbacks(stopping),
+    )
+
+    # 6. train
+    result = trainer.train(resume_from_checkpoint=run.resume_from)
+
+    # 7. save
+    runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
+    if runs.is_main_process():
+        rewards.save_score_head(trainer.accelerator.unwrap_model(trainer.model), run.output_dir)
+
+    # 8. report
+    scorer = rewards.reward_scorer(trainer.accelerator.unwrap_model(trainer.model), tokenizer, reward_args.score_batch_size)
+    held_out = rewards.preference_stats(scorer, splits["test"])
+    run.write_json(rewards.SCALE_FILE, {"mean": held_out["mean"], "std": held_out["std"]})
+    runs.log(
+        f"held-out preference accuracy {held_out['accuracy']:.3f} on {held_out['n_pairs']} pairs; "
+        f"reward chosen {held_out['chosen_mean']:+.2f} +- {held_out['chosen_std']:.2f}, "
+        f"rejected {held_out['rejected_mean']:+.2f} +- {held_out['rejected_std']:.2f}"
+    )
+    return runs.finish(run, trainer, {"train": result.metrics, "held_out": held_out})
+
+
+if __name__ == "__main__":
+    main()
