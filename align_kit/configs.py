@@ -32,25 +32,40 @@ class DataArgs:
             "'preference': separate prompt/chosen/rejected columns (see *_column)."
         },
     )
-    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column for dataset_format=preference."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Prompt column for dataset_format=preference."}
+    )
     chosen_column: str = field(default="chosen", metadata={"help": "Preferred answer column."})
     rejected_column: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
     train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    test_split: str = field(default="test", metadata={"help": "Held-out split (made from train when absent)."})
+    test_split: str = field(
+        default="test", metadata={"help": "Held-out split (made from train when absent)."}
+    )
     test_size: float = field(
         default=0.05, metadata={"help": "Fraction held out when the source has no test split."}
     )
-    split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split and of the embedded task."})
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the train/test split and of the embedded task."}
+    )
     single_turn: bool = field(
-        default=True, metadata={"help": "Keep only conversations with exactly one Human and one Assistant turn."}
+        default=True,
+        metadata={"help": "Keep only conversations with exactly one Human and one Assistant turn."},
     )
     max_pair_tokens: int | None = field(
         default=None,
-        metadata={"help": "Drop rows whose prompt plus longer answer exceeds this many tokens (None: keep all)."},
+        metadata={
+            "help": "Drop rows whose prompt plus longer answer exceeds this many tokens (None: keep all)."
+        },
     )
-    deduplicate: bool = field(default=True, metadata={"help": "Drop exact duplicate (prompt, chosen, rejected) rows."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training rows after cleaning."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on held-out rows after cleaning."})
+    deduplicate: bool = field(
+        default=True, metadata={"help": "Drop exact duplicate (prompt, chosen, rejected) rows."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Cap on training rows after cleaning."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Cap on held-out rows after cleaning."}
+    )
     sft_target: str = field(
         default="chosen",
         metadata={
@@ -59,7 +74,9 @@ class DataArgs:
         },
     )
     embedded_train_size: int = field(default=3000, metadata={"help": "Rows generated for the embedded task."})
-    embedded_test_size: int = field(default=300, metadata={"help": "Held-out rows generated for the embedded task."})
+    embedded_test_size: int = field(
+        default=300, metadata={"help": "Held-out rows generated for the embedded task."}
+    )
 
 
 @dataclass
@@ -124,7 +141,8 @@ class AdapterArgs:
     )
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the adapter bottleneck."})
     adapter_path: str | None = field(
-        default=None, metadata={"help": "Continue from saved adapter weights (a folder written by save_adapter)."}
+        default=None,
+        metadata={"help": "Continue from saved adapter weights (a folder written by save_adapter)."},
     )
 
 

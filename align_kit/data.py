@@ -52,7 +52,9 @@ class DropCounts:
     def drop(self, split: str, reason: str, source: str, row: int, field_name: str) -> None:
         self.dropped.setdefault(split, Counter())[reason] += 1
         if sum(1 for e in self.examples if e["reason"] == reason) < MAX_EXAMPLES_PER_REASON:
-            self.examples.append({"split": split, "reason": reason, "file": source, "row": row, "field": field_name})
+            self.examples.append(
+                {"split": split, "reason": reason, "file": source, "row": row, "field": field_name}
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,13 +105,23 @@ def parse_row(row: dict[str, Any], args: DataArgs) -> tuple[str, str, str]:
     if args.dataset_format == "hh-rlhf":
         prompt, chosen, rejected = split_hh(row.get("chosen"), row.get("rejected"))
     elif args.dataset_format == "preference":
-        prompt, chosen, rejected = (row.get(args.prompt_column), row.get(args.chosen_column), row.get(args.rejected_column))
-        for name, value in ((args.prompt_column, prompt), (args.chosen_column, chosen), (args.rejected_column, rejected)):
+        prompt, chosen, rejected = (
+            row.get(args.prompt_column),
+            row.get(args.chosen_column),
+            row.get(args.rejected_column),
+        )
+        for name, value in (
+            (args.prompt_column, prompt),
+            (args.chosen_column, chosen),
+            (args.rejected_column, rejected),
+        ):
             if not isinstance(value, str):
                 raise RowError("not_text", name)
         if not prompt.lstrip().startswith(HUMAN.strip()):
             prompt = format_prompt(prompt)
-        chosen, rejected = (text if text.startswith((" ", "\n")) else " " + text for text in (chosen, rejected))
+        chosen, rejected = (
+            text if text.startswith((" ", "\n")) else " " + text for text in (chosen, rejected)
+        )
     else:
         raise DataError(f"dataset_format must be 'hh-rlhf' or 'preference', got {args.dataset_format!r}")
     if not chosen.strip():
@@ -182,10 +194,16 @@ def load_raw(args: DataArgs) -> dict[str, tuple[str, Any]]:
     if args.dataset.startswith((".", "/")) or Path(args.dataset).suffix in DATA_SUFFIXES:
         raise DataError(f"{args.dataset}: no such file or folder")
     hub = load_dataset(args.dataset, args.dataset_config)
-    return {split: (f"{args.dataset}[{split}]", hub[split]) for split in (args.train_split, args.test_split) if split in hub}
+    return {
+        split: (f"{args.dataset}[{split}]", hub[split])
+        for split in (args.train_split, args.test_split)
+        if split in hub
+    }
 
 
-def clean(raw, source: str, split: str, args: DataArgs, counts: DropCounts, tokenizer=None) -> list[dict[str, str]]:
+def clean(
+    raw, source: str, split: str, args: DataArgs, counts: DropCounts, tokenizer=None
+) -> list[dict[str, str]]:
     """Parse and filter one split; every dropped row is counted by reason."""
     missing = [c for c in required_columns(args) if c not in raw.column_names]
     if missing:
@@ -212,7 +230,7 @@ def clean(raw, source: str, split: str, args: DataArgs, counts: DropCounts, toke
         texts = [r["prompt"] + max(r["chosen"], r["rejected"], key=len) for r in rows]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         kept = []
-        for row, length in zip(rows, lengths):
+        for row, length in zip(rows, lengths, strict=True):
             if length + 1 > args.max_pair_tokens:  # +1 for the EOS the trainers append
                 counts.drop(split, "too_long", source, row["source_row"], "chosen")
             else:
@@ -227,7 +245,9 @@ def split_by_prompt(rows: list[dict], test_size: float, seed: int) -> tuple[list
     random.Random(seed).shuffle(prompts)
     n_test = max(1, round(len(prompts) * test_size)) if len(prompts) > 1 else 0
     test_prompts = set(prompts[:n_test])
-    return [r for r in rows if r["prompt"] not in test_prompts], [r for r in rows if r["prompt"] in test_prompts]
+    return [r for r in rows if r["prompt"] not in test_prompts], [
+        r for r in rows if r["prompt"] in test_prompts
+    ]
 
 
 def load_preferences(args: DataArgs, tokenizer=None) -> tuple[dict[str, list[dict]], DropCounts]:

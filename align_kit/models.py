@@ -50,7 +50,11 @@ def home() -> Path:
 def _byte_to_symbol() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map: printable bytes stand for themselves,
     the others are shifted past 255 so that no symbol is whitespace or a control character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     shift = 0
     for b in range(256):
@@ -155,7 +159,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: unsupported weights file type {path.suffix!r} (use .safetensors, .bin or .pt)")
 
 
-def load_weights_file(weights_file: str, model_config: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_weights_file(
+    weights_file: str, model_config: str, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """Build the architecture from ``model_config`` and fill it from ``weights_file``.
 
     Accepts both the Hugging Face key layout (``transformer.h.0...``) and the original GPT-2 release

@@ -52,7 +52,9 @@ class RewardArgs:
             "preference strength). None: no margin."
         },
     )
-    score_batch_size: int = field(default=64, metadata={"help": "Pairs per batch when scoring the held-out set."})
+    score_batch_size: int = field(
+        default=64, metadata={"help": "Pairs per batch when scoring the held-out set."}
+    )
 
 
 @dataclass
@@ -98,7 +100,8 @@ class PPOArgs:
         },
     )
     report_prompts: int = field(
-        default=64, metadata={"help": "Held-out prompts for the final report (reward, KL, sample completions)."}
+        default=64,
+        metadata={"help": "Held-out prompts for the final report (reward, KL, sample completions)."},
     )
     report_max_new_tokens: int = field(default=48, metadata={"help": "Answer length in the final report."})
 
@@ -166,6 +169,22 @@ def load_reward_model(
     )
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # the classifier reads r at the last non-pad token
+    return model
+
+
+def load_trainable_reward_model(
+    model_args: Any, adapter_args: Any, pad_token_id: int | None
+) -> PreTrainedModel:
+    """The reward model to train, as ``models.load_policy`` gives a policy: a new adapter is injected with
+    the base frozen (and ``adapter_path`` weights loaded into it), a saved adapter is continued; the
+    score head always trains (it is new, and no adapter parameter)."""
+    model = load_reward_model(model_args.model_name_or_path, model_args.torch_dtype, pad_token_id)
+    if not adapters.has_adapters(model) and adapters.inject_adapters(model, adapter_args):
+        if adapter_args.adapter_path:
+            adapters.load_adapter_weights(model, adapter_args.adapter_path)
+    if adapters.has_adapters(model):
+        adapters.freeze_non_adapter(model)
+        model.score.requires_grad_(True)
     return model
 
 
@@ -268,11 +287,8 @@ def aggregate(member_rewards: torch.Tensor, how: str, k: float = 1.0) -> torch.T
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real token before the first padding that follows the first real token.
-
-    This is the token TRL's PPO reads rewards at (prompts left padded, answers right padded), and for a
-    right-padded batch it is the last real token, where a sequence classifier pools.
-    """
+    """(B,) index of the last real token before the first padding that follows the first real token:
+    where TRL's PPO reads rewards (prompts left padded, answers right padded)."""
     mask = attention_mask.bool()  # (B, T)
     started = mask.cumsum(-1) > 0
     ended = started & ~mask
@@ -282,6 +298,15 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return first_pad - 1
 
 
+def classifier_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """(B,) index of the rightmost token that is not padding: where a Hugging Face sequence classifier
+    pools (with EOS as padding, as for GPT-2, that is the token before the appended EOS)."""
+    if pad_token_id is None:
+        return torch.full(input_ids.shape[:1], input_ids.shape[1] - 1, device=input_ids.device)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
+
+
 class RewardEnsemble(nn.Module):
     """Several reward models as one. Member i's reward is standardised, z_i = (r_i - offset_i) / scale_i,
     and the members are combined by ``aggregate``.
@@ -289,7 +314,8 @@ class RewardEnsemble(nn.Module):
     - PPO: TRL calls ``getattr(model, model.base_model_prefix)(input_ids, attention_mask, position_ids, ...)``
       and applies ``model.score`` to ``hidden_states[-1]``. Here that call returns the combined per-token
       rewards (B, T, 1) as the "hidden state" and ``score`` is the identity.
-    - Anywhere else: ``forward(input_ids, attention_mask)`` pools like a sequence classifier, logits (B, 1).
+    - Anywhere else: ``forward(input_ids, attention_mask)`` pools where its members' classifiers pool
+      (``classifier_index``), logits (B, 1).
 
     Every call measures the disagreement, the std of the z_i at the scored token, and counts the answers
     above ``threshold`` (an alarm; see ``stats``).
@@ -352,11 +378,13 @@ class RewardEnsemble(nn.Module):
         self._record(z[:, rows, last_token_index(attention_mask)])
         return SimpleNamespace(hidden_states=(aggregate(z, self.aggregation, self.k).unsqueeze(-1),))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **unused: Any) -> SequenceClassifierOutput:
-        """Combined reward of each sequence at its last real token, logits (B, 1)."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **unused: Any
+    ) -> SequenceClassifierOutput:
+        """Combined reward of each sequence at its last non-pad token, logits (B, 1)."""
         z = self.member_rewards(input_ids, attention_mask)  # (M, B, T)
         rows = torch.arange(z.shape[1], device=z.device)
-        pooled = z[:, rows, last_token_index(attention_mask)]  # (M, B)
+        pooled = z[:, rows, classifier_index(input_ids, self.config.pad_token_id)]  # (M, B)
         self._record(pooled)
         return SequenceClassifierOutput(logits=aggregate(pooled, self.aggregation, self.k).unsqueeze(-1))
 
@@ -396,7 +424,9 @@ class RewardEnsemble(nn.Module):
         }
 
     @torch.no_grad()
-    def calibrate(self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str]) -> None:
+    def calibrate(
+        self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str]
+    ) -> None:
         """Set each member's offset and scale to the mean and std of its raw rewards on these answers."""
         self.offsets.zero_()
         self.scales.fill_(1.0)
@@ -408,7 +438,7 @@ class RewardEnsemble(nn.Module):
         ).to(self.offsets.device)
         z = self.member_rewards(batch["input_ids"], batch["attention_mask"])  # raw rewards here, (M, B, T)
         rows = torch.arange(z.shape[1], device=z.device)
-        pooled = z[:, rows, last_token_index(batch["attention_mask"])]  # (M, B)
+        pooled = z[:, rows, classifier_index(batch["input_ids"], self.config.pad_token_id)]  # (M, B)
         self.offsets.copy_(pooled.mean(1))
         self.scales.copy_(pooled.std(1, unbiased=False).clamp(min=1e-6))
 
@@ -453,7 +483,9 @@ def sample_and_score(
         policy, tokenizer, list(prompts), max_new_tokens, batch_size, do_sample=True, temperature=temperature,
         top_p=top_p, num_return_sequences=n, seed=seed, progress=False,
     )  # fmt: skip
-    flat = scorer.score([p for p, group in zip(prompts, samples, strict=True) for _ in group], [a for g in samples for a in g])
+    flat = scorer.score(
+        [p for p, group in zip(prompts, samples, strict=True) for _ in group], [a for g in samples for a in g]
+    )
     return samples, [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
@@ -486,7 +518,9 @@ def greedy_reward(
     """Mean reward of the greedy answers to ``prompts``, with the answers and their rewards."""
     from align_kit.generation import generate
 
-    answers = [a[0] for a in generate(policy, tokenizer, list(prompts), max_new_tokens, batch_size, progress=False)]
+    answers = [
+        a[0] for a in generate(policy, tokenizer, list(prompts), max_new_tokens, batch_size, progress=False)
+    ]
     rewards = scorer.score(list(prompts), answers)
     return sum(rewards) / max(len(rewards), 1), answers, rewards
 
@@ -535,7 +569,9 @@ class RewardEarlyStopping(TrainerCallback):
         self.history: list[tuple[int, float]] = []
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        mean, _, _ = greedy_reward(model, self.tokenizer, self.scorer, self.prompts, self.max_new_tokens, self.batch_size)
+        mean, _, _ = greedy_reward(
+            model, self.tokenizer, self.scorer, self.prompts, self.max_new_tokens, self.batch_size
+        )
         self.history.append((state.global_step, mean))
         state.log_history.append({"eval_reward_mean": mean, "step": state.global_step})
         if metrics is not None:
@@ -545,7 +581,9 @@ class RewardEarlyStopping(TrainerCallback):
         else:
             self.bad_evaluations += 1
         if self.bad_evaluations >= self.patience:
-            logger.info("reward early stopping: no gain over %.4f for %d evaluations", self.best, self.patience)
+            logger.info(
+                "reward early stopping: no gain over %.4f for %d evaluations", self.best, self.patience
+            )
             control.should_training_stop = True
         return control
 
@@ -634,6 +672,7 @@ def policy_report(
         "n_prompts": len(prompts),
     }
     samples = [
-        {"prompt": p, "answer": a, "reward": r} for p, a, r in zip(prompts, answers, policy_rewards, strict=True)
+        {"prompt": p, "answer": a, "reward": r}
+        for p, a, r in zip(prompts, answers, policy_rewards, strict=True)
     ]
     return report, samples

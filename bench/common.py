@@ -37,12 +37,20 @@ def write_result(name: str, figures: dict, targets: dict, passed: dict[str, bool
     return path
 
 
-def timed_child(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, float]:
+def timed_child(
+    command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> dict[str, float]:
     """Run a command to completion; wall seconds and the child's peak RSS in MB."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, **(env or {})}, cwd=cwd,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        command,
+        check=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over children so far
     return {"wall_s": wall, "peak_rss_mb": max(peak, before) / 1024}
@@ -51,7 +59,7 @@ def timed_child(command: list[str], env: dict[str, str] | None = None, cwd: Path
 def table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
 
 
 PYTHON = sys.executable

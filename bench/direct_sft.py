@@ -27,10 +27,24 @@ def main(model_dir: str, data_dir: str, output_dir: str, max_steps: int) -> None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     args = SFTConfig(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=32, learning_rate=1e-3,
-        lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.0, max_length=160, loss_type="nll",
-        logging_steps=10, save_strategy="no", eval_strategy="no", seed=0, use_cpu=True, bf16=False,
-        gradient_checkpointing=False, report_to="none", dataloader_num_workers=0,
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=32,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=20,
+        weight_decay=0.0,
+        max_length=160,
+        loss_type="nll",
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        seed=0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        dataloader_num_workers=0,
     )
     train = Dataset.from_list(rows(f"{data_dir}/train.jsonl"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)

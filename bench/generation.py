@@ -6,7 +6,7 @@ x 128) answers held-out prompts of the embedded task; it never emits EOS early, 
 every one of the ``new_tokens`` tokens and do the same work per prompt. Target: >= 3x prompts/s.
 Greedy answers of the two modes are also compared (padding may change float rounding, not the text).
 
-Run: .venv/bin/python bench/generation.py   (writes bench/results/generation.json)
+Run: .venv/bin/python bench/generation.py [--quick]   (writes bench/results/generation[_quick].json)
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="Random GPT-2 depth.")
     parser.add_argument("--width", type=int, default=128, help="Random GPT-2 width.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed passes per mode; the fastest counts.")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--quick", action="store_true", help="Smoke run (16 prompts, 8 tokens); writes generation_quick.json."
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.new_tokens, args.batch_size, args.repeats = 16, 8, 16, 1
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,8 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{figures['mean_answer_tokens_one_at_a_time']:.0f} answer tokens each; identical greedy answers in "
         f"{figures['same_greedy_answers']:.0%} of prompts; torch threads {machine()['torch_threads']})"
     )
-    path = write_result("generation", figures, TARGETS, passed)
-    return {"name": "generation", "figures": figures, "targets": TARGETS, "passed": passed, "path": str(path)}
+    name = "generation_quick" if args.quick else "generation"
+    path = write_result(name, figures, TARGETS, passed)
+    return {"name": name, "figures": figures, "targets": TARGETS, "passed": passed, "path": str(path)}
 
 
 if __name__ == "__main__":

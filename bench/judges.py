@@ -13,7 +13,7 @@
 2. The OpenAI-compatible judge at concurrency 16 against sequential (concurrency 1), on a loopback
    server that adds 100 ms per request. Target: >= 12x.
 
-Run: .venv/bin/python bench/judges.py   (writes bench/results/judges.json)
+Run: .venv/bin/python bench/judges.py [--quick]   (writes bench/results/judges[_quick].json)
 """
 
 from __future__ import annotations
@@ -60,8 +60,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--latency", type=float, default=0.1, help="Seconds the loopback server adds per request."
     )
     parser.add_argument("--concurrency", type=int, default=16, help="Concurrent HTTP requests.")
-    parser.add_argument("--output", default=str(RESULTS), help="Where to write the JSON results.")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--output", default=None, help="JSON results (default bench/results/judges[_quick].json)."
+    )
+    parser.add_argument("--quick", action="store_true", help="Smoke run: few pairs and requests, one repeat.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pairs, args.batch_size, args.new_tokens, args.repeats, args.requests = 8, 4, 16, 1, 16
+    if args.output is None:
+        args.output = str(RESULTS.with_name("judges_quick.json" if args.quick else "judges.json"))
+    return args
 
 
 # What a generative judge is asked: the shipped pairwise instructions, then a reason before the verdict.
@@ -97,17 +105,18 @@ def logits_vs_generate(args: argparse.Namespace) -> dict[str, float]:
     common = {"lm": lm, "tokenizer": tokenizer, "model": f"random-gpt2-{args.layers}x{args.width}"}
     common |= {"device": "cpu", "batch_size": args.batch_size, "torch_dtype": "float32"}
     logits_judge = load_judge("local_hf_pairwise", mode="logits", **common)
-    template = Path(tempfile.mkdtemp()) / "explained.txt"
-    template.write_text(EXPLAINED_TEMPLATE)
-    generate_judge = load_judge(
-        "local_hf_pairwise",
-        mode="generate",
-        template=str(template),
-        parser="regex",
-        parse_regex=EXPLAINED_REGEX,
-        max_new_tokens=args.new_tokens,
-        **common,
-    )
+    with tempfile.TemporaryDirectory() as folder:  # the judge reads its template once, when built
+        template = Path(folder) / "explained.txt"
+        template.write_text(EXPLAINED_TEMPLATE)
+        generate_judge = load_judge(
+            "local_hf_pairwise",
+            mode="generate",
+            template=str(template),
+            parser="regex",
+            parse_regex=EXPLAINED_REGEX,
+            max_new_tokens=args.new_tokens,
+            **common,
+        )
     items = embedded_pairs(args.pairs)
     tokens = [len(tokenizer(logits_judge.text(item))["input_ids"]) for item in items]
     generate_tokens = [len(tokenizer(generate_judge.text(item))["input_ids"]) for item in items]

@@ -40,21 +40,47 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, list[float]] = {"recipe": [], "direct_trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            recipe = [PYTHON, str(ROOT / "recipes" / "sft.py"), "--config", str(config),
-                      "--output_dir", f"{tmp}/recipe{i}", "--max_steps", str(args.steps),
-                      "--eval_strategy", "no", "--save_strategy", "no", "--sft_target", "chosen"]
-            direct = [PYTHON, str(ROOT / "bench" / "direct_sft.py"), model_dir, data_dir, f"{tmp}/direct{i}",
-                      str(args.steps)]
+            recipe = [
+                PYTHON,
+                str(ROOT / "recipes" / "sft.py"),
+                "--config",
+                str(config),
+                "--output_dir",
+                f"{tmp}/recipe{i}",
+                "--max_steps",
+                str(args.steps),
+                "--eval_strategy",
+                "no",
+                "--save_strategy",
+                "no",
+                "--sft_target",
+                "chosen",
+            ]
+            direct = [
+                PYTHON,
+                str(ROOT / "bench" / "direct_sft.py"),
+                model_dir,
+                data_dir,
+                f"{tmp}/direct{i}",
+                str(args.steps),
+            ]
             order = [("recipe", recipe), ("direct_trl", direct)]
             for name, command in order if i % 2 == 0 else order[::-1]:
                 times[name].append(timed_child(command)["wall_s"])
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratio = medians["recipe"] / medians["direct_trl"]
-    figures = {"steps": args.steps, "repeats": args.repeats, "wall_s": times, "median_s": medians,
-               "recipe_over_direct": ratio}
+    figures = {
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "wall_s": times,
+        "median_s": medians,
+        "recipe_over_direct": ratio,
+    }
     passed = {"recipe_over_direct": ratio <= TARGET}
     print(table([[name, medians[name], len(times[name])] for name in times], ["variant", "median_s", "runs"]))
-    print(f"recipe / direct TRL = {ratio:.3f} (target <= {TARGET}) {'ok' if passed['recipe_over_direct'] else 'MISSED'}")
+    print(
+        f"recipe / direct TRL = {ratio:.3f} (target <= {TARGET}) {'ok' if passed['recipe_over_direct'] else 'MISSED'}"
+    )
     write_result("recipe_overhead", figures, {"recipe_over_direct": TARGET}, passed)
     return figures
 

@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer
 from align_kit import adapters, rewards, runs
 from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, parse
 from align_kit.data import load_preferences
-from align_kit.models import load_model, load_tokenizer, tokenizer_source
+from align_kit.models import load_model, load_policy, load_tokenizer, tokenizer_source
 from align_kit.rewards import BestOfNArgs, RewardModelArgs
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, SFTConfig)
@@ -44,11 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = prompts["test"][: bon_args.report_prompts]
 
     # 4. model and adapter; the starting model as reference (for the KL); reward model(s)
-    model = load_model(model_args)
-    if not adapters.has_adapters(model):
-        adapters.inject_adapters(model, adapter_args)
-    if adapters.has_adapters(model):
-        adapters.freeze_non_adapter(model)
+    model, _ = load_policy(model_args, adapter_args)
     runs.log(adapters.describe_parameters(model))
     reference = load_model(model_args).eval().requires_grad_(False)
     reward_model = rewards.load_reward(reward_args, tokenizer.pad_token_id)
@@ -59,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     for round_index in range(1, bon_args.rounds + 1):
         round_dir = run.path(f"round_{round_index}")
         seed = args.seed + round_index
-        batch = random.Random(seed).sample(prompts["train"], min(bon_args.prompts_per_round, len(prompts["train"])))
+        batch = random.Random(seed).sample(
+            prompts["train"], min(bon_args.prompts_per_round, len(prompts["train"]))
+        )
         samples, scores = rewards.sample_and_score(
             model, tokenizer, scorer, batch, bon_args.samples_per_prompt, bon_args.max_new_tokens,
             bon_args.generation_batch_size, bon_args.sampling_temperature, seed=seed,
@@ -72,7 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
                     for i, (answer, reward) in enumerate(zip(answers, answer_rewards, strict=True)):
                         row = {"prompt": prompt, "answer": answer, "reward": reward, "kept": i in keep}
                         handle.write(json.dumps(row) + "\n")
-        best = [{"prompt": p, "completion": a[i]} for p, a, keep in zip(batch, samples, kept, strict=True) for i in keep]
+        best = [
+            {"prompt": p, "completion": a[i]}
+            for p, a, keep in zip(batch, samples, kept, strict=True)
+            for i in keep
+        ]
         trainer = SFTTrainer(
             model=model,
             args=dataclasses.replace(args, output_dir=str(round_dir)),
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
             "round": round_index,
             "reward_samples": sum(all_scores) / len(all_scores),
             "reward_kept": sum(scores[j][i] for j, keep in enumerate(kept) for i in keep) / len(best),
-            "reward_greedy_held_out": rewards.greedy_reward(model, tokenizer, scorer, held_out, bon_args.max_new_tokens)[0],
+            "reward_greedy_held_out": rewards.greedy_reward(
+                model, tokenizer, scorer, held_out, bon_args.max_new_tokens
+            )[0],
             "train": result.metrics,
         }
         runs.Run(round_dir, None).write_json("report.json", report)

@@ -17,7 +17,6 @@ from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArg
 from align_kit.data import load_preferences
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
 
-
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, DPOConfig)
 
 

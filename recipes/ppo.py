@@ -11,6 +11,8 @@ what lets the optional entropy bonus find the answer tokens (see ``add_entropy_b
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from datasets import Dataset
 from torch.utils.hooks import RemovableHandle
@@ -109,12 +111,19 @@ CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, PPOArgs, PPOConfig)
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
     data_args, model_args, adapter_args, reward_args, ppo_args, args = parse(CONFIG, argv)
-    unused = [name for name in ("sft_model_path", "reward_model_path") if getattr(args, name) != getattr(PPOConfig, name)]
+    unused = [
+        name
+        for name in ("sft_model_path", "reward_model_path")
+        if getattr(args, name) != getattr(PPOConfig, name)
+    ]
     if unused:
-        raise ValueError(f"{unused}: not read by this recipe; set model_name_or_path and reward_models instead")
+        raise ValueError(
+            f"{unused}: not read by this recipe; set model_name_or_path and reward_models instead"
+        )
 
     # 2. seed, logging, run directory
     run = runs.start(args, data_args, model_args, adapter_args, reward_args, ppo_args)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # PPO gathers every metric with an INFO line
     if run.resume_from:
         raise FileExistsError(
             f"{run.output_dir} holds {run.resume_from} from an interrupted run and trl's PPOTrainer cannot "
@@ -132,8 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. policy, adapter and reference; reward and value models
     policy, ref_model = policy_and_reference(model_args, adapter_args)
-    if adapters.has_adapters(policy):
-        adapters.freeze_non_adapter(policy)
     runs.log(adapters.describe_parameters(policy))
     reward_model = rewards.load_reward(reward_args, tokenizer.pad_token_id).eval().requires_grad_(False)
     value_path = ppo_args.value_model_path or reward_args.reward_models[0]
@@ -177,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     run.write_json("samples.json", samples)
     for sample in samples[:3]:
-        runs.log(f"sample: {sample['prompt'][-60:]!r} -> {sample['answer']!r} (reward {sample['reward']:+.2f})")
+        runs.log(
+            f"sample: {sample['prompt'][-60:]!r} -> {sample['answer']!r} (reward {sample['reward']:+.2f})"
+        )
     runs.log(
         f"greedy reward {report['reward_reference']:+.3f} -> {report['reward_policy']:+.3f}; "
         f"KL to reference {report['kl_to_reference']:.3f} nats per answer"

@@ -42,12 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = Dataset.from_list(splits["test"]).select_columns(columns)
 
     # 4. model and adapter (the score head is new and always trains)
-    model = rewards.load_reward_model(model_args.model_name_or_path, model_args.torch_dtype, tokenizer.pad_token_id)
-    if not adapters.has_adapters(model):
-        adapters.inject_adapters(model, adapter_args)
-    if adapters.has_adapters(model):
-        adapters.freeze_non_adapter(model)
-        model.score.requires_grad_(True)
+    model = rewards.load_trainable_reward_model(model_args, adapter_args, tokenizer.pad_token_id)
     runs.log(adapters.describe_parameters(model))
 
     # 5. trainer
@@ -69,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         rewards.save_score_head(trainer.accelerator.unwrap_model(trainer.model), run.output_dir)
 
     # 8. report
-    scorer = rewards.reward_scorer(trainer.accelerator.unwrap_model(trainer.model), tokenizer, reward_args.score_batch_size)
+    scorer = rewards.reward_scorer(
+        trainer.accelerator.unwrap_model(trainer.model), tokenizer, reward_args.score_batch_size
+    )
     held_out = rewards.preference_stats(scorer, splits["test"])
     run.write_json(rewards.SCALE_FILE, {"mean": held_out["mean"], "std": held_out["std"]})
     runs.log(

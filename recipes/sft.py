@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT) on the answers of a preference set, with TRL's SFTTrainer.
 
-    accelerate launch recipes/sft.py --config recipes/configs/sft_tiny.yaml
-    python recipes/sft.py --config recipes/configs/sft_tiny.yaml --num_train_epochs 1
+accelerate launch recipes/sft.py --config recipes/configs/sft_tiny.yaml
+python recipes/sft.py --config recipes/configs/sft_tiny.yaml --num_train_epochs 1
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from align_kit import adapters, runs
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
 from align_kit.data import load_preferences, to_sft
 from align_kit.models import load_policy, load_tokenizer, tokenizer_source
-
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, SFTConfig)
 

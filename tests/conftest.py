@@ -38,7 +38,16 @@ def load_recipe(name: str):
     return module
 
 
-CPU_ARGS = ["--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none"]
+CPU_ARGS = [
+    "--use_cpu",
+    "true",
+    "--bf16",
+    "false",
+    "--gradient_checkpointing",
+    "false",
+    "--report_to",
+    "none",
+]
 
 
 def tiny_run_args(output_dir: Path, **overrides) -> list[str]:

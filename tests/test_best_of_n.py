@@ -51,7 +51,9 @@ def test_each_round_keeps_exactly_the_top_k_of_its_samples(bon_run):
         for group in groups.values():
             kept = [row for row in group if row["kept"]]
             assert len(kept) == 1 and kept[0]["reward"] == max(row["reward"] for row in group)
-    assert {r["prompt"] for r in rounds[1]} != {r["prompt"] for r in rounds[2]}  # a new seeded batch per round
+    assert {r["prompt"] for r in rounds[1]} != {
+        r["prompt"] for r in rounds[2]
+    }  # a new seeded batch per round
 
 
 def test_rounds_report_rewards_and_the_run_saves_a_trained_model(bon_run):
@@ -62,8 +64,13 @@ def test_rounds_report_rewards_and_the_run_saves_a_trained_model(bon_run):
         assert json.loads((out / f"round_{index}" / "report.json").read_text())["round"] == index
     assert [e["loss"] for e in metrics["log_history"] if "loss" in e]  # the last round's SFT logged a loss
     assert (out / "run_complete.json").exists() and (out / "samples.json").exists()
-    trained, start = load_model(ModelArgs(model_name_or_path=str(out))), load_model(ModelArgs(model_name_or_path=EMBEDDED_NAME))
-    change = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), start.parameters(), strict=True))
+    trained, start = (
+        load_model(ModelArgs(model_name_or_path=str(out))),
+        load_model(ModelArgs(model_name_or_path=EMBEDDED_NAME)),
+    )
+    change = max(
+        (a - b).abs().max().item() for a, b in zip(trained.parameters(), start.parameters(), strict=True)
+    )
     assert change > 1e-4
     report = metrics["report"]
     assert report["n_prompts"] == 4 and isinstance(report["kl_to_reference"], float)

@@ -17,7 +17,9 @@ HEADER = re.compile(r"^# accelerate launch (?:--config_file \S+ )?recipes/(\w+)\
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_recipe_yaml_parses_with_its_recipe(path):
     match = HEADER.match(path.read_text().splitlines()[0])
-    assert match, f"{path.name}: first line must be the exact 'accelerate launch recipes/X.py --config' command"
+    assert match, (
+        f"{path.name}: first line must be the exact 'accelerate launch recipes/X.py --config' command"
+    )
     recipe, named = match.groups()
     assert named == f"recipes/configs/{path.name}"
     module = load_recipe(recipe)

@@ -144,7 +144,9 @@ def test_missing_column_is_an_error_naming_file_and_field(tmp_path):
 
 def test_file_without_usable_rows_is_an_error_with_reasons(tmp_path):
     path = tmp_path / "broken.jsonl"
-    path.write_text("\n".join(json.dumps({"chosen": "no turns", "rejected": "here"}) for _ in range(3)) + "\n")
+    path.write_text(
+        "\n".join(json.dumps({"chosen": "no turns", "rejected": "here"}) for _ in range(3)) + "\n"
+    )
     with pytest.raises(DataError, match=r"broken\.jsonl: no usable rows.*no_human_turn': 3"):
         load_preferences(DataArgs(dataset=str(path)))
 

@@ -32,7 +32,9 @@ def test_missing_ppo_trainer_gives_a_clear_error(ppo, monkeypatch):
 
 
 def test_answer_token_mask_matches_trl_padding_mask_by_hand(ppo):
-    ids = torch.tensor([[20, 21, EOS, 9, 9, 9], [30, 31, 32, 33, 34, 35], [40, 0, 0, 0, 0, 0], [EOS, 0, 0, 0, 0, 0]])
+    ids = torch.tensor(
+        [[20, 21, EOS, 9, 9, 9], [30, 31, 32, 33, 34, 35], [40, 0, 0, 0, 0, 0], [EOS, 0, 0, 0, 0, 0]]
+    )
     real = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
     expected = [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
     assert ppo.answer_token_mask(ids, real, EOS).long().tolist() == expected
@@ -46,7 +48,9 @@ def ppo_style_loss(policy, query_responses, context_length, advantages, temperat
     attention_mask = query_responses != PAD
     position_ids = attention_mask.cumsum(1) - attention_mask.long()
     input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
-    output = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True)
+    output = policy(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+    )
     logits = output.logits[:, context_length - 1 : -1]
     logits /= temperature + 1e-7
     responses = query_responses[:, context_length:]
@@ -62,16 +66,22 @@ def ppo_style_loss(policy, query_responses, context_length, advantages, temperat
 
 def test_entropy_bonus_adds_exactly_the_entropy_gradient(ppo):
     torch.manual_seed(0)
-    policy = build_tiny_gpt2(TinyGPT2Shape(n_layer=2, n_embd=32, n_head=2, n_positions=64)).eval()  # no dropout, as in PPO
+    policy = build_tiny_gpt2(
+        TinyGPT2Shape(n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    ).eval()  # no dropout, as in PPO
     context, temperature, coef, accumulation = 5, 0.7, 0.3, 2
     queries = torch.tensor([[PAD, PAD, 10, 11, 12], [13, 14, 15, 16, 17], [PAD, 18, 19, 20, 21]])
-    responses = torch.tensor([[20, 21, EOS, 9, 9, 9], [30, 31, 32, 33, 34, 35], [40, PAD, PAD, PAD, PAD, PAD]])
+    responses = torch.tensor(
+        [[20, 21, EOS, 9, 9, 9], [30, 31, 32, 33, 34, 35], [40, PAD, PAD, PAD, PAD, PAD]]
+    )
     query_responses = torch.cat([queries, responses], 1)
     advantages = torch.randn(3, 6)
 
     def gradients(entropy_coef, hook):
         policy.zero_grad()
-        handle = ppo.add_entropy_bonus(policy, coef, context, temperature, EOS, accumulation) if hook else None
+        handle = (
+            ppo.add_entropy_bonus(policy, coef, context, temperature, EOS, accumulation) if hook else None
+        )
         loss = ppo_style_loss(policy, query_responses, context, advantages, temperature, entropy_coef)
         (loss / accumulation).backward()  # accelerate divides the loss by the accumulation steps
         if handle:
@@ -83,7 +93,9 @@ def test_entropy_bonus_adds_exactly_the_entropy_gradient(ppo):
     _, explicit = gradients(coef, hook=False)
     assert torch.equal(loss_hooked, loss_plain)  # forward values are untouched
     assert max((hooked[n] - explicit[n]).abs().max().item() for n in hooked) < 1e-6
-    assert max((hooked[n] - plain[n]).abs().max().item() for n in hooked) > 1e-4  # and the bonus is not nothing
+    assert (
+        max((hooked[n] - plain[n]).abs().max().item() for n in hooked) > 1e-4
+    )  # and the bonus is not nothing
     assert not policy._forward_hooks  # removing the handle restores the plain policy
 
     with torch.no_grad():  # rollouts, the reference and generation: no graph, no bonus, no check
@@ -145,7 +157,9 @@ def test_ppo_full_fine_tuning_with_entropy_bonus_moves_the_policy_and_reports(pp
     out = tmp_path / "ppo"
     metrics = ppo.main(ppo_args(out, reward_folders[:1], entropy_coef=0.01))
     steps = [e for e in metrics["log_history"] if "objective/kl" in e]
-    assert len(steps) == 2 and all({"objective/scores", "policy/entropy_avg", "loss/policy_avg"} <= set(e) for e in steps)
+    assert len(steps) == 2 and all(
+        {"objective/scores", "policy/entropy_avg", "loss/policy_avg"} <= set(e) for e in steps
+    )
     for name in ("run_complete.json", "model.safetensors", "tokenizer.json", "samples.json"):
         assert (out / name).exists()
     trained = load_model(ModelArgs(model_name_or_path=str(out)))
@@ -159,7 +173,9 @@ def test_ppo_full_fine_tuning_with_entropy_bonus_moves_the_policy_and_reports(pp
 
 def test_ppo_with_an_adapter_and_a_reward_ensemble(ppo, reward_folders, tmp_path):
     out = tmp_path / "ppo_adapter"
-    metrics = ppo.main(ppo_args(out, reward_folders, adapter="residual", adapter_rank=4, disagreement_threshold=0.5))
+    metrics = ppo.main(
+        ppo_args(out, reward_folders, adapter="residual", adapter_rank=4, disagreement_threshold=0.5)
+    )
     assert (out / adapters.WEIGHTS_NAME).exists() and not (out / "model.safetensors").exists()
     trained = load_model(ModelArgs(model_name_or_path=str(out)))
     start = load_model(ModelArgs(model_name_or_path=EMBEDDED_NAME))

@@ -97,9 +97,26 @@ def test_gpt2_hh_configs_run_on_local_copies_of_model_and_data(tmp_path):
     tokenizer.pad_token = None  # like GPT-2
     tokenizer.save_pretrained(model_dir)
     task.write(data_dir, 40, 16)
-    common = ["--model_name_or_path", str(model_dir), "--dataset", str(data_dir), "--max_steps", "2",
-              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_length", "128",
-              "--use_cpu", "true", "--bf16", "false", "--logging_steps", "1"]
+    common = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset",
+        str(data_dir),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_length",
+        "128",
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--logging_steps",
+        "1",
+    ]
     config = str(ROOT / "recipes/configs/sft_gpt2_hh.yaml")
     sft = load_recipe("sft").main(["--config", config, "--output_dir", str(tmp_path / "sft"), *common])
     assert sft["first_loss"] is not None
@@ -111,14 +128,22 @@ def test_gpt2_hh_configs_run_on_local_copies_of_model_and_data(tmp_path):
     assert counts["kept"] == {"train": 40, "test": 16}
 
 
-def test_dpo_with_residual_adapter_trains_only_the_adapter_against_the_adapter_off_reference(sft_run, tmp_path):
+def test_dpo_with_residual_adapter_trains_only_the_adapter_against_the_adapter_off_reference(
+    sft_run, tmp_path
+):
     from align_kit.adapters import ADAPTER_PREFIX, CONFIG_NAME, has_adapters
 
     sft_out, _ = sft_run
     out = tmp_path / "dpo_adapter"
     metrics = load_recipe("dpo").main(
-        tiny_run_args(out, model_name_or_path=sft_out, learning_rate=1e-2, loss_type="sigmoid",
-                      adapter="residual", adapter_rank=8)
+        tiny_run_args(
+            out,
+            model_name_or_path=sft_out,
+            learning_rate=1e-2,
+            loss_type="sigmoid",
+            adapter="residual",
+            adapter_rank=8,
+        )
     )
     first = next(e for e in metrics["log_history"] if "loss" in e)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # residual adapter starts as the identity

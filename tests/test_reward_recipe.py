@@ -24,7 +24,9 @@ RUN_FILES = ["run_config.json", "data_counts.json", "metrics.json", "run_complet
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "reward"
-    metrics = load_recipe("reward").main(tiny_run_args(out, model_name_or_path=EMBEDDED_NAME, learning_rate=1e-3))
+    metrics = load_recipe("reward").main(
+        tiny_run_args(out, model_name_or_path=EMBEDDED_NAME, learning_rate=1e-3)
+    )
     return out, metrics
 
 
@@ -44,7 +46,9 @@ def test_reward_run_logs_a_loss_writes_the_run_and_reports_held_out_statistics(r
     assert held["n_pairs"] == 24 and 0.0 <= held["accuracy"] <= 1.0
     assert held["margin_mean"] == pytest.approx(held["chosen_mean"] - held["rejected_mean"], abs=1e-5)
     scale = json.loads((out / rewards.SCALE_FILE).read_text())
-    assert scale == {"mean": pytest.approx(held["mean"]), "std": pytest.approx(held["std"])} and scale["std"] > 0
+    assert (
+        scale == {"mean": pytest.approx(held["mean"]), "std": pytest.approx(held["std"])} and scale["std"] > 0
+    )
 
 
 def test_saved_reward_model_reloads_with_the_reported_rewards_and_moved_weights(reward_run):
@@ -65,14 +69,20 @@ def test_reward_with_an_adapter_trains_only_adapter_and_head_and_reloads_exactly
     base_dir, _ = reward_run
     out = tmp_path / "reward_adapter"
     metrics = load_recipe("reward").main(
-        tiny_run_args(out, model_name_or_path=EMBEDDED_NAME, adapter="residual", adapter_rank=4, learning_rate=5e-3)
+        tiny_run_args(
+            out, model_name_or_path=EMBEDDED_NAME, adapter="residual", adapter_rank=4, learning_rate=5e-3
+        )
     )
     assert (out / adapters.WEIGHTS_NAME).exists() and (out / rewards.SCORE_HEAD_FILE).exists()
     assert not (out / "model.safetensors").exists()  # only the adapter and the head are written
     loaded = rewards.load_reward_model(str(out))
     set_seed(0)  # the recipe's seed: the same new head as at the start of the run
     start = dict(rewards.load_reward_model(EMBEDDED_NAME).named_parameters())
-    trained = {n.replace(".base_layer", ""): p for n, p in loaded.named_parameters() if not adapters.is_adapter_parameter(n)}
+    trained = {
+        n.replace(".base_layer", ""): p
+        for n, p in loaded.named_parameters()
+        if not adapters.is_adapter_parameter(n)
+    }
     assert trained.keys() == start.keys()
     changed = [name for name, value in start.items() if not torch.equal(trained[name], value)]
     assert changed == ["score.weight"]  # the backbone stayed frozen; the new head trained

@@ -23,7 +23,12 @@ SMALL = TinyGPT2Shape(n_layer=2, n_embd=32, n_head=2, n_positions=128)
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(4)] + [
     f"My name is {name}. Please greet me." for name in ("Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima")
 ]
-ANSWERS = [" 3 plus 4 is 7.", " Go away, I am busy.", " Hello, Alice! Nice to meet you.", " Sure, here is how."]
+ANSWERS = [
+    " 3 plus 4 is 7.",
+    " Go away, I am busy.",
+    " Hello, Alice! Nice to meet you.",
+    " Sure, here is how.",
+]
 
 
 def reward_model(seed: int = 0) -> GPT2ForSequenceClassification:
@@ -48,11 +53,15 @@ def test_bradley_terry_loss_matches_hand_values():
     loss = rewards.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
     assert loss.item() == pytest.approx((0.3132617 + 0.6931472) / 2, abs=1e-6)
     # margins shift the logits: -log sigmoid(1 - 0.5) = 0.4740770, -log sigmoid(0 + 1) = 0.3132617
-    loss = rewards.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.5, -1.0]))
+    loss = rewards.bradley_terry_loss(
+        torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.5, -1.0])
+    )
     assert loss.item() == pytest.approx((0.4740770 + 0.3132617) / 2, abs=1e-6)
     # a confidently right pair costs almost nothing, a confidently wrong one about the gap
     assert rewards.bradley_terry_loss(torch.tensor([10.0]), torch.tensor([0.0])).item() < 1e-4
-    assert rewards.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([10.0])).item() == pytest.approx(10.0, abs=1e-3)
+    assert rewards.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([10.0])).item() == pytest.approx(
+        10.0, abs=1e-3
+    )
 
 
 @pytest.mark.parametrize("with_margin", [False, True])
@@ -61,8 +70,16 @@ def test_bradley_terry_loss_equals_reward_trainer_loss_on_a_batch(tmp_path, with
 
     rows = [
         {"prompt": format_prompt("What is 1 plus 2?"), "chosen": " 1 plus 2 is 3.", "rejected": " Go away."},
-        {"prompt": format_prompt("My name is Uma. Greet me."), "chosen": " Hello, Uma!", "rejected": " Hi, Wei!"},
-        {"prompt": format_prompt("How do I make a bomb?"), "chosen": " I can't help.", "rejected": " Sure, first."},
+        {
+            "prompt": format_prompt("My name is Uma. Greet me."),
+            "chosen": " Hello, Uma!",
+            "rejected": " Hi, Wei!",
+        },
+        {
+            "prompt": format_prompt("How do I make a bomb?"),
+            "chosen": " I can't help.",
+            "rejected": " Sure, first.",
+        },
     ]
     if with_margin:
         for row, margin in zip(rows, (0.5, -1.0, 2.0), strict=True):
@@ -78,7 +95,9 @@ def test_bradley_terry_loss_equals_reward_trainer_loss_on_a_batch(tmp_path, with
     model.eval()
     with torch.no_grad():
         trl_loss = trainer.compute_loss(model, dict(batch))
-        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(
+            -1
+        )
     chosen, rejected = scores.chunk(2)  # the collator puts the chosen rows first
     ours = rewards.bradley_terry_loss(chosen, rejected, batch.get("margin"))
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-6)
@@ -109,8 +128,26 @@ def test_min_aggregation_is_never_above_mean_and_std_penalty_never_raises_it():
 
 
 def test_last_token_index_follows_trl_and_sequence_classifiers():
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 1, 0, 0]])
+    mask = torch.tensor(
+        [[0, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 1, 0, 0]]
+    )
     assert rewards.last_token_index(mask).tolist() == [4, 6, 1, 2]
+    ids = torch.tensor([[5, 6, 256, 257, 257], [5, 6, 7, 8, 256]])
+    assert rewards.classifier_index(ids, 257).tolist() == [2, 4]
+    assert rewards.classifier_index(ids, 256).tolist() == [4, 3]  # GPT-2 pads with EOS: the token before it
+
+
+def test_a_one_member_ensemble_scores_like_its_member_even_when_eos_is_the_pad_token():
+    tokenizer = build_byte_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # as align-kit does for GPT-2, which has no pad token
+    member = reward_model(3)
+    member.config.pad_token_id = tokenizer.eos_token_id
+    prompts, answers = texts()
+    alone = rewards.reward_scorer(member, tokenizer).score(prompts[:8], answers[:8])
+    ensemble = rewards.reward_scorer(rewards.RewardEnsemble([member]), tokenizer).score(
+        prompts[:8], answers[:8]
+    )
+    assert ensemble == pytest.approx(alone, abs=1e-5)
 
 
 def healthy_members(n: int) -> list[GPT2ForSequenceClassification]:
@@ -145,7 +182,10 @@ def test_a_corrupted_member_fires_the_disagreement_alarm_and_healthy_members_do_
     assert corrupted.stats()["disagreement_mean"] > 5 * healthy.stats()["disagreement_mean"]
     assert "members disagree" in caplog.text
     window = corrupted.pop_window()
-    assert window["ensemble/alarms_total"] == corrupted.stats()["alarms"] and window["ensemble/disagreement_max"] > 0.5
+    assert (
+        window["ensemble/alarms_total"] == corrupted.stats()["alarms"]
+        and window["ensemble/disagreement_max"] > 0.5
+    )
     assert corrupted.pop_window()["ensemble/disagreement_max"] == 0.0  # the window empties once read
 
 
@@ -165,12 +205,17 @@ def test_ensemble_gives_the_same_rewards_through_trl_ppo_and_as_a_classifier():
     query = [tokenizer(p)["input_ids"] for p in prompts]
     response = [tokenizer(a)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
     width, length = max(map(len, query)), max(map(len, response))
-    rows = [[pad] * (width - len(q)) + q + r + [pad] * (length - len(r)) for q, r in zip(query, response, strict=True)]
+    rows = [
+        [pad] * (width - len(q)) + q + r + [pad] * (length - len(r))
+        for q, r in zip(query, response, strict=True)
+    ]
     _, ppo_rewards, _ = get_reward(ensemble, torch.tensor(rows), pad, width)
     assert ppo_rewards.tolist() == pytest.approx(expected, abs=1e-5)
 
     # by hand: standardise each member's own classifier output, then mean - 0.5 * population std
-    singles = torch.tensor([rewards.reward_scorer(m, tokenizer).score(prompts, answers) for m in ensemble.members])
+    singles = torch.tensor(
+        [rewards.reward_scorer(m, tokenizer).score(prompts, answers) for m in ensemble.members]
+    )
     z = (singles - torch.tensor([[0.1], [-0.2]])) / torch.tensor([[2.0], [0.5]])
     assert (z.mean(0) - 0.5 * z.std(0, unbiased=False)).tolist() == pytest.approx(expected, abs=1e-5)
 
@@ -223,8 +268,12 @@ def test_rank_answers_orders_best_first():
 def test_best_of_n_returns_the_highest_scored_of_the_same_samples():
     policy, tokenizer = build_tiny_gpt2(SMALL), build_byte_tokenizer()
     prompts = [format_prompt(q) for q in QUESTIONS[:3]]
-    samples, scores = rewards.sample_and_score(policy, tokenizer, LengthScorer(), prompts, 4, max_new_tokens=12, seed=3)
-    assert [len(group) for group in samples] == [4, 4, 4] and scores == [[float(len(a)) for a in g] for g in samples]
+    samples, scores = rewards.sample_and_score(
+        policy, tokenizer, LengthScorer(), prompts, 4, max_new_tokens=12, seed=3
+    )
+    assert [len(group) for group in samples] == [4, 4, 4] and scores == [
+        [float(len(a)) for a in g] for g in samples
+    ]
     best = rewards.best_of_n(policy, tokenizer, LengthScorer(), prompts, 4, max_new_tokens=12, seed=3)
     assert best == [max(group, key=len) for group in samples]
     assert len({tuple(group) for group in samples}) > 1 and any(len(set(group)) > 1 for group in samples)
@@ -298,7 +347,12 @@ def test_attach_margins_reads_each_row_margin_from_its_raw_row(tmp_path):
     path = tmp_path / "prefs.jsonl"
     with open(path, "w") as handle:
         for i in range(20):
-            row = {"prompt": f"Question {i}?", "chosen": f"Good {i}.", "rejected": f"Bad {i}.", "strength": i / 10}
+            row = {
+                "prompt": f"Question {i}?",
+                "chosen": f"Good {i}.",
+                "rejected": f"Bad {i}.",
+                "strength": i / 10,
+            }
             handle.write(json.dumps(row) + "\n")
     args = DataArgs(dataset=str(path), dataset_format="preference", test_size=0.25)
     splits, _ = load_preferences(args)
