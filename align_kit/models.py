@@ -47,6 +47,11 @@ def home() -> Path:
     return Path(os.environ.get("ALIGN_KIT_HOME", Path.home() / ".cache" / "align_kit"))
 
 
+def embedded_dir() -> Path:
+    """Where ``tiny-gpt2`` is built under ``home()`` (versioned, so a changed model is never reused)."""
+    return home() / f"{EMBEDDED_NAME}-v{EMBEDDED_VERSION}"
+
+
 def _byte_to_symbol() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map: printable bytes stand for themselves,
     the others are shifted past 255 so that no symbol is whitespace or a control character."""
@@ -113,7 +118,7 @@ def ensure_embedded_default(path: str | Path | None = None) -> Path:
     """
     from filelock import FileLock
 
-    target = Path(path) if path is not None else home() / f"{EMBEDDED_NAME}-v{EMBEDDED_VERSION}"
+    target = Path(path) if path is not None else embedded_dir()
     markers = (target / "tokenizer.json", target / "config.json")
     if all(marker.exists() for marker in markers):
         return target

@@ -3,7 +3,7 @@
 A reward model r(x, y) is a sequence classifier with one output read at the last token of
 ``prompt + answer + EOS`` and trained with the Bradley-Terry loss (Ouyang et al. 2022, Eq. 1)
 
-    loss = -log sigmoid(r(x, y_w) - r(x, y_l) - m)        (m: optional margin, 0 by default)
+    loss = -log sigmoid(r(x, y_w) - r(x, y_l) - m)        (m: optional margin, Touvron et al. 2023, Eq. 2)
 
 Several reward models combine into a ``RewardEnsemble`` (mean, min, or mean - k * std of the members'
 standardised rewards; Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"). It
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,13 @@ class RewardArgs:
         metadata={
             "help": "Raw dataset column holding a per-pair margin m in -log sigmoid(r_w - r_l - m) (e.g. a "
             "preference strength). None: no margin."
+        },
+    )
+    train_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Train on a random fraction of the training pairs drawn with the run's seed (below 1, "
+            "ensemble members with different seeds see different data subsets)."
         },
     )
     score_batch_size: int = field(
@@ -254,6 +262,16 @@ def preference_stats(scorer: Any, rows: list[dict]) -> dict[str, float]:
     }
 
 
+def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A seeded random ``fraction`` of ``rows`` (all of them at 1.0), in their original order."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return rows
+    keep = set(random.Random(seed).sample(range(len(rows)), max(1, round(fraction * len(rows)))))
+    return [row for i, row in enumerate(rows) if i in keep]
+
+
 def attach_margins(splits: dict[str, list[dict]], data_args: DataArgs, column: str) -> dict[str, list[dict]]:
     """Add ``margin`` to every cleaned row from the raw source row it came from (``source_row``)."""
     from align_kit.data import DataError, load_raw
@@ -318,7 +336,8 @@ class RewardEnsemble(nn.Module):
       (``classifier_index``), logits (B, 1).
 
     Every call measures the disagreement, the std of the z_i at the scored token, and counts the answers
-    above ``threshold`` (an alarm; see ``stats``).
+    above ``threshold`` (an alarm; see ``stats``). The combined reward is in units of the members' std,
+    while a single reward model's is raw: retune PPO's ``kl_coef`` when switching between the two.
     """
 
     base_model_prefix = "per_token_rewards"

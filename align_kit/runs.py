@@ -81,9 +81,18 @@ def last_checkpoint(output_dir: Path) -> str | None:
     steps = {}
     for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
-        if step.isdigit() and (folder / TRAINER_STATE_NAME).is_file():
+        if step.isdigit() and _whole_json(folder / TRAINER_STATE_NAME):
             steps[int(step)] = folder
     return str(steps[max(steps)]) if steps else None
+
+
+def _whole_json(path: Path) -> bool:
+    """True when ``path`` exists and parses: a kill during its write leaves it cut short."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def finish(run: Run, trainer: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:

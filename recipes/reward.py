@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
     splits, counts = load_preferences(data_args, tokenizer)
     runs.record_data(run, counts)
+    splits["train"] = rewards.subsample(splits["train"], reward_args.train_fraction, args.seed)
     columns = ["prompt", "chosen", "rejected"]
     if reward_args.margin_column:
         splits = rewards.attach_margins(splits, data_args, reward_args.margin_column)

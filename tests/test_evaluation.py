@@ -382,14 +382,14 @@ def test_honeypots_pass_with_the_oracle_and_fail_with_a_random_judge(tmp_path):
     assert random_judge["flip_rate"] > 0.3 and random_judge["human_kappa"] < 0.4
 
 
-def test_oracle_is_blind_to_shuffled_words(tmp_path):
-    """The embedded oracle checks content (the sum, the name, a refusal), not fluency: a word-shuffled copy
-    of a greeting or a refusal still scores 1. The honeypot audit reports that per kind."""
+def test_exact_oracle_passes_every_honeypot_kind(tmp_path):
+    """The embedded oracle checks the task's whole sentence, so truncated and word-shuffled copies of a
+    good answer lose as surely as empty and off-topic ones."""
     held = small_held_out()
     copy = write_answers(tmp_path / "copy.jsonl", held.prompts, lambda i, p: held.chosen[i])
     result = evaluate_systems({"copy": copy}, "copy", ["oracle"], tmp_path, **SMALL)
     by_kind = result["judges"]["oracle"]["audit"]["honeypot_pass_rate_by_kind"]
-    assert by_kind["empty"] == by_kind["off_topic"] == 1.0 and by_kind["shuffled"] < 0.6
+    assert by_kind == {"truncated": 1.0, "shuffled": 1.0, "empty": 1.0, "off_topic": 1.0}
 
 
 def test_cyclic_preferences_are_counted_as_intransitive(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, load_recipe, tiny_run_args
 
 from align_kit.configs import ModelArgs
-from align_kit.models import load_model
+from align_kit.models import embedded_dir, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +165,7 @@ def test_embedded_model_and_task_built_whole_by_two_ranks_at_once(dpo_two_and_on
     task = next(p for p in (home / "embedded").iterdir() if p.is_dir())
     rows = read_jsonl(task / "train.jsonl")
     assert len(rows) == 48 and all(set(r) == {"chosen", "rejected"} for r in rows)
-    assert (home / "tiny-gpt2" / "model.safetensors").exists()
+    assert (home / embedded_dir().name / "model.safetensors").exists()
 
 
 def test_two_process_evaluation_gives_the_same_numbers_as_one_process(dpo_two_and_one, tmp_path):
@@ -184,7 +184,7 @@ def test_two_process_evaluation_gives_the_same_numbers_as_one_process(dpo_two_an
     build_byte_tokenizer().save_pretrained(reward_model)
     config = tmp_path / "eval.yaml"
     settings = {
-        "systems": f"[base={home / 'tiny-gpt2'}, dpo={dpo_two_and_one['dir']}]",
+        "systems": f"[base={home / embedded_dir().name}, dpo={dpo_two_and_one['dir']}]",
         "base": "base",
         "judges": f"[oracle, reward_model={reward_model}]",
         "dataset": "embedded", "embedded_train_size": 48, "embedded_test_size": 24,

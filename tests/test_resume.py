@@ -38,7 +38,8 @@ def sft_command(output_dir: Path) -> list[str]:
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    return [c for c in output_dir.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    """Checkpoints whose trainer state was written to the end (a kill can land mid-write)."""
+    return [c for c in output_dir.glob("checkpoint-*") if runs._whole_json(c / "trainer_state.json")]
 
 
 def logged_losses(output_dir: Path) -> list[float]:

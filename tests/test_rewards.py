@@ -363,3 +363,14 @@ def test_attach_margins_reads_each_row_margin_from_its_raw_row(tmp_path):
             assert row["margin"] == pytest.approx(int(row["chosen"].split()[-1].rstrip(".")) / 10)
     with pytest.raises(ValueError, match="no margin column 'weight'"):
         rewards.attach_margins(splits, args, "weight")
+
+
+def test_subsample_draws_a_seeded_subset_in_order():
+    rows = [{"i": i} for i in range(100)]
+    half = rewards.subsample(rows, 0.5, seed=0)
+    assert len(half) == 50 and half == sorted(half, key=lambda r: r["i"])
+    assert half == rewards.subsample(rows, 0.5, seed=0)
+    assert half != rewards.subsample(rows, 0.5, seed=1)  # ensemble members with other seeds see other data
+    assert rewards.subsample(rows, 1.0, seed=3) is rows
+    with pytest.raises(ValueError, match="train_fraction"):
+        rewards.subsample(rows, 0.0, seed=0)
