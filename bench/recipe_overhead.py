@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
                 data_dir,
                 f"{tmp}/direct{i}",
                 str(args.steps),
+                str(config),
             ]
             order = [("recipe", recipe), ("direct_trl", direct)]
             for name, command in order if i % 2 == 0 else order[::-1]:
