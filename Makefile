@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $(STAMP)
 
+# One torch thread: the tiny model gains little from a second one, and two threads per process
+# slow to a crawl whenever anything else shares the cores.
 demo: $(STAMP)
-	$(PY) -m align_kit.demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m align_kit.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -8,7 +8,6 @@ import json
 import sys
 
 import yaml
-
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
@@ -36,7 +35,9 @@ def main(model_dir: str, data_dir: str, output_dir: str, max_steps: int, config:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     train = Dataset.from_list(rows(f"{data_dir}/train.jsonl"))
-    trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs), train_dataset=train, processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=SFTConfig(**kwargs), train_dataset=train, processing_class=tokenizer
+    )
     trainer.train()
     trainer.save_model(output_dir)
     tokenizer.save_pretrained(output_dir)
