@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"recipe / direct TRL = {ratio:.3f} (target <= {TARGET}) {'ok' if passed['recipe_over_direct'] else 'MISSED'}"
     )
-    write_result("recipe_overhead_quick" if args.quick else "recipe_overhead", figures, {"recipe_over_direct": TARGET}, passed)
+    write_result(
+        "recipe_overhead_quick" if args.quick else "recipe_overhead",
+        figures,
+        {"recipe_over_direct": TARGET},
+        passed,
+    )
     return figures
 
 
