@@ -18,10 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $(STAMP)
 
-# One torch thread: the tiny model gains little from a second one, and two threads per process
-# slow to a crawl whenever anything else shares the cores.
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m align_kit.demo
+	$(PY) -m align_kit.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
