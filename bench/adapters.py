@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "adapters.json"
@@ -199,14 +200,10 @@ def run_child(case: str, quick: bool, threads: int) -> dict:
 
 
 def machine(threads: int) -> dict:
-    import torch
-
+    """bench/common.py's description, with this run's thread count and the load it started under."""
     return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
+        **common.machine(),
         "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
