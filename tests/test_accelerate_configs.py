@@ -162,8 +162,10 @@ PROBE = textwrap.dedent(
     state = PartialState(cpu=True)  # what use_cpu: true in a run config does
     total = torch.tensor([float(state.process_index + 1)])
     dist.all_reduce(total)
-    print(f"rank={state.process_index} world={state.num_processes} backend={state.backend} "
-          f"sum={total.item():.0f}", flush=True)
+    # One file per rank: two processes printing to one pipe may interleave their lines.
+    with open(f"rank{state.process_index}.txt", "w") as out:
+        out.write(f"rank={state.process_index} world={state.num_processes} backend={state.backend} "
+                  f"sum={total.item():.0f}")
     dist.destroy_process_group()
     """
 )
@@ -182,6 +184,6 @@ def test_cpu_2proc_starts_two_ranks_in_one_gloo_group(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank="))
+    lines = sorted(path.read_text() for path in tmp_path.glob("rank*.txt"))
     # 1 + 2 summed over both ranks proves they share one process group.
     assert lines == ["rank=0 world=2 backend=gloo sum=3", "rank=1 world=2 backend=gloo sum=3"]
