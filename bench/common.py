@@ -28,12 +28,29 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_result(name: str, figures: dict, targets: dict, passed: dict[str, bool]) -> Path:
-    """bench/results/<name>.json with the figures, the targets they are held to, and the machine."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    payload = {"name": name, "figures": figures, "targets": targets, "passed": passed, "machine": machine()}
-    path.write_text(json.dumps(payload, indent=2, default=float))
+def write_result(
+    name: str,
+    figures: dict,
+    targets: dict,
+    passed: dict[str, bool],
+    machine_info: dict[str, Any] | None = None,
+    path: Path | None = None,
+) -> Path:
+    """bench/results/<name>.json (or ``path``) with the figures, the targets they are held to, which
+    targets were met (target name -> bool), and the machine (``machine_info`` adds to its description).
+    Written to a temporary name first, so an interrupted run never leaves half a file."""
+    path = Path(path or RESULTS / f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "name": name,
+        "figures": figures,
+        "targets": targets,
+        "passed": passed,
+        "machine": {**machine(), **(machine_info or {})},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -29,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
+from common import write_result
 
 from align_kit import task
 from align_kit.judges import PairItem, load_judge
@@ -235,16 +235,6 @@ def http_concurrency(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def machine() -> dict[str, str | int]:
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count() or 0,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     figures = {"local_lm": logits_vs_generate(args), "http": http_concurrency(args)}
@@ -253,13 +243,6 @@ def main(argv: list[str] | None = None) -> dict:
         "http_concurrency_speedup": figures["http"]["http_concurrency_speedup"],
     }
     passed = {key: measured[key] >= TARGETS[key] for key in TARGETS}
-    result = {
-        "name": "judges",
-        "figures": figures,
-        "targets": TARGETS,
-        "passed": passed,
-        "machine": machine(),
-    }
 
     lm, http = figures["local_lm"], figures["http"]
     print(f"{'comparison':<42} {'baseline/s':>11} {'ours/s':>9} {'speedup':>8} {'target':>7} {'ok':>4}")
@@ -287,12 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"stops early) and parse failures {lm['generate_parse_failure_rate']:.0%}; HTTP: {http['requests']} requests)"
     )
 
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, output)
-    return result
+    write_result(Path(args.output).stem, figures, TARGETS, passed, path=Path(args.output))
+    return {"name": "judges", "figures": figures, "targets": TARGETS, "passed": passed}
 
 
 if __name__ == "__main__":

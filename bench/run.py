@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== summary")
     missed = 0
     for name in chosen:
-        result = json.loads((HERE / "results" / f"{name}.json").read_text())
+        result_name = f"{name}_quick" if args.quick else name
+        result = json.loads((HERE / "results" / f"{result_name}.json").read_text())
         for target, ok in result["passed"].items():
             missed += not ok
             print(f"{name:<16} {target:<40} {'ok' if ok else 'MISSED'}")
