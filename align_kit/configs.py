@@ -160,6 +160,21 @@ class EarlyStoppingArgs:
     early_stopping_threshold: float = field(
         default=0.0, metadata={"help": "Smallest change of the metric that counts as an improvement."}
     )
+    reward_stopping_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "SFT only: a reward-model folder (recipes/reward.py). At every evaluation the mean reward "
+            "of greedy answers to held-out prompts is logged as eval_reward_mean, and training stops after "
+            "early_stopping_patience evaluations without a gain above early_stopping_threshold. Replaces "
+            "the loss-based stopping; set metric_for_best_model: reward_mean to keep the best checkpoint."
+        },
+    )
+    reward_stopping_prompts: int = field(
+        default=64, metadata={"help": "Held-out prompts answered at each evaluation (reward stopping)."}
+    )
+    reward_stopping_max_new_tokens: int = field(
+        default=48, metadata={"help": "Longest greedy answer at each evaluation (reward stopping)."}
+    )
 
 
 def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:

@@ -587,6 +587,10 @@ class RewardEarlyStopping(TrainerCallback):
         self.bad_evaluations = 0
         self.history: list[tuple[int, float]] = []
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.eval_strategy == "no":
+            raise ValueError("reward early stopping runs at evaluations: set eval_strategy to steps or epoch")
+
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         mean, _, _ = greedy_reward(
             model, self.tokenizer, self.scorer, self.prompts, self.max_new_tokens, self.batch_size

@@ -143,10 +143,34 @@ def record_data(run: Run, counts: Any) -> None:
     run.write_json("data_counts.json", counts.to_dict())
 
 
-def callbacks(stopping: Any) -> list:
-    """Trainer callbacks asked for by the config (early stopping for now)."""
+def callbacks(stopping: Any, tokenizer: Any = None, held_out_prompts: list[str] | None = None) -> list:
+    """Trainer callbacks asked for by the config: early stopping on the evaluation loss (or another
+    ``metric_for_best_model``), or on a reward model's score of greedy held-out answers."""
     from transformers import EarlyStoppingCallback
 
+    if stopping.reward_stopping_model is None:
+        if stopping.early_stopping_patience is None:
+            return []
+        return [EarlyStoppingCallback(stopping.early_stopping_patience, stopping.early_stopping_threshold)]
+
+    from align_kit import rewards
+
     if stopping.early_stopping_patience is None:
-        return []
-    return [EarlyStoppingCallback(stopping.early_stopping_patience, stopping.early_stopping_threshold)]
+        raise ValueError("reward_stopping_model needs early_stopping_patience (evaluations without a gain)")
+    if tokenizer is None:
+        raise ValueError("reward_stopping_model is an SFT option (recipes/sft.py)")
+    if not held_out_prompts:
+        raise ValueError("reward_stopping_model needs held-out prompts, and the data has no test split")
+    model = rewards.load_reward_model(stopping.reward_stopping_model, pad_token_id=tokenizer.pad_token_id)
+    prompts = held_out_prompts[: stopping.reward_stopping_prompts]
+    log(f"reward early stopping: {len(prompts)} held-out prompts scored by {stopping.reward_stopping_model}")
+    return [
+        rewards.RewardEarlyStopping(
+            rewards.reward_scorer(model.eval(), tokenizer),
+            tokenizer,
+            prompts,
+            patience=stopping.early_stopping_patience,
+            threshold=stopping.early_stopping_threshold,
+            max_new_tokens=stopping.reward_stopping_max_new_tokens,
+        )
+    ]

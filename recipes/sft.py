@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=runs.callbacks(stopping),
+        callbacks=runs.callbacks(stopping, tokenizer, [row["prompt"] for row in splits["test"]]),
     )
 
     # 6. train

@@ -156,3 +156,42 @@ def test_dpo_with_residual_adapter_trains_only_the_adapter_against_the_adapter_o
         key = name.replace(".mlp.", ".mlp.base_layer.") if ".mlp." in name else name
         assert torch.equal(base[key], value), name  # the base did not move
     assert any(v.abs().max() > 0 for k, v in trained.state_dict().items() if "adapter_up" in k)
+
+
+def test_sft_stops_early_when_the_reward_models_score_of_held_out_answers_stops_rising(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=258, n_positions=256, n_embd=32, n_layer=1, n_head=2, num_labels=1)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "reward")
+    out = tmp_path / "sft"
+    # learning rate 0: the greedy answers never change, so only the first evaluation is a gain and
+    # patience 2 stops training at the third evaluation, long before max_steps
+    metrics = load_recipe("sft").main(
+        tiny_run_args(
+            out,
+            learning_rate=0.0,
+            max_steps=20,
+            eval_strategy="steps",
+            eval_steps=1,
+            early_stopping_patience=2,
+            reward_stopping_model=tmp_path / "reward",
+            reward_stopping_prompts=4,
+            reward_stopping_max_new_tokens=6,
+        )
+    )
+    history = metrics["log_history"]
+    rewards = [e["eval_reward_mean"] for e in history if "eval_reward_mean" in e]
+    assert [e["step"] for e in history if "eval_reward_mean" in e] == [1, 2, 3]
+    assert len(set(rewards)) == 1 and math.isfinite(rewards[0])
+    assert max(e["step"] for e in history if "loss" in e) == 3
+
+
+def test_reward_stopping_is_refused_without_patience_or_outside_sft():
+    from align_kit import runs
+    from align_kit.configs import EarlyStoppingArgs
+
+    with pytest.raises(ValueError, match="needs early_stopping_patience"):
+        runs.callbacks(EarlyStoppingArgs(reward_stopping_model="some/folder"), object(), ["p"])
+    with pytest.raises(ValueError, match="is an SFT option"):
+        runs.callbacks(EarlyStoppingArgs(reward_stopping_model="some/folder", early_stopping_patience=1))
