@@ -514,19 +514,14 @@ def best_of_n(
     scorer: Any,
     prompts: Sequence[str],
     n: int,
-    max_new_tokens: int = 48,
-    batch_size: int = 32,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    **sampling: Any,
 ) -> list[str]:
-    """Best-of-N sampling (no training): for each prompt, the highest-reward of ``n`` sampled answers.
+    """Best-of-N sampling (no training): for each prompt, the highest-reward of ``n`` sampled answers;
+    ``sampling`` takes ``sample_and_score``'s settings (max_new_tokens, batch_size, temperature, top_p, seed).
 
     Its KL to ``policy`` is at most log n - (n - 1) / n nats (Stiennon et al. 2020, App. G.3).
     """
-    samples, rewards = sample_and_score(
-        policy, tokenizer, scorer, prompts, n, max_new_tokens, batch_size, temperature, top_p, seed
-    )
+    samples, rewards = sample_and_score(policy, tokenizer, scorer, prompts, n, **sampling)
     return [group[max(range(n), key=r.__getitem__)] for group, r in zip(samples, rewards, strict=True)]
 
 

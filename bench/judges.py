@@ -132,12 +132,18 @@ def logits_vs_generate(args: argparse.Namespace) -> dict[str, float]:
         generated = generate_judge.judge_batch(items)
         generate_s.append(time.perf_counter() - start)
     logits_s, generate_s = min(logits_s), min(generate_s)
+    new_tokens = generate_judge_new_tokens(generate_judge, items[:4])
+    # The logits pass is one prefill; generating k tokens is that prefill plus k - 1 decode steps, so
+    # the speedup is 1 + (k - 1) * step / prefill and reaches 10x at k = 1 + 9 * prefill / step.
+    step_s = max(generate_s - logits_s, 1e-9) / max(new_tokens - 1, 1)
     return {
+        "decode_step_vs_prefill": step_s / logits_s,
+        "new_tokens_for_10x": 1 + 9 * logits_s / step_s,
         "pairs": len(items),
         "mean_prompt_tokens": sum(tokens) / len(tokens),
         "generate_mean_prompt_tokens": sum(generate_tokens) / len(generate_tokens),
         "generate_max_new_tokens": args.new_tokens,
-        "generate_mean_new_tokens": generate_judge_new_tokens(generate_judge, items[:4]),
+        "generate_mean_new_tokens": new_tokens,
         "logits_pairs_per_s": len(items) / logits_s,
         "generate_pairs_per_s": len(items) / generate_s,
         "logits_vs_generate_speedup": generate_s / logits_s,
@@ -268,6 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{lm['generate_mean_prompt_tokens']:.0f} prompt tokens on average (logits / generate), the "
         f"generate mode made {lm['generate_mean_new_tokens']:.0f} tokens per verdict (a random model never "
         f"stops early) and parse failures {lm['generate_parse_failure_rate']:.0%}; HTTP: {http['requests']} requests)"
+    )
+    print(
+        f"(one decode step costs {lm['decode_step_vs_prefill']:.3f} of a prefill here, so logit judging would be "
+        f"10x faster than a verdict of {lm['new_tokens_for_10x']:.0f} generated tokens)"
     )
 
     write_result(Path(args.output).stem, figures, TARGETS, passed, path=Path(args.output))
