@@ -1,4 +1,4 @@
-"""Configuration dataclasses shared by the recipes.
+"""Configuration dataclasses of the recipes and of the evaluation.
 
 A run is one flat YAML file (plus command-line overrides) parsed by TRL's ``TrlParser``
 into these dataclasses and one of TRL's trainer configs. Unknown keys fail loudly.
@@ -175,6 +175,182 @@ class EarlyStoppingArgs:
     reward_stopping_max_new_tokens: int = field(
         default=48, metadata={"help": "Longest greedy answer at each evaluation (reward stopping)."}
     )
+
+
+AGGREGATIONS = ("mean", "min", "mean_minus_std")  # how a reward-model ensemble combines its members
+HONEYPOT_KINDS = ("truncated", "shuffled", "empty", "off_topic")  # corruptions an evaluation plants
+
+
+@dataclass
+class RewardArgs:
+    """Reward-model training options beyond TRL's RewardConfig."""
+
+    margin_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Raw dataset column holding a per-pair margin m in -log sigmoid(r_w - r_l - m) (e.g. a "
+            "preference strength). None: no margin."
+        },
+    )
+    train_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Train on a random fraction of the training pairs drawn with the run's seed (below 1, "
+            "ensemble members with different seeds see different data subsets)."
+        },
+    )
+    score_batch_size: int = field(
+        default=64, metadata={"help": "Pairs per batch when scoring the held-out set."}
+    )
+
+
+@dataclass
+class RewardModelArgs:
+    """Which reward model(s) score answers in PPO and best-of-N."""
+
+    reward_models: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Reward-model folder(s) written by recipes/reward.py. Several make an ensemble whose "
+            "members are standardised with their own held-out reward mean and std (reward_scale.json)."
+        },
+    )
+    ensemble_aggregation: str = field(
+        default="mean",
+        metadata={"help": f"How an ensemble combines its members: one of {AGGREGATIONS}."},
+    )
+    ensemble_std_weight: float = field(
+        default=1.0, metadata={"help": "k in mean - k * std (ensemble_aggregation=mean_minus_std)."}
+    )
+    disagreement_threshold: float = field(
+        default=1.0,
+        metadata={
+            "help": "An answer whose members' standardised rewards have a std above this raises the "
+            "disagreement alarm (a warning and a counter)."
+        },
+    )
+
+
+@dataclass
+class PPOArgs:
+    """PPO options beyond TRL's PPOConfig."""
+
+    value_model_path: str | None = field(
+        default=None,
+        metadata={"help": "Initial value model (a reward-model folder). None: the first of reward_models."},
+    )
+    entropy_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "c in loss = L_clip + vf_coef * L_value - c * H(pi) (Schulman et al. 2017, Eq. 9), H the "
+            "mean token entropy of the answers. TRL's PPO has none; 0 keeps TRL's loss unchanged."
+        },
+    )
+    report_prompts: int = field(
+        default=64,
+        metadata={"help": "Held-out prompts for the final report (reward, KL, sample completions)."},
+    )
+    report_max_new_tokens: int = field(default=48, metadata={"help": "Answer length in the final report."})
+
+
+@dataclass
+class BestOfNArgs:
+    """Best-of-N fine-tuning (the cross-entropy method): sample, score, keep the best, fine-tune, repeat."""
+
+    rounds: int = field(default=2, metadata={"help": "Sample-select-fine-tune rounds."})
+    samples_per_prompt: int = field(default=8, metadata={"help": "N: completions sampled per prompt."})
+    keep_top_k: int = field(default=1, metadata={"help": "Best completions per prompt kept for fine-tuning."})
+    prompts_per_round: int = field(
+        default=512, metadata={"help": "Training prompts sampled (seeded, without replacement) each round."}
+    )
+    sampling_temperature: float = field(default=1.0, metadata={"help": "Temperature of the N samples."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest sampled completion."})
+    generation_batch_size: int = field(
+        default=64, metadata={"help": "Prompts per generation batch (each gives N rows)."}
+    )
+    report_prompts: int = field(
+        default=64, metadata={"help": "Held-out prompts for the per-round report (greedy reward, KL)."}
+    )
+
+
+@dataclass
+class EvalArgs:
+    """One evaluation: which systems, which judges, how answers are generated, where results go."""
+
+    systems: list[str] = field(
+        default_factory=lambda: ["sft=runs/demo/sft", "dpo=runs/demo/dpo"],
+        metadata={
+            "help": "Systems as name=path: a model folder (an align-kit run or any causal LM), a Hub id, "
+            "'tiny-gpt2', or a .jsonl file of precomputed answers with 'prompt' and 'answer' keys. A local "
+            "path that does not exist, or an align-kit run without run_complete.json, is skipped with a note."
+        },
+    )
+    base: str = field(
+        default="sft", metadata={"help": "The system every other one is compared with; it must exist."}
+    )
+    all_pairs: bool = field(
+        default=True,
+        metadata={
+            "help": "Also judge every pair of non-base systems (round robin), so ratings and transitivity "
+            "rest on direct games; the number of comparisons grows as k(k-1)/2."
+        },
+    )
+    judges: list[str] = field(
+        default_factory=lambda: ["oracle"],
+        metadata={
+            "help": "Judges: a folder name under eval/judges, a judge folder or a judge.yaml, optionally "
+            "with =<model> overriding its model (e.g. reward_model=runs/demo/reward). A judge whose local "
+            "model folder does not exist is skipped with a note."
+        },
+    )
+    output_dir: str = field(
+        default="runs/eval", metadata={"help": "Folder for generations, the judge cache and the reports."}
+    )
+    n_prompts: int = field(default=200, metadata={"help": "Distinct held-out prompts every system answers."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest answer in tokens."})
+    batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch (left padded)."})
+    do_sample: bool = field(
+        default=False, metadata={"help": "Sample (temperature, top_p) instead of greedy decoding."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (do_sample only)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (do_sample only)."})
+    best_of_n_policy: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adds a system 'best_of_n': this policy samples best_of_n_n answers per prompt and "
+            "best_of_n_reward_model keeps the highest scored. None: no best-of-N system."
+        },
+    )
+    best_of_n_reward_model: str = field(
+        default="runs/demo/reward", metadata={"help": "Reward model folder that ranks the best-of-N samples."}
+    )
+    best_of_n_n: int = field(default=8, metadata={"help": "Samples per prompt for best-of-N."})
+    best_of_n_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of the best-of-N samples."}
+    )
+    n_honeypots: int = field(
+        default=50,
+        metadata={"help": "Held-out prompts turned into honeypots; each gives one pair per honeypot kind."},
+    )
+    honeypot_kinds: list[str] = field(
+        default_factory=lambda: list(HONEYPOT_KINDS),
+        metadata={
+            "help": f"Corruptions of the chosen answer that the real answer must beat: {HONEYPOT_KINDS}."
+        },
+    )
+    n_human: int = field(
+        default=200,
+        metadata={"help": "Held-out chosen/rejected rows judged for agreement with the dataset's labels."},
+    )
+    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for every interval."})
+    level: float = field(default=0.95, metadata={"help": "Confidence level of every interval."})
+    n_examples: int = field(
+        default=3, metadata={"help": "Judged examples per comparison shown in report.html."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of sampling, honeypots, label coins and bootstraps."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
 
 def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:

@@ -31,101 +31,20 @@ import random
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align_kit import judges as judges_lib
 from align_kit import stats
-from align_kit.configs import DataArgs, parse, save_resolved
+from align_kit.configs import HONEYPOT_KINDS, DataArgs, EvalArgs, parse, save_resolved
 from align_kit.judge_cache import JudgmentCache
 from align_kit.reports import headline, to_jsonable, write_report
 from align_kit.runs import log
 from align_kit.stats import Judgment
 
 CHOSEN = "chosen"  # the dataset's chosen answer, a baseline every system meets
-HONEYPOT_KINDS = ("truncated", "shuffled", "empty", "off_topic")
 ANSWER_FILE_SUFFIX = ".jsonl"
-
-
-@dataclass
-class EvalArgs:
-    """One evaluation: which systems, which judges, how answers are generated, where results go."""
-
-    systems: list[str] = field(
-        default_factory=lambda: ["sft=runs/demo/sft", "dpo=runs/demo/dpo"],
-        metadata={
-            "help": "Systems as name=path: a model folder (an align-kit run or any causal LM), a Hub id, "
-            "'tiny-gpt2', or a .jsonl file of precomputed answers with 'prompt' and 'answer' keys. A local "
-            "path that does not exist, or an align-kit run without run_complete.json, is skipped with a note."
-        },
-    )
-    base: str = field(
-        default="sft", metadata={"help": "The system every other one is compared with; it must exist."}
-    )
-    all_pairs: bool = field(
-        default=True,
-        metadata={
-            "help": "Also judge every pair of non-base systems (round robin), so ratings and transitivity "
-            "rest on direct games; the number of comparisons grows as k(k-1)/2."
-        },
-    )
-    judges: list[str] = field(
-        default_factory=lambda: ["oracle"],
-        metadata={
-            "help": "Judges: a folder name under eval/judges, a judge folder or a judge.yaml, optionally "
-            "with =<model> overriding its model (e.g. reward_model=runs/demo/reward). A judge whose local "
-            "model folder does not exist is skipped with a note."
-        },
-    )
-    output_dir: str = field(
-        default="runs/eval", metadata={"help": "Folder for generations, the judge cache and the reports."}
-    )
-    n_prompts: int = field(default=200, metadata={"help": "Distinct held-out prompts every system answers."})
-    max_new_tokens: int = field(default=48, metadata={"help": "Longest answer in tokens."})
-    batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch (left padded)."})
-    do_sample: bool = field(
-        default=False, metadata={"help": "Sample (temperature, top_p) instead of greedy decoding."}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (do_sample only)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (do_sample only)."})
-    best_of_n_policy: str | None = field(
-        default=None,
-        metadata={
-            "help": "Adds a system 'best_of_n': this policy samples best_of_n_n answers per prompt and "
-            "best_of_n_reward_model keeps the highest scored. None: no best-of-N system."
-        },
-    )
-    best_of_n_reward_model: str = field(
-        default="runs/demo/reward", metadata={"help": "Reward model folder that ranks the best-of-N samples."}
-    )
-    best_of_n_n: int = field(default=8, metadata={"help": "Samples per prompt for best-of-N."})
-    best_of_n_temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature of the best-of-N samples."}
-    )
-    n_honeypots: int = field(
-        default=50,
-        metadata={"help": "Held-out prompts turned into honeypots; each gives one pair per honeypot kind."},
-    )
-    honeypot_kinds: list[str] = field(
-        default_factory=lambda: list(HONEYPOT_KINDS),
-        metadata={
-            "help": f"Corruptions of the chosen answer that the real answer must beat: {HONEYPOT_KINDS}."
-        },
-    )
-    n_human: int = field(
-        default=200,
-        metadata={"help": "Held-out chosen/rejected rows judged for agreement with the dataset's labels."},
-    )
-    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for every interval."})
-    level: float = field(default=0.95, metadata={"help": "Confidence level of every interval."})
-    n_examples: int = field(
-        default=3, metadata={"help": "Judged examples per comparison shown in report.html."}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seed of sampling, honeypots, label coins and bootstraps."}
-    )
-    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
 
 CONFIG = (EvalArgs, DataArgs)

@@ -19,7 +19,6 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,108 +29,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from align_kit import adapters
-from align_kit.configs import DataArgs
+from align_kit.configs import AGGREGATIONS, DataArgs, RewardModelArgs
 
 SCORE_HEAD_FILE = "score_head.safetensors"  # the new head of a reward model trained with an adapter
 SCALE_FILE = "reward_scale.json"  # mean and std of held-out rewards, used to standardise ensemble members
-AGGREGATIONS = ("mean", "min", "mean_minus_std")
 logger = logging.getLogger("align_kit")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Configuration (flat keys, one YAML per run)
-
-
-@dataclass
-class RewardArgs:
-    """Reward-model training options beyond TRL's RewardConfig."""
-
-    margin_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Raw dataset column holding a per-pair margin m in -log sigmoid(r_w - r_l - m) (e.g. a "
-            "preference strength). None: no margin."
-        },
-    )
-    train_fraction: float = field(
-        default=1.0,
-        metadata={
-            "help": "Train on a random fraction of the training pairs drawn with the run's seed (below 1, "
-            "ensemble members with different seeds see different data subsets)."
-        },
-    )
-    score_batch_size: int = field(
-        default=64, metadata={"help": "Pairs per batch when scoring the held-out set."}
-    )
-
-
-@dataclass
-class RewardModelArgs:
-    """Which reward model(s) score answers in PPO and best-of-N."""
-
-    reward_models: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Reward-model folder(s) written by recipes/reward.py. Several make an ensemble whose "
-            "members are standardised with their own held-out reward mean and std (reward_scale.json)."
-        },
-    )
-    ensemble_aggregation: str = field(
-        default="mean",
-        metadata={"help": f"How an ensemble combines its members: one of {AGGREGATIONS}."},
-    )
-    ensemble_std_weight: float = field(
-        default=1.0, metadata={"help": "k in mean - k * std (ensemble_aggregation=mean_minus_std)."}
-    )
-    disagreement_threshold: float = field(
-        default=1.0,
-        metadata={
-            "help": "An answer whose members' standardised rewards have a std above this raises the "
-            "disagreement alarm (a warning and a counter)."
-        },
-    )
-
-
-@dataclass
-class PPOArgs:
-    """PPO options beyond TRL's PPOConfig."""
-
-    value_model_path: str | None = field(
-        default=None,
-        metadata={"help": "Initial value model (a reward-model folder). None: the first of reward_models."},
-    )
-    entropy_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "c in loss = L_clip + vf_coef * L_value - c * H(pi) (Schulman et al. 2017, Eq. 9), H the "
-            "mean token entropy of the answers. TRL's PPO has none; 0 keeps TRL's loss unchanged."
-        },
-    )
-    report_prompts: int = field(
-        default=64,
-        metadata={"help": "Held-out prompts for the final report (reward, KL, sample completions)."},
-    )
-    report_max_new_tokens: int = field(default=48, metadata={"help": "Answer length in the final report."})
-
-
-@dataclass
-class BestOfNArgs:
-    """Best-of-N fine-tuning (the cross-entropy method): sample, score, keep the best, fine-tune, repeat."""
-
-    rounds: int = field(default=2, metadata={"help": "Sample-select-fine-tune rounds."})
-    samples_per_prompt: int = field(default=8, metadata={"help": "N: completions sampled per prompt."})
-    keep_top_k: int = field(default=1, metadata={"help": "Best completions per prompt kept for fine-tuning."})
-    prompts_per_round: int = field(
-        default=512, metadata={"help": "Training prompts sampled (seeded, without replacement) each round."}
-    )
-    sampling_temperature: float = field(default=1.0, metadata={"help": "Temperature of the N samples."})
-    max_new_tokens: int = field(default=48, metadata={"help": "Longest sampled completion."})
-    generation_batch_size: int = field(
-        default=64, metadata={"help": "Prompts per generation batch (each gives N rows)."}
-    )
-    report_prompts: int = field(
-        default=64, metadata={"help": "Held-out prompts for the per-round report (greedy reward, KL)."}
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------

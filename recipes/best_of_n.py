@@ -19,10 +19,9 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from align_kit import adapters, rewards, runs
-from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, parse
+from align_kit.configs import AdapterArgs, BestOfNArgs, DataArgs, ModelArgs, RewardModelArgs, parse
 from align_kit.data import load_preferences
 from align_kit.models import load_model, load_policy, load_tokenizer, tokenizer_source
-from align_kit.rewards import BestOfNArgs, RewardModelArgs
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, SFTConfig)
 

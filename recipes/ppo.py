@@ -18,10 +18,9 @@ from datasets import Dataset
 from torch.utils.hooks import RemovableHandle
 
 from align_kit import adapters, rewards, runs
-from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, PPOArgs, RewardModelArgs, parse
 from align_kit.data import load_preferences
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
-from align_kit.rewards import PPOArgs, RewardModelArgs
 
 
 def ppo_classes() -> tuple[type, type]:

@@ -15,10 +15,9 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from align_kit import adapters, rewards, runs
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, parse
 from align_kit.data import load_preferences
 from align_kit.models import load_tokenizer, tokenizer_source
-from align_kit.rewards import RewardArgs
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RewardArgs, RewardConfig)
 

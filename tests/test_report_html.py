@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from align_kit import evaluation
-from align_kit.evaluation import EvalArgs, evaluate_systems
+from align_kit.configs import EvalArgs
+from align_kit.evaluation import evaluate_systems
 from align_kit.judges import JudgeStats
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

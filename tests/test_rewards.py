@@ -14,7 +14,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from align_kit import rewards
-from align_kit.configs import DataArgs
+from align_kit.configs import DataArgs, RewardModelArgs
 from align_kit.data import format_prompt, load_preferences
 from align_kit.generation import generate
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
@@ -227,13 +227,13 @@ def test_load_reward_builds_an_ensemble_from_folders_with_their_scales(tmp_path)
         reward_model(seed).save_pretrained(folder)
         (folder / rewards.SCALE_FILE).write_text(json.dumps({"mean": mean, "std": std}))
         folders.append(str(folder))
-    single = rewards.load_reward(rewards.RewardModelArgs(reward_models=folders[:1]), pad_token_id=257)
+    single = rewards.load_reward(RewardModelArgs(reward_models=folders[:1]), pad_token_id=257)
     assert isinstance(single, GPT2ForSequenceClassification)
-    ensemble = rewards.load_reward(rewards.RewardModelArgs(reward_models=folders, ensemble_aggregation="min"))
+    ensemble = rewards.load_reward(RewardModelArgs(reward_models=folders, ensemble_aggregation="min"))
     assert isinstance(ensemble, rewards.RewardEnsemble) and ensemble.aggregation == "min"
     assert ensemble.offsets.tolist() == [1.0, -3.0] and ensemble.scales.tolist() == [2.0, 0.5]
     with pytest.raises(ValueError, match="reward_models is empty"):
-        rewards.load_reward(rewards.RewardModelArgs())
+        rewards.load_reward(RewardModelArgs())
 
 
 # ---------------------------------------------------------------------------------------------------------
