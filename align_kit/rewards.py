@@ -110,7 +110,7 @@ def save_score_head(model: nn.Module, folder: str | Path) -> None:
 def reward_scorer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32):
     """``score(prompts, answers) -> list[float]`` for a reward model or an ensemble (EOS appended, as in
     RewardTrainer's training data)."""
-    from align_kit.judges import SequenceClassifierScorer
+    from align_kit.judge_backends import SequenceClassifierScorer
 
     return SequenceClassifierScorer(model, tokenizer, batch_size=batch_size, append_eos=True)
 

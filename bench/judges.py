@@ -53,7 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Most tokens generated per verdict in generate mode (reason + verdict).",
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="Timed passes per local-LM mode; the fastest counts."
+        "--repeats",
+        type=int,
+        default=3,
+        help="Timed passes per local-LM mode and per HTTP setting; the fastest counts.",
     )
     parser.add_argument("--requests", type=int, default=64, help="HTTP judge requests per setting.")
     parser.add_argument(
@@ -224,11 +227,14 @@ def http_concurrency(args: argparse.Namespace) -> dict[str, float]:
                 batch_size=args.requests,
                 timeout=10.0,
             )
-            judge.judge_batch(items[:2])  # open connections before timing
-            start = time.perf_counter()
-            verdicts = judge.judge_batch(items)
-            timings[concurrency] = time.perf_counter() - start
-            assert verdicts == ["A"] * len(items), "loopback server answers '1' to every request"
+            judge.judge_batch(items[:concurrency])  # open the pool's connections before timing
+            passes = []
+            for _ in range(args.repeats):  # the fastest pass counts: the two cores are shared
+                start = time.perf_counter()
+                verdicts = judge.judge_batch(items)
+                passes.append(time.perf_counter() - start)
+                assert verdicts == ["A"] * len(items), "loopback server answers '1' to every request"
+            timings[concurrency] = min(passes)
     finally:
         server.close()
     return {

@@ -21,7 +21,8 @@ from conftest import ROOT
 from align_kit import evaluation, rewards
 from align_kit.configs import EvalArgs, parse
 from align_kit.evaluation import CHOSEN, CONFIG, HeldOut, evaluate_systems
-from align_kit.judges import FakeJudge, JudgeStats, read_judge_config, to_system_view
+from align_kit.judge_backends import FakeJudge
+from align_kit.judges import JudgeStats, read_judge_config, to_system_view
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 from align_kit.reports import read_judgments
 

@@ -13,8 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from align_kit.judge_backends import JudgeRequestError, OpenAIJudge
 from align_kit.judge_cache import JudgmentCache
-from align_kit.judges import JudgeRequestError, OpenAIJudge, PairItem, judge_both_orders, load_judge
+from align_kit.judges import PairItem, judge_both_orders, load_judge
 
 TEMPLATE = "Q: {instruction}\nR1: {output_1}\nR2: {output_2}\n"
 CLIENT_TIMEOUT = 0.3

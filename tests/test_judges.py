@@ -13,16 +13,13 @@ from itertools import product
 import pytest
 import torch
 
+from align_kit.judge_backends import FakeJudge, HFLogitsJudge, ScoreJudge, SequenceClassifierScorer
 from align_kit.judge_cache import JudgmentCache, cache_key
 from align_kit.judges import (
     ROW_KEYS,
-    FakeJudge,
-    HFLogitsJudge,
     JudgeConfig,
     JudgeStats,
     PairItem,
-    ScoreJudge,
-    SequenceClassifierScorer,
     combine_orders,
     instruction_of,
     judge_both_orders,
