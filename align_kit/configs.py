@@ -148,7 +148,8 @@ class AdapterArgs:
 
 @dataclass
 class EarlyStoppingArgs:
-    """Early stopping on the Trainer's evaluation metric (``metric_for_best_model``)."""
+    """Early stopping on the Trainer's evaluation metric (``metric_for_best_model``) or, in SFT, on a reward
+    model's score of greedy answers to held-out prompts."""
 
     early_stopping_patience: int | None = field(
         default=None,
