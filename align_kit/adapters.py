@@ -281,12 +281,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model: str, args: AdapterArgs) -> None:
+def save_adapter(
+    model: nn.Module,
+    folder: str | Path,
+    base_model: str,
+    args: AdapterArgs,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write ``adapter_model.safetensors`` (adapter weights only) and ``adapter_config.json`` (the AdapterArgs
-    fields plus ``base_model``, the name or path ``load_adapted`` loads the base from) into ``folder``."""
+    fields plus ``base_model``, the name or path ``load_adapted`` loads the base from) into ``folder``.
+
+    ``state``: the model's full state dict when a rank's own parameters are only a shard (FSDP, ZeRO-3),
+    gathered by ``accelerator.get_state_dict``; its adapter entries are written instead of the model's.
+    """
     from safetensors.torch import save_file
 
-    state = adapter_state_dict(model)
+    if state is None:
+        state = adapter_state_dict(model)
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items() if is_adapter_parameter(k)}
     if not state:
         raise ValueError("model has no adapter parameters to save")
     folder = Path(folder)

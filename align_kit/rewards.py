@@ -98,13 +98,19 @@ def load_trainable_reward_model(
     return model
 
 
-def save_score_head(model: nn.Module, folder: str | Path) -> None:
-    """Next to adapter weights, save the reward head too (it is trained but is no adapter parameter)."""
+def save_score_head(state: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """Next to adapter weights, save the reward head too (it is trained but is no adapter parameter);
+    ``state`` is the full state dict ``runs.save_model`` returns."""
     from safetensors.torch import save_file
 
-    if adapters.has_adapters(model):
-        state = {name: value.detach().cpu().contiguous() for name, value in model.score.state_dict().items()}
-        save_file(state, str(Path(folder) / SCORE_HEAD_FILE))
+    head = {
+        k.removeprefix("score."): v.detach().cpu().contiguous()
+        for k, v in state.items()
+        if k.startswith("score.")
+    }
+    if not head:
+        raise ValueError("the state dict has no score.* entries: not a sequence-classification reward model")
+    save_file(head, str(Path(folder) / SCORE_HEAD_FILE))
 
 
 def reward_scorer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32):

@@ -119,22 +119,32 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def save_model(run: Run, trainer: Any, tokenizer: Any, base_model: str, adapter_args: Any) -> None:
+def save_model(
+    run: Run, trainer: Any, tokenizer: Any, base_model: str, adapter_args: Any
+) -> dict[str, Any] | None:
     """Save the trained model where every later stage can load it with ``align_kit.models.load_model``.
 
     With an adapter only the adapter weights and their config are written (``Trainer.save_model``
-    would write renamed keys that ``from_pretrained`` silently ignores); otherwise the full model.
+    would write renamed keys that ``from_pretrained`` silently ignores), from the full state dict that
+    every rank gathers (under FSDP and ZeRO-3 a rank holds only a shard); that state dict is returned
+    on the main process, for other trained parts such as a reward head. Otherwise the full model is
+    saved and None returned.
     """
     from align_kit import adapters
 
     model = trainer.accelerator.unwrap_model(trainer.model)
+    state = None
     if adapters.has_adapters(model):
+        state = trainer.accelerator.get_state_dict(trainer.model)  # collective: every rank calls it
         if is_main_process():
-            adapters.save_adapter(model, run.output_dir, base_model=base_model, args=adapter_args)
+            adapters.save_adapter(
+                model, run.output_dir, base_model=base_model, args=adapter_args, state=state
+            )
     else:
         trainer.save_model(str(run.output_dir))  # collective under FSDP/DeepSpeed: every rank calls it
     if is_main_process():
         tokenizer.save_pretrained(str(run.output_dir))
+    return state if is_main_process() else None
 
 
 def record_data(run: Run, counts: Any) -> None:

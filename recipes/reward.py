@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = trainer.train(resume_from_checkpoint=run.resume_from)
 
     # 7. save
-    runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
-    if runs.is_main_process():
-        rewards.save_score_head(trainer.accelerator.unwrap_model(trainer.model), run.output_dir)
+    adapted_state = runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
+    if adapted_state is not None:
+        rewards.save_score_head(adapted_state, run.output_dir)
 
     # 8. report
     scorer = rewards.reward_scorer(
