@@ -45,7 +45,7 @@ save_model = runs.save_model
 def save_model_with_checksum(run, trainer, *args):
     model = trainer.accelerator.unwrap_model(trainer.model)
     Path(os.environ["CHECKSUM_DIR"], "rank" + os.environ["RANK"]).write_text(weights_checksum(model))
-    save_model(run, trainer, *args)
+    return save_model(run, trainer, *args)
 
 runs.save_model = save_model_with_checksum
 recipe.main(sys.argv[2:])
@@ -242,3 +242,24 @@ def test_concurrent_first_use_of_the_embedded_task_leaves_it_whole(tmp_path):
     expected = task.write(tmp_path / "single", 3000, 300, seed=0)
     for split, path in expected.items():
         assert (folder / f"{split}.jsonl").read_bytes() == path.read_bytes()
+
+
+def test_two_process_adapter_run_saves_the_adapter_both_ranks_trained(dpo_two_and_one, tmp_path):
+    """DPO with a residual adapter on two ranks: the adapter is saved from the state dict every rank
+    gathers, and reloading it onto the base gives the weights both ranks ended with."""
+    from align_kit.adapters import CONFIG_NAME, WEIGHTS_NAME, has_adapters
+
+    home = dpo_two_and_one["home"]
+    args = tiny_run_args(
+        tmp_path / "adapter", model_name_or_path=dpo_two_and_one["dir"], per_device_train_batch_size=4,
+        learning_rate=1e-2, loss_type="sigmoid", max_steps=STEPS, adapter="residual", adapter_rank=8,
+        ddp_find_unused_parameters="false",
+    )  # fmt: skip
+    _, checksums = launch_two_processes("dpo", args, tmp_path, home)
+    rank0, rank1 = (checksums / "rank0").read_text(), (checksums / "rank1").read_text()
+    assert rank0 == rank1
+    out = tmp_path / "adapter"
+    assert (out / WEIGHTS_NAME).exists() and (out / CONFIG_NAME).exists()
+    assert not (out / "model.safetensors").exists()
+    reloaded = load_model(ModelArgs(model_name_or_path=str(out)))
+    assert has_adapters(reloaded) and weights_checksum(reloaded) == rank0
