@@ -17,6 +17,14 @@ from align_kit.judge_backends import JudgeRequestError, OpenAIJudge
 from align_kit.judge_cache import JudgmentCache
 from align_kit.judges import PairItem, judge_both_orders, load_judge
 
+
+class WideBacklogServer(ThreadingHTTPServer):
+    """socketserver listens with a backlog of 5: more simultaneous connects than that drop SYNs, and
+    each dropped one costs its client a 1 s retransmit, which would be timed as judge latency."""
+
+    request_queue_size = 128
+
+
 TEMPLATE = "Q: {instruction}\nR1: {output_1}\nR2: {output_2}\n"
 CLIENT_TIMEOUT = 0.3
 
@@ -54,7 +62,7 @@ class ChatServer:
                     with server.lock:
                         server.in_flight -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = WideBacklogServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
