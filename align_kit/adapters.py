@@ -272,11 +272,15 @@ def describe_parameters(model: nn.Module) -> str:
     return line
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter parameters by their names in ``model`` (detached, contiguous, on CPU)."""
+def adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Adapter entries of ``state`` (default: ``model``'s own state dict) by name, detached, contiguous,
+    on CPU."""
+    source = model.state_dict() if state is None else state
     return {
-        name: param.detach().cpu().contiguous()
-        for name, param in model.named_parameters()
+        name: value.detach().cpu().contiguous()
+        for name, value in source.items()
         if is_adapter_parameter(name)
     }
 
@@ -296,10 +300,7 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
-    if state is None:
-        state = adapter_state_dict(model)
-    else:
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items() if is_adapter_parameter(k)}
+    state = adapter_state_dict(model, state)
     if not state:
         raise ValueError("model has no adapter parameters to save")
     folder = Path(folder)

@@ -15,12 +15,22 @@ import gc
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("runs/demo")  # the output_dir of every recipes/configs/*_tiny.yaml and eval/configs/embedded.yaml
 STAGES = ["sft", "dpo", "reward", "ppo", "best_of_n"]
+
+
+def load_script(path: Path, name: str):
+    """Import a script (recipes are scripts, not a package) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(name: str, script: str, config: str, done: Path) -> float:
@@ -30,10 +40,7 @@ def run(name: str, script: str, config: str, done: Path) -> float:
         return 0.0
     print(f"[demo] {name}: python {script} --config {config}", flush=True)
     start = time.time()
-    spec = importlib.util.spec_from_file_location(f"demo_{name}", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--config", config])
+    load_script(ROOT / script, f"demo_{name}").main(["--config", config])
     gc.collect()  # the stage's models and trainer go before the next stage loads its own
     return round(time.time() - start, 1)
 

@@ -20,12 +20,15 @@ from align_kit.judges import (
     PairItem,
     Scorer,
     Verdict,
-    _device,
     judge_identity,
     parse_verdict,
     render_prompt,
     verdict_from_margin,
 )
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class FakeJudge:

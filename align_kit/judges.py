@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 import yaml
 from tqdm import tqdm
 
@@ -350,10 +349,6 @@ def _load_reward_model(config: JudgeConfig) -> tuple[Any, Any]:
 
     tokenizer = load_tokenizer(config.model)
     return load_reward_model(config.model, config.torch_dtype, tokenizer.pad_token_id), tokenizer
-
-
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from align_kit.demo import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
@@ -29,13 +29,8 @@ def align_kit_home(tmp_path_factory) -> Path:
 
 
 def load_recipe(name: str):
-    """Import recipes/<name>.py as a module (recipes are scripts, not a package)."""
-    path = ROOT / "recipes" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import recipes/<name>.py as a module."""
+    return load_script(ROOT / "recipes" / f"{name}.py", f"recipe_{name}")
 
 
 CPU_ARGS = [
