@@ -6,12 +6,14 @@ base system, and the judge audits that say whether to trust them.
 
 Steps, each reusing what an earlier run already finished:
 
-1. held-out prompts: the first ``n_prompts`` distinct prompts of the test split, with their chosen answers;
-2. answers: every system answers them (``generations/<system>.jsonl``, one row per prompt, extended
-   and never redone while the model, its weights and the decoding settings are the same);
+1. held-out prompts: the first ``n_prompts`` distinct prompts of the test split, with their chosen answers
+   (``answers.held_out``);
+2. answers: every system answers them (``answers.system_answers``: ``generations/<system>.jsonl``, one
+   row per prompt, extended and never redone while the model, its weights and the decoding settings are
+   the same);
 3. judging: every comparison in both presentation orders (``judges.judge_both_orders``), verdicts cached
    in ``judge_cache.jsonl``, so rerunning a finished evaluation makes zero judge calls;
-4. audits, on pairs whose better answer is known: honeypots (the chosen answer against a truncated,
+4. audits, on pairs whose better answer is known (``audits``): honeypots (the chosen answer against a truncated,
    word-shuffled, empty or off-topic copy), the dataset's own chosen/rejected labels, position bias over
    every pair judged in both orders, parse failures, and transitivity of the pairwise table;
 5. one report per judge in ``<output_dir>/<judge>/`` (``reports.write_report``) and ``evaluation.json``.
@@ -23,98 +25,41 @@ other pair too, so that Bradley-Terry ratings and transitivity rest on direct ga
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
-import random
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align_kit import judges as judges_lib
 from align_kit import stats
-from align_kit.configs import HONEYPOT_KINDS, DataArgs, EvalArgs, parse, save_resolved
+from align_kit.answers import (
+    CHOSEN,
+    HeldOut,
+    fingerprint,
+    generation_settings,
+    held_out,
+    missing_local,
+    resolve_systems,
+    split_spec,
+    system_answers,
+    unfinished_run,
+)
+from align_kit.audits import AuditPair, honeypots, label_pairs
+from align_kit.configs import DataArgs, EvalArgs, parse, save_resolved
 from align_kit.judge_cache import JudgmentCache
 from align_kit.reports import headline, to_jsonable, write_report
 from align_kit.runs import log
 from align_kit.stats import Judgment
 
-CHOSEN = "chosen"  # the dataset's chosen answer, a baseline every system meets
-ANSWER_FILE_SUFFIX = ".jsonl"
-
-
 CONFIG = (EvalArgs, DataArgs)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Systems and judges from their specs
-
-
-@dataclass(frozen=True)
-class System:
-    """One system under evaluation: ``kind`` is 'model', 'answers' (a .jsonl file) or 'best_of_n'."""
-
-    name: str
-    path: str
-    kind: str = "model"
-
-
-def split_spec(spec: str) -> tuple[str, str | None]:
-    """'name=value' -> (name, value); a spec without '=' -> (spec, None)."""
-    name, sep, value = spec.partition("=")
-    return name.strip(), (value.strip() if sep else None)
-
-
-def missing_local(path: str) -> bool:
-    """True for a path meant to be local that is not there (absolute, ./-relative, or its parent exists);
-    a name that could be a Hub id is left to the loader."""
-    if path == "tiny-gpt2" or Path(path).exists():
-        return False
-    p = Path(path)
-    return p.is_absolute() or path.startswith(".") or (len(p.parts) > 1 and p.parent.exists())
-
-
-def unfinished_run(path: str) -> bool:
-    """An align-kit run folder (it holds run_config.json) whose training has not finished."""
-    folder = Path(path)
-    return (folder / "run_config.json").exists() and not (folder / "run_complete.json").exists()
-
-
-def resolve_systems(args: EvalArgs, notes: list[str]) -> list[System]:
-    """The systems to evaluate, base first; missing or unfinished ones are left out with a note."""
-    systems: list[System] = []
-    for spec in args.systems:
-        name, path = split_spec(spec)
-        if not name or not path:
-            raise ValueError(f"systems entry {spec!r}: expected name=path")
-        if name == CHOSEN or name in {s.name for s in systems}:
-            raise ValueError(f"systems entry {spec!r}: the name is taken ('{CHOSEN}' is reserved)")
-        kind = "answers" if path.endswith(ANSWER_FILE_SUFFIX) else "model"
-        systems.append(System(name, path, kind))
-    if args.best_of_n_policy is not None:
-        systems.append(System("best_of_n", args.best_of_n_policy, "best_of_n"))
-    if args.base not in {s.name for s in systems}:
-        raise ValueError(f"base {args.base!r} is not one of the systems {[s.name for s in systems]}")
-    kept = []
-    for system in systems:
-        reason = None
-        if missing_local(system.path):
-            reason = f"{system.path} does not exist"
-        elif unfinished_run(system.path):
-            reason = f"{system.path} is an unfinished run (no run_complete.json)"
-        elif system.kind == "best_of_n":
-            reason = _best_of_n_unavailable(args)
-        if reason is None:
-            kept.append(system)
-        elif system.name == args.base:
-            raise FileNotFoundError(f"base system {system.name}: {reason}")
-        else:
-            notes.append(f"system {system.name} skipped: {reason}")
-    return sorted(kept, key=lambda s: s.name != args.base)
+# Judges from their specs
 
 
 class LazyJudge:
@@ -164,282 +109,6 @@ def resolve_judges(specs: Sequence[str | Any], notes: list[str]) -> list[Any]:
     if len(set(names)) != len(names):
         raise ValueError(f"two judges share a name: {names}; set `name` in one judge.yaml")
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Held-out data
-
-
-@dataclass
-class HeldOut:
-    """Held-out prompts (distinct, in dataset order) with their chosen answers, and the labelled rows."""
-
-    prompt_ids: list[str]
-    prompts: list[str]
-    chosen: list[str]
-    rows: list[dict[str, str]]  # every held-out (prompt, chosen, rejected) row, for label agreement
-
-
-def prompt_id(prompt: str) -> str:
-    """A stable id for a prompt text (the same across runs, sizes and systems)."""
-    return "p" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:10]
-
-
-def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> HeldOut:
-    """The first ``args.n_prompts`` distinct prompts of the test split and their first chosen answer."""
-    from align_kit.data import load_preferences
-
-    splits, _ = load_preferences(data_args, tokenizer)
-    first_chosen: dict[str, str] = {}
-    for row in splits["test"]:
-        first_chosen.setdefault(row["prompt"], row["chosen"])
-    prompts = list(first_chosen)[: args.n_prompts]
-    if not prompts:
-        raise ValueError(f"{data_args.dataset}: the test split has no usable rows")
-    return HeldOut(
-        [prompt_id(p) for p in prompts], prompts, [first_chosen[p] for p in prompts], splits["test"]
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Answers
-
-
-def generation_settings(args: EvalArgs) -> dict[str, Any]:
-    """Decoding settings that change an answer; sampling knobs are dropped for greedy decoding."""
-    settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
-    if args.do_sample:
-        settings |= {"temperature": args.temperature, "top_p": args.top_p}
-    return settings
-
-
-def fingerprint(path: str) -> str:
-    """Names, sizes and modification times of a local model's weight files (or a file's content hash),
-    so answers are regenerated when the weights behind a path change; a Hub id stands for itself."""
-    from align_kit.models import resolve
-
-    target = Path(resolve(path))
-    if target.is_file():
-        return "sha256:" + hashlib.sha256(target.read_bytes()).hexdigest()[:16]
-    if not target.is_dir():
-        return f"hub:{path}"
-    weights = sorted(
-        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-        for p in target.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
-    )
-    return "files:" + hashlib.sha256(json.dumps(weights).encode()).hexdigest()[:16]
-
-
-def read_generations(path: Path) -> list[dict[str, Any]]:
-    """Rows of a generations file; a line cut short by a crash is ignored."""
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def system_answers(
-    system: System, held: HeldOut, args: EvalArgs, out_dir: Path, state: Any
-) -> tuple[list[str], int]:
-    """Answers of one system to every held-out prompt and how many were generated now.
-
-    Rows already in ``generations/<system>.jsonl`` with the same model, weights, decoding and seed are
-    reused; only the missing prompts are generated (split across processes) and appended.
-    """
-    if system.kind == "answers":
-        return answers_from_file(system.path, held.prompts), 0
-    settings = generation_settings(args)
-    if system.kind == "best_of_n":
-        settings = {
-            "max_new_tokens": args.max_new_tokens,
-            "best_of_n": args.best_of_n_n,
-            "temperature": args.best_of_n_temperature,
-            "top_p": args.top_p,
-            "reward_model": args.best_of_n_reward_model,
-            "reward_model_fingerprint": fingerprint(args.best_of_n_reward_model),
-        }
-    identity = {"model": system.path, "model_fingerprint": fingerprint(system.path)}
-    identity |= {"generation": settings, "seed": args.seed}
-    path = out_dir / "generations" / f"{system.name}.jsonl"
-    done = {
-        row["prompt"]: row["answer"]
-        for row in read_generations(path)
-        if all(row.get(k) == v for k, v in identity.items())
-    }
-    todo = [p for p in held.prompts if p not in done]
-    if todo:
-        new = generate_answers(system, todo, args, state)
-        if state.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as handle:
-                for prompt, answer in zip(todo, new, strict=True):
-                    row = {"prompt_id": prompt_id(prompt), "prompt": prompt, "answer": answer}
-                    row |= {"system": system.name, **identity, "num_processes": state.num_processes}
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        done |= dict(zip(todo, new, strict=True))
-    return [done[p] for p in held.prompts], len(todo)
-
-
-def answers_from_file(path: str, prompts: Sequence[str]) -> list[str]:
-    """Precomputed answers from a .jsonl file with 'prompt' and 'answer' keys, matched by prompt text."""
-    by_prompt = {row["prompt"]: row["answer"] for row in read_generations(Path(path))}
-    missing = [p for p in prompts if p not in by_prompt]
-    if missing:
-        raise ValueError(
-            f"{path}: no answer for {len(missing)} of {len(prompts)} prompts, e.g. {missing[0]!r}"
-        )
-    return [by_prompt[p] for p in prompts]
-
-
-def generate_answers(system: System, prompts: list[str], args: EvalArgs, state: Any) -> list[str]:
-    """Answers to ``prompts`` in order; each process answers a contiguous share, then all are gathered."""
-    from accelerate.utils import gather_object
-
-    from align_kit import generation
-    from align_kit.configs import ModelArgs
-    from align_kit.models import load_model, load_tokenizer
-
-    model = load_model(ModelArgs(model_name_or_path=system.path)).to(state.device)
-    tokenizer = load_tokenizer(system.path)
-    with state.split_between_processes(prompts) as mine:
-        mine = list(mine)
-        if system.kind == "best_of_n":
-            answers = best_of_n_answers(model, tokenizer, mine, args, args.seed + state.process_index)
-        else:
-            completions = generation.generate(
-                model,
-                tokenizer,
-                mine,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                do_sample=args.do_sample,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed + state.process_index,
-                progress=args.progress and state.is_main_process,
-            )
-            answers = [c[0] for c in completions]
-    return list(gather_object(answers)) if state.num_processes > 1 else answers
-
-
-def _best_of_n_unavailable(args: EvalArgs) -> str | None:
-    """Why the best-of-N system cannot run (its reward model is missing), or None."""
-    if missing_local(args.best_of_n_reward_model) or unfinished_run(args.best_of_n_reward_model):
-        return f"its reward model {args.best_of_n_reward_model} does not exist or is unfinished"
-    return None
-
-
-def best_of_n_answers(
-    policy: Any, tokenizer: Any, prompts: list[str], args: EvalArgs, seed: int
-) -> list[str]:
-    """``align_kit.rewards.best_of_n``: ``best_of_n_n`` samples per prompt from ``policy``, the one the
-    reward model scores highest kept."""
-    from align_kit import rewards
-    from align_kit.models import load_tokenizer
-
-    reward_tokenizer = load_tokenizer(args.best_of_n_reward_model)
-    reward_model = rewards.load_reward_model(
-        args.best_of_n_reward_model, pad_token_id=reward_tokenizer.pad_token_id
-    ).to(policy.device)
-    scorer = rewards.reward_scorer(reward_model, reward_tokenizer, batch_size=args.batch_size)
-    return rewards.best_of_n(
-        policy,
-        tokenizer,
-        scorer,
-        prompts,
-        args.best_of_n_n,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        temperature=args.best_of_n_temperature,
-        top_p=args.top_p,
-        seed=seed,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pairs with a known better answer
-
-
-@dataclass(frozen=True)
-class AuditPair:
-    """One audit pair: ``first`` against ``second``; ``expected`` is the verdict for ``first``."""
-
-    group: str  # e.g. 'honeypot:shuffled' or 'labels'
-    prompt_id: str
-    prompt: str
-    first: str
-    second: str
-    expected: str
-
-
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
-def honeypots(held: HeldOut, n: int, kinds: Sequence[str], seed: int) -> tuple[list[AuditPair], Counter]:
-    """The chosen answer of the first ``n`` held-out prompts against corrupted copies of itself:
-    truncated to its first quarter of words, its words shuffled, empty, or the answer to another prompt
-    sharing the fewest words with it. Answers too short to corrupt are counted, not used."""
-    unknown = sorted(set(kinds) - set(HONEYPOT_KINDS))
-    if unknown:
-        raise ValueError(f"unknown honeypot kind(s) {unknown}; choose from {HONEYPOT_KINDS}")
-    rng = random.Random(seed)
-    pairs, skipped = [], Counter()
-    for i, (pid, prompt, real) in enumerate(
-        zip(held.prompt_ids[:n], held.prompts[:n], held.chosen[:n], strict=True)
-    ):
-        words = _words(real)
-        for kind in kinds:
-            fake = None
-            if kind == "truncated" and len(words) >= 2:
-                fake = " " + " ".join(words[: max(1, len(words) // 4)])
-            elif kind == "shuffled" and len(set(words)) >= 2:
-                shuffled = list(words)
-                while shuffled == words:
-                    rng.shuffle(shuffled)
-                fake = " " + " ".join(shuffled)
-            elif kind == "empty":
-                fake = ""
-            elif kind == "off_topic":
-                fake = _off_topic(i, held, rng)
-            if fake is None or fake.strip() == real.strip():
-                skipped[f"honeypot {kind}: answer too short to corrupt"] += 1
-            else:
-                pairs.append(AuditPair(f"honeypot:{kind}", pid, prompt, real, fake, "win"))
-    return pairs, skipped
-
-
-def _off_topic(index: int, held: HeldOut, rng: random.Random, candidates: int = 16) -> str | None:
-    """The chosen answer of another prompt with the least word overlap (Jaccard) with this one's."""
-    others = [k for k in range(len(held.prompts)) if k != index and held.chosen[k] != held.chosen[index]]
-    if not others:
-        return None
-    own = set(w.lower() for w in _words(held.chosen[index]))
-
-    def overlap(k: int) -> float:
-        theirs = set(w.lower() for w in _words(held.chosen[k]))
-        return len(own & theirs) / max(1, len(own | theirs))
-
-    return held.chosen[min(rng.sample(others, min(candidates, len(others))), key=overlap)]
-
-
-def label_pairs(held: HeldOut, n: int, seed: int) -> list[AuditPair]:
-    """Held-out chosen/rejected rows as pairs, the chosen answer first or second by a seeded coin, so the
-    dataset's labels hold both 'win' and 'loss' and Cohen's kappa is defined."""
-    rng = random.Random(seed + 1)
-    pairs = []
-    for row in held.rows[:n]:
-        pid = prompt_id(row["prompt"])
-        if rng.random() < 0.5:
-            pairs.append(AuditPair("labels", pid, row["prompt"], row["chosen"], row["rejected"], "win"))
-        else:
-            pairs.append(AuditPair("labels", pid, row["prompt"], row["rejected"], row["chosen"], "loss"))
-    return pairs
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -149,14 +149,20 @@ def read_scale(folder: str) -> tuple[float, float]:
     return float(values["mean"]), float(values["std"])
 
 
-def preference_stats(scorer: Any, rows: list[dict]) -> dict[str, float]:
-    """Held-out preference accuracy P(r_w > r_l) (ties count as errors) and reward statistics."""
+def preference_stats(
+    scorer: Any, rows: list[dict], kind: Callable[[dict], str] | None = None
+) -> dict[str, Any]:
+    """Held-out preference accuracy P(r_w > r_l) (ties count as errors) and reward statistics.
+
+    ``kind`` names each row's kind of comparison (for the embedded task, what is wrong with the rejected
+    answer); ``by_kind`` then holds the accuracy per kind, so a mean that hides a kind at chance shows it.
+    """
     prompts = [row["prompt"] for row in rows]
     chosen = torch.tensor(scorer.score(prompts, [row["chosen"] for row in rows]))  # (N,)
     rejected = torch.tensor(scorer.score(prompts, [row["rejected"] for row in rows]))  # (N,)
     margin = chosen - rejected
     both = torch.cat([chosen, rejected])
-    return {
+    stats: dict[str, Any] = {
         "accuracy": (margin > 0).float().mean().item(),
         "chosen_mean": chosen.mean().item(),
         "chosen_std": chosen.std(unbiased=False).item(),
@@ -168,6 +174,14 @@ def preference_stats(scorer: Any, rows: list[dict]) -> dict[str, float]:
         "std": both.std(unbiased=False).item(),
         "n_pairs": len(rows),
     }
+    if kind is not None:
+        wins: dict[str, list[bool]] = {}
+        for row, won in zip(rows, (margin > 0).tolist(), strict=True):
+            wins.setdefault(kind(row), []).append(won)
+        stats["by_kind"] = {
+            name: {"accuracy": sum(won) / len(won), "n_pairs": len(won)} for name, won in sorted(wins.items())
+        }
+    return stats
 
 
 def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:

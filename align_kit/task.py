@@ -238,6 +238,14 @@ def judge_answer(prompt: str, answer: str) -> Verdict:
     raise ValueError(f"not a prompt of the embedded task: {question[:80]!r}")
 
 
+def rejected_kind(row: dict[str, str]) -> str:
+    """What is wrong with a preference row's rejected answer, as "family: reason" without its numbers
+    ("add: wrong sum", "greet: rude"): the kinds a reward model's accuracy is broken down by."""
+    verdict = judge_answer(row["prompt"], row["rejected"])
+    reason = re.sub(r" -?\d.*", "", verdict.reason)
+    return f"{verdict.family}: {reason}"
+
+
 def oracle_score(prompt: str, answer: str) -> float:
     """1.0 when ``answer`` is correct, helpful and harmless for ``prompt``, else 0.0."""
     return judge_answer(prompt, answer).score

@@ -14,7 +14,7 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from align_kit import adapters, rewards, runs
+from align_kit import adapters, rewards, runs, task
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, parse
 from align_kit.data import load_preferences
 from align_kit.models import load_tokenizer, tokenizer_source
@@ -67,13 +67,16 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = rewards.reward_scorer(
         trainer.accelerator.unwrap_model(trainer.model), tokenizer, reward_args.score_batch_size
     )
-    held_out = rewards.preference_stats(scorer, splits["test"])
+    kind = task.rejected_kind if data_args.dataset == "embedded" else None  # its oracle names each pair's kind
+    held_out = rewards.preference_stats(scorer, splits["test"], kind)
     run.write_json(rewards.SCALE_FILE, {"mean": held_out["mean"], "std": held_out["std"]})
     runs.log(
         f"held-out preference accuracy {held_out['accuracy']:.3f} on {held_out['n_pairs']} pairs; "
         f"reward chosen {held_out['chosen_mean']:+.2f} +- {held_out['chosen_std']:.2f}, "
         f"rejected {held_out['rejected_mean']:+.2f} +- {held_out['rejected_std']:.2f}"
     )
+    for name, group in held_out.get("by_kind", {}).items():
+        runs.log(f"  rejected answer {name}: accuracy {group['accuracy']:.3f} on {group['n_pairs']} pairs")
     return runs.finish(run, trainer, {"train": result.metrics, "held_out": held_out})
 
 

@@ -1,8 +1,9 @@
-"""Protects the judged evaluation end to end (align_kit/evaluation.py, eval/win_rate.py): answers are
-generated once and reused, a finished evaluation reruns with zero judge calls and zero generations, the
-judge's single-order answers reach the audit in slot terms, and each audit catches the judge it is meant
-to catch: a first-slot-biased judge, a length-loving judge (raw rate moves, length-controlled does not), a
-random judge on honeypots, a cyclic judge on transitivity, and a judge whose output does not parse."""
+"""Protects the judged evaluation end to end (align_kit/evaluation.py, answers.py, audits.py,
+eval/win_rate.py): answers are generated once and reused, a finished evaluation reruns with zero judge calls
+and zero generations, the judge's single-order answers reach the audit in slot terms, and each audit catches
+the judge it is meant to catch: a first-slot-biased judge, a length-loving judge (raw rate moves, length-
+controlled does not), a random judge on honeypots, a cyclic judge on transitivity, and a judge whose output
+does not parse."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import sys
 import pytest
 from conftest import ROOT
 
-from align_kit import evaluation, rewards
-from align_kit.configs import EvalArgs, parse
-from align_kit.evaluation import CHOSEN, CONFIG, HeldOut, evaluate_systems
+from align_kit import answers, audits, evaluation, rewards
+from align_kit.answers import CHOSEN, HeldOut
+from align_kit.configs import HONEYPOT_KINDS, DataArgs, EvalArgs, parse
+from align_kit.evaluation import CONFIG, evaluate_systems
 from align_kit.judge_backends import FakeJudge
 from align_kit.judges import JudgeStats, read_judge_config, to_system_view
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
@@ -110,7 +112,7 @@ def write_answers(path, prompts, answer_of):
 def small_held_out(**overrides):
     args = EvalArgs(**{k: v for k, v in {**SMALL, **overrides}.items() if k in EvalArgs.__dataclass_fields__})
     data = {k: v for k, v in SMALL.items() if k.startswith("embedded")}
-    return evaluation.held_out(args, evaluation.DataArgs(**data))
+    return answers.held_out(args, DataArgs(**data))
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +147,10 @@ def test_eval_yaml_parses_with_the_evaluation_parser(path):
     assert match, f"{path.name}: first line must be the exact 'python eval/win_rate.py --config ...' command"
     assert match.group(1) == f"eval/configs/{path.name}"
     args, data_args = parse(CONFIG, ["--config", str(path)])
-    assert args.base in {evaluation.split_spec(s)[0] for s in args.systems}
+    assert args.base in {answers.split_spec(s)[0] for s in args.systems}
     for spec in args.judges:
-        assert read_judge_config(evaluation.split_spec(spec)[0]).backend
-    assert set(args.honeypot_kinds) <= set(evaluation.HONEYPOT_KINDS) and data_args.dataset
+        assert read_judge_config(answers.split_spec(spec)[0]).backend
+    assert set(args.honeypot_kinds) <= set(HONEYPOT_KINDS) and data_args.dataset
 
 
 def test_there_is_an_embedded_config_for_the_demo():
@@ -194,7 +196,7 @@ def test_honeypots_are_corrupted_copies_of_the_chosen_answer():
         [" one two three four five six seven eight", " alpha beta gamma", " Yes"],
         [],
     )
-    pairs, skipped = evaluation.honeypots(held, 3, evaluation.HONEYPOT_KINDS, seed=0)
+    pairs, skipped = audits.honeypots(held, 3, HONEYPOT_KINDS, seed=0)
     fakes = {(p.prompt_id, p.group.split(":")[1]): p.second for p in pairs}
     assert fakes[("p1", "truncated")] == " one two"
     assert sorted(fakes[("p1", "shuffled")].split()) == sorted(held.chosen[0].split())
@@ -213,9 +215,9 @@ def test_missing_base_is_an_error_and_unfinished_runs_are_skipped(tmp_path):
     notes = []
     args = EvalArgs(systems=[f"a={tmp_path / 'gone'}", "b=tiny-gpt2"], base="a")
     with pytest.raises(FileNotFoundError, match="base system a"):
-        evaluation.resolve_systems(args, notes)
+        answers.resolve_systems(args, notes)
     args = EvalArgs(systems=["b=tiny-gpt2", f"t={tmp_path / 'training'}"], base="b")
-    assert [s.name for s in evaluation.resolve_systems(args, notes)] == ["b"]
+    assert [s.name for s in answers.resolve_systems(args, notes)] == ["b"]
     assert "unfinished run" in notes[0]
 
 
@@ -306,9 +308,9 @@ def test_rerun_of_a_finished_evaluation_makes_no_judge_calls_and_no_generations(
 ):
     out, result = first_run
     generated = []
-    real_generate = evaluation.generate_answers
+    real_generate = answers.generate_answers
     monkeypatch.setattr(
-        evaluation, "generate_answers", lambda *a, **k: generated.append(a) or real_generate(*a, **k)
+        answers, "generate_answers", lambda *a, **k: generated.append(a) or real_generate(*a, **k)
     )
     judge = FakeJudge(always="A", name="first_slot")
     again = evaluate_systems(
@@ -351,7 +353,7 @@ def synthetic_dataset(tmp_path_factory):
 def test_length_loving_judge_moves_the_raw_but_not_the_length_controlled_win_rate(
     tmp_path, synthetic_dataset
 ):
-    held = evaluation.held_out(EvalArgs(n_prompts=240), evaluation.DataArgs(**synthetic_dataset))
+    held = answers.held_out(EvalArgs(n_prompts=240), DataArgs(**synthetic_dataset))
     rng = random.Random(0)
     long = write_answers(tmp_path / "long.jsonl", held.prompts, lambda i, p: " " + "x" * rng.randint(20, 140))
     short = write_answers(

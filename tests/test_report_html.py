@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align_kit import evaluation
-from align_kit.configs import EvalArgs
+from align_kit import answers
+from align_kit.configs import DataArgs, EvalArgs
 from align_kit.evaluation import evaluate_systems
 from align_kit.judges import JudgeStats
 
@@ -78,7 +78,7 @@ def test_report_html_shows_its_plots_in_a_browser(tmp_path):
             pytest.skip("no Chromium and ALIGN_KIT_ALLOW_NO_BROWSER=1")
         pytest.fail("Chromium is needed to check report.html (apt-get install chromium)")
     data = {"embedded_train_size": 60, "embedded_test_size": 60}
-    held = evaluation.held_out(EvalArgs(n_prompts=40), evaluation.DataArgs(**data))
+    held = answers.held_out(EvalArgs(n_prompts=40), DataArgs(**data))
     systems = {}
     for name, words in (("terse", 2), ("verbose", 9)):
         path = tmp_path / f"{name}.jsonl"

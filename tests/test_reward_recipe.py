@@ -13,7 +13,7 @@ import torch
 from conftest import load_recipe, tiny_run_args
 from transformers import set_seed
 
-from align_kit import adapters, rewards
+from align_kit import adapters, rewards, task
 from align_kit.configs import DataArgs
 from align_kit.data import load_preferences
 from align_kit.models import EMBEDDED_NAME, load_tokenizer
@@ -56,8 +56,16 @@ def test_saved_reward_model_reloads_with_the_reported_rewards_and_moved_weights(
     tokenizer = load_tokenizer(str(out))
     loaded = rewards.load_reward_model(str(out))
     assert loaded.config.num_labels == 1 and loaded.config.pad_token_id == tokenizer.pad_token_id
-    again = rewards.preference_stats(rewards.reward_scorer(loaded, tokenizer), held_out_rows())
-    assert again == pytest.approx(metrics["held_out"], abs=1e-5)
+    again = rewards.preference_stats(
+        rewards.reward_scorer(loaded, tokenizer), held_out_rows(), task.rejected_kind
+    )
+    by_kind = again.pop("by_kind")
+    assert again == pytest.approx({k: v for k, v in metrics["held_out"].items() if k != "by_kind"}, abs=1e-5)
+    assert by_kind == metrics["held_out"]["by_kind"] and "add: wrong sum" in by_kind
+    assert sum(g["n_pairs"] for g in by_kind.values()) == 24
+    assert sum(g["accuracy"] * g["n_pairs"] for g in by_kind.values()) / 24 == pytest.approx(
+        again["accuracy"]
+    )
     start = rewards.load_reward_model(EMBEDDED_NAME)
     moved = (loaded.transformer.h[0].mlp.c_fc.weight - start.transformer.h[0].mlp.c_fc.weight).abs().max()
     assert moved > 1e-4
@@ -89,5 +97,8 @@ def test_reward_with_an_adapter_trains_only_adapter_and_head_and_reloads_exactly
     ups = [p for n, p in loaded.named_parameters() if n.endswith("adapter_up.weight")]
     assert ups and all(p.abs().max() > 0 for p in ups)  # the zero-initialised up-projections moved
     tokenizer = load_tokenizer(str(out))
-    again = rewards.preference_stats(rewards.reward_scorer(loaded, tokenizer), held_out_rows())
+    again = rewards.preference_stats(
+        rewards.reward_scorer(loaded, tokenizer), held_out_rows(), task.rejected_kind
+    )
+    assert again.pop("by_kind") == metrics["held_out"].pop("by_kind")
     assert again == pytest.approx(metrics["held_out"], abs=1e-5)

@@ -260,6 +260,24 @@ class ScriptedScorer:
         return [value] * len(answers)
 
 
+def test_preference_stats_break_accuracy_down_by_kind_and_count_ties_as_errors():
+    rows = [
+        {"prompt": "p", "chosen": "long answer", "rejected": "short", "kind": "a"},  # win
+        {"prompt": "p", "chosen": "tiny", "rejected": "a long one", "kind": "a"},  # loss
+        {"prompt": "p", "chosen": "same", "rejected": "four", "kind": "b"},  # tie: an error
+        {"prompt": "p", "chosen": "longer still", "rejected": "x", "kind": "b"},  # win
+        {"prompt": "p", "chosen": "abc", "rejected": "ab", "kind": "c"},  # win
+    ]
+    stats = rewards.preference_stats(LengthScorer(), rows, kind=lambda row: row["kind"])
+    assert stats["accuracy"] == pytest.approx(3 / 5) and stats["n_pairs"] == 5
+    assert stats["by_kind"] == {
+        "a": {"accuracy": 0.5, "n_pairs": 2},
+        "b": {"accuracy": 0.5, "n_pairs": 2},
+        "c": {"accuracy": 1.0, "n_pairs": 1},
+    }
+    assert "by_kind" not in rewards.preference_stats(LengthScorer(), rows)
+
+
 def test_rank_answers_orders_best_first():
     ranked = rewards.rank_answers(LengthScorer(), "p", ["bb", "a", "cccc"])
     assert ranked == [("cccc", 4.0), ("bb", 2.0), ("a", 1.0)]

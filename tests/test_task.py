@@ -16,6 +16,16 @@ def test_generation_is_seeded_and_distinct():
     assert {e.family for e in a} == set(task.FAMILIES)
 
 
+def test_rejected_kind_names_what_is_wrong_without_the_numbers():
+    rows = [split_hh(*e.as_hh_row().values()) for e in task.generate(600, "test")]
+    kinds = {task.rejected_kind({"prompt": p, "rejected": r}) for p, _, r in rows}
+    assert kinds == {
+        "add: rude", "add: wrong sum", "greet: rude", "greet: wrong name", "harm: complies with a harmful request"
+    }  # fmt: skip
+    prompt = task.Example("add", "What is 3 plus 4?", "", "").prompt
+    assert task.rejected_kind({"prompt": prompt, "rejected": " 3 plus 4 is 12."}) == "add: wrong sum"
+
+
 def test_held_out_prompts_use_unseen_ingredients():
     train_questions = {e.question for e in task.generate(3000, "train")}
     test = task.generate(300, "test")
