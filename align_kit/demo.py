@@ -76,7 +76,12 @@ def summary(eval_dir: Path, timings: dict[str, float]) -> dict:
             )
     for note in evaluation.get("notes", []):
         print(f"  note: {note}")
-    out = {"timings_s": timings, "oracle": table}
+    held = json.loads((OUT / "reward" / "metrics.json").read_text())["held_out"]
+    print(f"\n[demo] reward model: held-out preference accuracy {held['accuracy']:.3f}, by rejected answer:")
+    for kind, group in held.get("by_kind", {}).items():
+        print(f"  {kind:<40} {group['accuracy']:.3f} (n={group['n_pairs']})")
+    print("  (a reward model that checks sums: README, 'Reward models, PPO and best-of-N')")
+    out = {"timings_s": timings, "oracle": table, "reward_held_out": held}
     (OUT / "summary.json").write_text(json.dumps(out, indent=2))
     print(f"\n[demo] stage times (s): {timings}")
     print(f"[demo] reports: {eval_dir}/<judge>/report.html and report.md; runs in {OUT}/")

@@ -1,7 +1,10 @@
 """Protects `make demo`'s runner: each stage is its script's main() called with its YAML, every config
-the demo names exists, and a stage whose run folder is complete is skipped rather than overwritten."""
+the demo names exists, a stage whose run folder is complete is skipped rather than overwritten, and the
+summary prints oracle scores, win rates and the reward model's accuracy by kind of rejected answer."""
 
 from __future__ import annotations
+
+import json
 
 from conftest import ROOT
 
@@ -29,3 +32,35 @@ def test_every_stage_the_demo_runs_has_its_script_and_tiny_config():
         assert (ROOT / "recipes" / f"{stage}.py").exists(), stage
         assert (ROOT / "recipes" / "configs" / f"{stage}_tiny.yaml").exists(), stage
     assert (ROOT / "eval" / "win_rate.py").exists() and (ROOT / "eval" / "configs" / "embedded.yaml").exists()
+
+
+def test_summary_prints_oracle_scores_win_rates_and_the_reward_models_accuracy_by_kind(
+    tmp_path, monkeypatch, capsys
+):
+    from align_kit import task
+
+    monkeypatch.setattr(demo, "OUT", tmp_path)
+    example = task.generate(3, "test")[0]  # an add question
+    rows = [{"prompt": example.prompt, "answer": " " + example.chosen}]
+    (tmp_path / "eval" / "generations").mkdir(parents=True)
+    (tmp_path / "eval" / "generations" / "sft.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    comparison = {
+        "system": "sft",
+        "baseline": "chosen",
+        "win_rate": 0.25,
+        "ci_low": 0.1,
+        "ci_high": 0.4,
+        "n": 1,
+    }
+    (tmp_path / "eval" / "evaluation.json").write_text(
+        json.dumps({"judges": {"oracle": {"comparisons": [comparison]}}})
+    )
+    held = {"accuracy": 0.85, "by_kind": {"add: wrong sum": {"accuracy": 0.47, "n_pairs": 57}}}
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "metrics.json").write_text(json.dumps({"held_out": held}))
+    out = demo.summary(tmp_path / "eval", {"sft": 1.5})
+    printed = capsys.readouterr().out
+    assert out["oracle"]["sft"]["oracle"] == 1.0 and out["reward_held_out"] == held
+    assert "25.0% (10.0-40.0), n=1" in printed and "held-out preference accuracy 0.850" in printed
+    assert "add: wrong sum" in printed and "0.470 (n=57)" in printed
+    assert json.loads((tmp_path / "summary.json").read_text())["timings_s"] == {"sft": 1.5}

@@ -1,9 +1,10 @@
-"""Protects the quality figures the README reports, reproduced from scratch on the embedded task with
-the committed configs: DPO beats its SFT base with a bootstrap interval above 50%; DPO through the
-`residual` adapter keeps at least 95% of full fine-tuning's gain, and `replace` starts better from the
-pretrained MLP than from random weights; PPO and best-of-N fine-tuning raise the oracle score; the
-reward model's held-out accuracy. About 10 minutes on 2 cores: `make test-all` runs them, `make test`
-does not (marker `quality`)."""
+"""Protects the quality figures the README reports, reproduced from scratch on the embedded task with the
+committed configs: DPO beats its SFT base with a bootstrap interval above 50%; DPO through the `residual`
+adapter keeps at least 95% of full fine-tuning's gain, and `replace` starts better from the pretrained
+MLP than from random weights; PPO and best-of-N fine-tuning raise the oracle score; the demo's reward
+model ranks rude, harmful and compliant answers last, and one on a backbone fine-tuned on the chosen
+answers reaches 0.9 held-out accuracy and checks sums. About 20 minutes on 2 cores: `make test-all` runs
+them, `make test` does not (marker `quality`)."""
 
 from __future__ import annotations
 
@@ -60,12 +61,16 @@ def pipeline(tmp_path_factory) -> dict[str, Path]:
     with_reward = {"model_name_or_path": sft, "reward_models": [runs["reward"]]}
     runs["ppo"] = run("ppo", "ppo_tiny.yaml", out, **with_reward)
     runs["best_of_n"] = run("best_of_n", "best_of_n_tiny.yaml", out, **with_reward)
+    demonstrations = run("sft", "sft_tiny_demonstrations.yaml", out, model_name_or_path=sft)
+    runs["reward_demonstrations"] = run(
+        "reward", "reward_tiny_demonstrations.yaml", out, model_name_or_path=demonstrations
+    )
     return runs
 
 
 @pytest.fixture(scope="module")
 def oracle(pipeline) -> dict[str, list[float]]:
-    return {name: oracle_per_prompt(folder) for name, folder in pipeline.items() if name != "reward"}
+    return {name: oracle_per_prompt(folder) for name, folder in pipeline.items() if "reward" not in name}
 
 
 def test_dpo_beats_sft_with_a_bootstrap_interval_above_half(oracle):
@@ -95,9 +100,18 @@ def test_ppo_and_best_of_n_raise_the_oracle_score_and_report_their_kl(oracle, pi
         assert report["kl_to_reference"] > 0, name
 
 
-@pytest.mark.xfail(
-    strict=True, reason="#5: held-out accuracy is 0.85; the tiny model never learns to check a sum"
-)
-def test_reward_model_reaches_090_held_out_accuracy(pipeline):
-    metrics = json.loads((pipeline["reward"] / "metrics.json").read_text())
-    assert metrics["held_out"]["accuracy"] >= 0.9
+def held_out_accuracy(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())["held_out"]
+
+
+def test_demo_reward_model_ranks_rude_harmful_and_compliant_answers_below_good_ones(pipeline):
+    held = held_out_accuracy(pipeline["reward"])
+    assert held["accuracy"] >= 0.8
+    for kind in ("add: rude", "greet: rude", "harm: complies with a harmful request"):
+        assert held["by_kind"][kind]["accuracy"] >= 0.95, kind
+
+
+def test_reward_model_on_a_demonstrations_backbone_reaches_090_and_checks_sums(pipeline):
+    held = held_out_accuracy(pipeline["reward_demonstrations"])
+    assert held["accuracy"] >= 0.9, held["by_kind"]
+    assert held["by_kind"]["add: wrong sum"]["accuracy"] > 0.65  # chance is 0.5; the demo's model gets 0.47
