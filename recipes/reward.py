@@ -67,9 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = rewards.reward_scorer(
         trainer.accelerator.unwrap_model(trainer.model), tokenizer, reward_args.score_batch_size
     )
-    kind = (
-        task.rejected_kind if data_args.dataset == "embedded" else None
-    )  # its oracle names each pair's kind
+    # the embedded task's oracle names what is wrong with each rejected answer: accuracy per kind
+    kind = task.rejected_kind if data_args.dataset == "embedded" else None
     held_out = rewards.preference_stats(scorer, splits["test"], kind)
     run.write_json(rewards.SCALE_FILE, {"mean": held_out["mean"], "std": held_out["std"]})
     runs.log(
