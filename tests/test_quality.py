@@ -100,18 +100,18 @@ def test_ppo_and_best_of_n_raise_the_oracle_score_and_report_their_kl(oracle, pi
         assert report["kl_to_reference"] > 0, name
 
 
-def held_out_accuracy(folder: Path) -> dict:
+def held_out_stats(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())["held_out"]
 
 
 def test_demo_reward_model_ranks_rude_harmful_and_compliant_answers_below_good_ones(pipeline):
-    held = held_out_accuracy(pipeline["reward"])
+    held = held_out_stats(pipeline["reward"])
     assert held["accuracy"] >= 0.8
     for kind in ("add: rude", "greet: rude", "harm: complies with a harmful request"):
         assert held["by_kind"][kind]["accuracy"] >= 0.95, kind
 
 
 def test_reward_model_on_a_demonstrations_backbone_reaches_090_and_checks_sums(pipeline):
-    held = held_out_accuracy(pipeline["reward_demonstrations"])
+    held = held_out_stats(pipeline["reward_demonstrations"])
     assert held["accuracy"] >= 0.9, held["by_kind"]
     assert held["by_kind"]["add: wrong sum"]["accuracy"] > 0.65  # chance is 0.5; the demo's model gets 0.47
