@@ -306,13 +306,8 @@ def build_judge(
     config: JudgeConfig, *, lm: Any = None, tokenizer: Any = None, scorer: Scorer | None = None
 ) -> Judge:
     """The backend named by ``config.backend``."""
-    from align_kit.judge_backends import (
-        HFLogitsJudge,
-        OpenAIJudge,
-        OracleScorer,
-        ScoreJudge,
-        SequenceClassifierScorer,
-    )
+    from align_kit.judge_backends import HFLogitsJudge, OracleScorer, ScoreJudge, SequenceClassifierScorer
+    from align_kit.judge_openai import OpenAIJudge
 
     template = read_template(config.template) if config.template else None
     if config.backend == "oracle":

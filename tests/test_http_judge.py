@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from align_kit.judge_backends import JudgeRequestError, OpenAIJudge
 from align_kit.judge_cache import JudgmentCache
+from align_kit.judge_openai import JudgeRequestError, OpenAIJudge
 from align_kit.judges import PairItem, judge_both_orders, load_judge
 
 
