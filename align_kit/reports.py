@@ -7,8 +7,8 @@ The results dict (JSON-ready; every key but `comparisons` is optional):
     comparisons:  [stats.summarize(...)], one per (system, baseline)
     paired:       [stats.paired_test(...)]
     ranking:      stats.rank_systems(...)
-    audit:        stats.audit(...), checked against `thresholds` ({name: [low, high]}, default
-                  stats.AUDIT_THRESHOLDS); the checks are written to results.json as `audit_checks`
+    audit:        the judge's audit figures (audits.audit_judge)
+    audit_checks: stats.check_audit(audit): one row per figure with its range and pass/fail
     audit_notes:  [str] shown under the audit table (how each figure was measured, breakdowns)
 Gallery examples are dicts with prompt, system, baseline, system_answer, baseline_answer, verdict and
 optionally prompt_id and rationale. Every string from a model or a dataset is HTML-escaped.
@@ -80,9 +80,6 @@ def write_report(
     """Write report.md, report.html, results.json and judgments.csv into `out_dir`; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = dict(results)
-    if "audit" in results:
-        results["audit_checks"] = stats.check_audit(results["audit"], results.get("thresholds"))
     paths = {name: out_dir / name for name in ("report.md", "report.html", "results.json", "judgments.csv")}
     paths["report.md"].write_text(render_markdown(results), encoding="utf-8")
     paths["report.html"].write_text(render_html(results, judgments, examples), encoding="utf-8")
@@ -162,8 +159,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if results.get("ranking"):
         lines += ["## Ratings", ""] + _md_table(*_ratings_table(results["ranking"])) + [""]
         lines += [_transitivity_line(results["ranking"]), ""]
-    if results.get("audit_checks") or results.get("audit"):
-        checks = results.get("audit_checks") or stats.check_audit(results["audit"], results.get("thresholds"))
+    if results.get("audit_checks"):
+        checks = results["audit_checks"]
         lines += ["## Judge audit", ""] + _md_table(*_audit_table(checks)) + [""]
         lines += [f"- {note}" for note in results.get("audit_notes") or []]
         lines += [""] if results.get("audit_notes") else []
@@ -201,8 +198,8 @@ def render_html(
         body += ["<h2>Ratings</h2>", _html_table(*_ratings_table(results["ranking"]))]
         body.append(f"<p>{_esc(_transitivity_line(results['ranking']))}</p>")
         body.append(_img(plot_ratings(results["ranking"]), "Bradley-Terry ratings"))
-    if results.get("audit_checks") or results.get("audit"):
-        checks = results.get("audit_checks") or stats.check_audit(results["audit"], results.get("thresholds"))
+    if results.get("audit_checks"):
+        checks = results["audit_checks"]
         headers, rows = _audit_table(checks)
         row_classes = [{True: "pass", False: "fail", None: "na"}[c["passed"]] for c in checks]
         body += [

@@ -41,6 +41,7 @@ def _synthetic_run(seed=0):
         "ranking": ranking,
         "audit": stats.audit(judgments, honeypots=(["win"] * 9 + ["loss"], ["win"] * 10), rates=None),
     }
+    results["audit_checks"] = stats.check_audit(results["audit"])
     examples = [
         {
             "prompt_id": "q0",
@@ -130,7 +131,7 @@ def test_html_escapes_model_text(written):
 def test_results_json_round_trips(written):
     _, paths, results, _ = written
     loaded = json.loads(paths["results.json"].read_text())
-    checks = loaded.pop("audit_checks")
+    checks = loaded["audit_checks"]
     assert loaded == reports.to_jsonable(results)
     assert {c["name"]: c["passed"] for c in checks}["honeypot_pass_rate"] is True
     assert loaded["comparisons"][0]["win_rate"] == pytest.approx(results["comparisons"][0]["win_rate"])
