@@ -34,6 +34,15 @@ def judges_dir() -> Path:
     return shipped("eval") / "judges"
 
 
+def locate(path: str | Path) -> Path:
+    """A repository-relative path such as ``recipes/sft.py`` or ``eval/configs/embedded.yaml``: the file
+    itself when it exists from here, else the shipped copy of the installed package."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or not path.parts or path.parts[0] not in SHIPPED:
+        return path
+    return shipped(path.parts[0]).joinpath(*path.parts[1:])
+
+
 def find_config(name_or_path: str) -> Path:
     """A config file: the path itself when it exists, else a shipped recipe or evaluation config named by
     its repository-relative path (``recipes/configs/dpo_tiny.yaml``), its file name or its stem
@@ -41,8 +50,8 @@ def find_config(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    if len(path.parts) > 1 and path.parts[0] in SHIPPED:
-        candidates = [shipped(path.parts[0]).joinpath(*path.parts[1:])]
+    if len(path.parts) > 1:
+        candidates = [locate(path)]
     else:
         name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
         candidates = [shipped("recipes") / "configs" / name, shipped("eval") / "configs" / name]

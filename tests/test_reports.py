@@ -123,8 +123,8 @@ def test_html_escapes_model_text(written):
     _, paths, _, _ = written
     page = paths["report.html"].read_text()
     assert "<script>" not in page and "<img src=x" not in page
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in page
-    assert "I don&#x27;t know &lt;img src=x onerror=alert(1)&gt;" in page
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in page  # markupsafe spells " as &#34;
+    assert "I don&#39;t know &lt;img src=x onerror=alert(1)&gt;" in page
     assert "What does &lt;b&gt;bold&lt;/b&gt; do &amp; why?" in page
 
 
