@@ -103,6 +103,7 @@ TARGETS = {
 SHAPES = {
     "gpu": {
         "matmul": 8192,
+        "child_timeout_s": 180,  # a hung case fails alone instead of eating the lease
         "dpo": {
             "model": {}, "batch": 16, "prompt_tokens": 256, "answer_tokens": 255,
             "warmup": 5, "steps": 30, "repeats": 3, "logging_steps": 5,
@@ -118,6 +119,7 @@ SHAPES = {
     },
     "dry_run": {
         "matmul": 1024,
+        "child_timeout_s": 900,
         "dpo": {
             "model": {"vocab_size": 320, "n_layer": 2, "n_embd": 64, "n_head": 2}, "batch": 2, "prompt_tokens": 24,
             "answer_tokens": 23, "warmup": 1, "steps": 2, "repeats": 1, "logging_steps": 1,
@@ -453,6 +455,7 @@ def dpo_config(path: Path, model: Path, data: Path, part: dict, device: str, **e
 
 def run_child(work: Path, kind: str, case: str, device: str, **job) -> dict:
     """Run one case in a fresh interpreter; it writes its figures to a JSON file."""
+    mode = "gpu" if device == "cuda" else "dry_run"
     job_file = work / f"job-{kind}-{case}-{time.monotonic_ns()}.json"
     job = {**job, "kind": kind, "case": case, "device": device}
     job["result"] = str(job_file.with_suffix(".result.json"))
@@ -469,7 +472,11 @@ def run_child(work: Path, kind: str, case: str, device: str, **job) -> dict:
     }
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(job_file)]
     started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    timeout = SHAPES[mode]["child_timeout_s"]
+    try:
+        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        raise ChildFailed(f"{kind} case {case} ran past {timeout} s and was stopped") from error
     if done.returncode != 0:
         raise ChildFailed(f"{kind} case {case} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(Path(job["result"]).read_text())
