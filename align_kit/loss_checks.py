@@ -262,9 +262,9 @@ class _Checker:
             if not allowed:
                 raise _refuse(reason, node, f"{'.'.join(path)} is not an allowed function")
             return
+        self.expr(node.value)  # inside out: open(path).read() is refused for open(), not for .read
         if node.attr not in TENSOR_ATTRIBUTES:
             raise _refuse(reason, node, f".{node.attr} is not an allowed tensor method or attribute")
-        self.expr(node.value)
 
     def call(self, node: ast.Call) -> None:
         func = node.func
@@ -427,6 +427,20 @@ def _import_loaded(
     raise ImportError(f"importing {name!r} is not allowed here")
 
 
+def _limit_memory(memory_mb: int) -> None:
+    """Cap the worker's address space at what it maps now (torch, CUDA libraries included) plus
+    ``memory_mb``: a huge allocation then fails in the worker instead of swapping the host. Linux only."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as statm:
+            mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = mapped + memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, OSError, ValueError):  # not Linux, or a lower hard limit already
+        pass
+
+
 def _serve(memory_mb: int) -> None:
     """The worker (``python -c``): one JSON request per line on stdin, one JSON verdict per line on its
     own copy of stdout, until stdin closes. Anything else that writes to stdout lands on stderr."""
@@ -434,18 +448,12 @@ def _serve(memory_mb: int) -> None:
 
     channel = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
-    try:
-        import resource
-
-        limit = memory_mb * 2**20  # address space: a huge allocation fails here instead of swapping the host
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ImportError, ValueError, OSError):  # not POSIX, or a lower hard limit already
-        pass
     import torch
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     _unit_check(_WARM_UP, "dpo", 0, 4)  # torch's lazy start-up is paid before the first timed check
+    _limit_memory(memory_mb)
     channel.write('{"ready": true}\n')
     channel.flush()
     for line in sys.stdin:
@@ -453,13 +461,25 @@ def _serve(memory_mb: int) -> None:
         channel.flush()
 
 
+# What the worker inherits: enough to find Python, its packages and libraries; no API keys or tokens.
+_WORKER_ENV = ("PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH", "HOME")
+_WORKER_ENV += ("LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "SYSTEMROOT")
+
+
+def _worker_environment() -> dict[str, str]:
+    env = {key: os.environ[key] for key in _WORKER_ENV if key in os.environ}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the checks run on CPU; a proposal never touches the GPUs
+    return env
+
+
 class LossSandbox:
     """Unit-checks proposals in one worker process (a fresh interpreter: nothing of the caller is shared).
 
     A check that gets no answer within ``timeout`` seconds kills the worker (reason ``timeout``); one whose
-    worker dies is a ``crash``; either way the next check starts a fresh worker. Reuse one sandbox for many
-    checks: starting a worker (importing torch) costs seconds, a check milliseconds. POSIX only (select()
-    on a pipe).
+    worker dies is a ``crash``; either way a fresh worker starts at once. The worker defines proposals with
+    restricted builtins, sees no GPU and only the environment variables Python needs (no API keys), and
+    may map ``memory_mb`` beyond what torch maps. Reuse one sandbox for many checks: starting a worker
+    (importing torch) costs seconds, a check milliseconds. POSIX only (select() on a pipe).
     """
 
     def __init__(
@@ -467,7 +487,7 @@ class LossSandbox:
         timeout: float = 10.0,
         *,
         start_timeout: float = 120.0,
-        memory_mb: int = 4096,
+        memory_mb: int = 2048,
         seed: int = 0,
         batch_size: int = 16,
     ):
@@ -490,7 +510,11 @@ class LossSandbox:
         self.close()
         code = f"from align_kit.loss_checks import _serve; _serve({int(self.memory_mb)})"
         self._process = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_worker_environment(),
         )
         self._ready = False
         self.starts += 1

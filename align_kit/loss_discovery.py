@@ -137,7 +137,8 @@ or a tuple `(losses, chosen_rewards, rejected_rewards)` of three (B,) tensors. F
 `-F.logsigmoid(beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)))`.
 
 Rules (a proposal that breaks one is refused without running):
-- exactly one function with exactly these five arguments, no defaults; nothing else at the top level;
+- exactly one function, with a short name that says what the loss does and exactly these five arguments, \
+no defaults; nothing else at the top level;
 - `torch` and `F` (torch.nn.functional) are already defined: no imports;
 - arithmetic, comparisons, `x if c else y`, local variables, `if`, `return`; hyperparameters as constants \
 inside the function;
@@ -416,10 +417,9 @@ def rank(seed_table: Sequence[dict], records: Sequence[dict], score_key: str) ->
     rows = [dict(row) for row in seed_table]
     for record in records:
         if record["status"] == "accepted":
+            scores = {key: value for key, value in record["row"].items() if key not in _NOT_SCORES}
             own = {"name": record["function"], "generation": record["generation"]}
-            rows.append(
-                {**record["row"], **own, "loss_function": record["loss_function"], "code": record["code"]}
-            )
+            rows.append({**own, **scores, "loss_function": record["loss_function"], "code": record["code"]})
 
     def key(row: dict) -> tuple[bool, float]:
         score = row.get(score_key)

@@ -28,7 +28,14 @@ from align_kit.loss_checks import (
 
 HEAD = "def loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
 LOGITS = "    logits = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)\n"
-DPO = HEAD + LOGITS + "    return -F.logsigmoid(beta * logits)\n"
+
+
+def returning(expression: str) -> str:
+    """A loss function that computes LOGITS and returns ``expression``."""
+    return HEAD + LOGITS + f"    return {expression}\n"
+
+
+DPO = returning("-F.logsigmoid(beta * logits)")
 
 
 def body(*lines: str) -> str:
@@ -130,8 +137,8 @@ def test_static_refusals_have_their_reason(reason, source):
 
 ACCEPTED = {
     "dpo": DPO,
-    "ipo": HEAD + LOGITS + "    return (logits - 1 / (2 * beta)) ** 2\n",
-    "hinge": HEAD + LOGITS + "    return torch.relu(1 - beta * logits)\n",
+    "ipo": returning("(logits - 1 / (2 * beta)) ** 2"),
+    "hinge": returning("torch.relu(1 - beta * logits)"),
     "full_path": DPO.replace("F.logsigmoid", "torch.nn.functional.logsigmoid"),
     "annotated": DPO.replace("beta)", "beta: float) -> torch.Tensor").replace(
         "chosen_logps,", "chosen_logps: torch.Tensor,", 1
@@ -212,26 +219,20 @@ def test_a_passing_loss_is_measured_on_seeded_inputs_in_the_worker(sandbox):
 
 
 FAILING = [
-    (
-        "shape",
-        DPO.replace("return -F.logsigmoid(beta * logits)", "return -F.logsigmoid(beta * logits)[None]"),
-    ),
-    (
-        "shape",
-        DPO.replace("return -F.logsigmoid(beta * logits)", "return -F.logsigmoid(beta * logits).mean()"),
-    ),
-    ("shape", DPO.replace("return -F.logsigmoid(beta * logits)", "return 0.5")),
-    ("shape", DPO.replace("return -F.logsigmoid(beta * logits)", "return logits, logits")),
-    ("shape", DPO.replace("return -F.logsigmoid(beta * logits)", "return logits, logits, logits[:2]")),
-    ("constant", DPO.replace("return -F.logsigmoid(beta * logits)", "return torch.ones_like(logits)")),
-    ("constant", DPO.replace("-F.logsigmoid(beta * logits)", "logits * 0 + 0.69")),
-    ("no_gradient", DPO.replace("beta * logits", "beta * logits.detach()")),
-    ("no_gradient", DPO.replace("beta * logits", "beta * logits.round()")),
-    ("non_finite", DPO.replace("-F.logsigmoid(beta * logits)", "torch.exp(-10 * beta * logits)")),
-    ("non_finite", DPO.replace("-F.logsigmoid(beta * logits)", "logits / (logits > 1e9)")),
-    ("non_finite", DPO.replace("-F.logsigmoid(beta * logits)", "torch.sqrt((logits * 0).abs()) + logits")),
-    ("error", DPO.replace("-F.logsigmoid(beta * logits)", "logits.view(3, 7)")),
-    ("error", DPO.replace("-F.logsigmoid(beta * logits)", "torch.cat([logits, logits.sum()])")),
+    ("shape", returning("-F.logsigmoid(beta * logits)[None]")),
+    ("shape", returning("-F.logsigmoid(beta * logits).mean()")),
+    ("shape", returning("0.5")),
+    ("shape", returning("logits, logits")),
+    ("shape", returning("logits, logits, logits[:2]")),
+    ("constant", returning("torch.ones_like(logits)")),
+    ("constant", returning("logits * 0 + 0.69")),
+    ("no_gradient", returning("-F.logsigmoid(beta * logits.detach())")),
+    ("no_gradient", returning("-F.logsigmoid(beta * logits.round())")),
+    ("non_finite", returning("torch.exp(-10 * beta * logits)")),
+    ("non_finite", returning("logits / (logits > 1e9)")),
+    ("non_finite", returning("torch.sqrt((logits * 0).abs()) + logits")),  # finite values, NaN gradient
+    ("error", returning("logits.view(3, 7)")),
+    ("error", returning("torch.cat([logits, logits.sum()])")),
     # 16**8 elements (17 GB) from allowed operations: refused by the worker's memory limit, not the host
     ("error", body(*["logits = (logits[:, None] * logits[None, :]).flatten()"] * 3)),
 ]
@@ -255,6 +256,16 @@ def test_the_worker_has_only_the_safe_builtins(sandbox):
     ]:
         verdict = sandbox.check(body(f"x = {call}"), "loss")
         assert verdict["reason"] == "error" and error in verdict["detail"], verdict
+
+
+def test_the_worker_sees_no_api_keys_and_no_gpu(sandbox, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    sandbox.close()
+    assert sandbox.check(DPO, "loss")["passed"]  # a fresh worker, started (and exec'd) after the key was set
+    with open(f"/proc/{sandbox._process.pid}/environ", "rb") as handle:
+        environment = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if item)
+    assert b"OPENAI_API_KEY" not in environment and environment[b"CUDA_VISIBLE_DEVICES"] == b""
+    assert b"PATH" in environment
 
 
 @pytest.mark.slow

@@ -229,6 +229,7 @@ def test_a_scripted_search_accepts_scores_and_ranks_good_losses_and_refuses_bad_
         "static": True, "runs": True, "shape": True, "finite": True, "varies": True, "gradient": True
     }  # fmt: skip
     assert records[1]["checks"] == {"static": False} and "line 1" in records[1]["refusal"]["detail"]
+    assert records[2]["refusal"]["detail"] == "line 3: calling open() is not allowed"
     assert records[5]["checks"] == {"static": True, "runs": False}  # killed by the time limit
     assert records[6]["checks"] == {"static": True, "runs": True, "shape": False}
     assert records[8]["checks"]["gradient"] is False
