@@ -192,7 +192,8 @@ def test_allow_lists_name_real_functions_and_nothing_that_reaches_python():
 
 @pytest.fixture(scope="module")
 def sandbox():
-    with LossSandbox(timeout=2.0) as box:
+    with pytest.MonkeyPatch.context() as patch, LossSandbox(timeout=2.0) as box:
+        patch.setenv("OPENAI_API_KEY", "sk-secret")  # a key the worker must not inherit
         box.start()
         yield box
 
@@ -258,10 +259,8 @@ def test_the_worker_has_only_the_safe_builtins(sandbox):
         assert verdict["reason"] == "error" and error in verdict["detail"], verdict
 
 
-def test_the_worker_sees_no_api_keys_and_no_gpu(sandbox, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
-    sandbox.close()
-    assert sandbox.check(DPO, "loss")["passed"]  # a fresh worker, started (and exec'd) after the key was set
+def test_the_worker_sees_no_api_keys_and_no_gpu(sandbox):
+    assert sandbox.check(DPO, "loss")["passed"]  # the worker has exec'd: /proc shows its own environment
     with open(f"/proc/{sandbox._process.pid}/environ", "rb") as handle:
         environment = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if item)
     assert b"OPENAI_API_KEY" not in environment and environment[b"CUDA_VISIBLE_DEVICES"] == b""
