@@ -199,7 +199,7 @@ def expected_mean_loss(name: str) -> float:
     return sum(per_pair(m) for m in MARGINS) / len(MARGINS)
 
 
-@pytest.mark.slow  # two worker start-ups and one time limit: about 6 s on idle cores
+@pytest.mark.slow  # two worker start-ups (torch imports) and one 1.5 s time limit
 def test_a_scripted_search_accepts_scores_and_ranks_good_losses_and_refuses_bad_ones(
     serve, sandbox, tmp_path
 ):
