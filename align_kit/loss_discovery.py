@@ -3,7 +3,7 @@ Algorithms with and for Large Language Models").
 
 An LLM behind any OpenAI-compatible endpoint writes a candidate DPO-family loss as one Python function,
 given the scored table of earlier losses (``OpenAIProposer``, ``build_prompt``). Each proposal is checked
-statically and unit-checked in a worker process (``align_kit.loss_checks``), saved as a ``.py`` file the
+statically (``align_kit.loss_checks``) and unit-checked in a worker process (``align_kit.loss_sandbox``), saved as a ``.py`` file the
 DPO recipe loads, and trained and scored by an injected ``evaluate``. ``discover`` repeats this for N
 generations, appending one JSON line per proposal to ``discovery.jsonl``; a rerun resumes from it.
 """
@@ -28,12 +28,10 @@ from align_kit.loss_checks import (
     SAFE_BUILTINS,
     TENSOR_ATTRIBUTES,
     TORCH_FUNCTIONS,
-    LossSandbox,
     ProposalRefused,
     check_source,
-    write_atomically,
-    write_loss_file,
 )
+from align_kit.loss_sandbox import LossSandbox, write_atomically, write_loss_file
 
 logger = logging.getLogger("align_kit")
 

@@ -8,7 +8,7 @@ Parts (each DPO run in a fresh interpreter, so its peak memory holds nothing fro
 
 1. dpo: DPO on the GPT-2 124M shape (``GPT2Config()``, random weights, GPT-2's vocabulary size with the
    byte tokenizer), bf16 mixed precision, full fine-tuning, the reference loaded from disk. ``recipe`` is
-   recipes/dpo.py's ``main()`` (a step clock is added to ``runs.callbacks``, nothing else changes);
+   recipes/dpo.py's ``main()`` (a step clock is added to its ``trainer_callbacks``, nothing else changes);
    ``raw_trl`` is the same job written directly against TRL's DPOTrainer, read from the same YAML. The two
    alternate (recipe first, then raw first, ...), each after its own warm-up steps; a step is timed from
    the end of one optimizer step to the end of the next, with the device synchronised. Every row has the
@@ -264,12 +264,11 @@ def child_dpo(job: dict) -> dict:
     if job["case"] == "raw_trl":
         raw_trl_dpo(job["config"], clock)
     else:
-        from align_kit import runs
         from align_kit.demo import load_script
 
         recipe = load_script(ROOT / "recipes" / "dpo.py", "recipe_dpo")
-        callbacks = runs.callbacks
-        with mock.patch.object(runs, "callbacks", lambda *a, **k: [*callbacks(*a, **k), clock]):
+        callbacks = recipe.trainer_callbacks
+        with mock.patch.object(recipe, "trainer_callbacks", lambda *a, **k: [*callbacks(*a, **k), clock]):
             recipe.main(["--config", job["config"]])
     return clock.result(job["warmup"])
 
@@ -324,7 +323,7 @@ def judge_speed(cfg: dict, device: str) -> dict:
     import judges as judge_bench
     import torch
 
-    from align_kit.judges import load_judge
+    from align_kit.judge_backends import load_judge
     from align_kit.models import build_byte_tokenizer
 
     dtype = "bfloat16" if device == "cuda" else "float32"

@@ -19,12 +19,10 @@ from align_kit.loss_checks import (
     REASONS,
     TENSOR_ATTRIBUTES,
     TORCH_FUNCTIONS,
-    LossSandbox,
     ProposalRefused,
-    _unit_check,
     check_source,
-    write_loss_file,
 )
+from align_kit.loss_sandbox import LossSandbox, _unit_check, write_loss_file
 
 HEAD = "def loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
 LOGITS = "    logits = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)\n"

@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from align_kit.loss_checks import LossSandbox
 from align_kit.loss_discovery import (
     LossFailed,
     OpenAIProposer,
@@ -27,6 +26,7 @@ from align_kit.loss_discovery import (
     extract_code,
     read_log,
 )
+from align_kit.loss_sandbox import LossSandbox
 
 HEAD = "def {name}(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
 LOGITS = "    logits = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)\n"
