@@ -116,7 +116,7 @@ def first_run(tiny_models, tmp_path_factory):
         f"reward_model={out / 'no_reward_model'}",
         keyword_judge(always="A", name="first_slot"),
     ]
-    return out, evaluate_systems(systems, "a", judges, out, **SMALL)
+    return out, evaluate_systems(systems, "a", judges, out, optional_judges=["reward_model"], **SMALL)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -460,16 +460,18 @@ def test_best_of_n_system_uses_align_kit_rewards(tiny_models, tmp_path):
         for line in (tmp_path / "out" / "generations" / "best_of_n.jsonl").read_text().splitlines()
     ]
     assert rows[0]["generation"]["best_of_n"] == 3 and rows[0]["model"] == tiny_models["a"]
-    # the same call made directly gives the same answers
+    # the same calls made directly, one per generation batch (seed + batch number), give the same answers
     from align_kit.configs import ModelArgs
     from align_kit.models import load_model, load_tokenizer
 
     reward = models.load_reward_model(str(reward_dir), pad_token_id=257)
-    direct = generation.best_of_n(
-        load_model(ModelArgs(model_name_or_path=tiny_models["a"])), load_tokenizer(tiny_models["a"]),
-        rewards.reward_scorer(reward, build_byte_tokenizer()), [r["prompt"] for r in rows], 3,
-        max_new_tokens=SMALL["max_new_tokens"], batch_size=SMALL["batch_size"], seed=0,
-    )  # fmt: skip
+    policy, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_models["a"])), load_tokenizer(tiny_models["a"])
+    prompts, size, direct = [r["prompt"] for r in rows], SMALL["batch_size"], []
+    for number, start in enumerate(range(0, len(prompts), size)):
+        direct += generation.best_of_n(
+            policy, tokenizer, rewards.reward_scorer(reward, build_byte_tokenizer()), prompts[start : start + size],
+            3, max_new_tokens=SMALL["max_new_tokens"], batch_size=size, seed=number,
+        )  # fmt: skip
     assert [r["answer"] for r in rows] == direct
     assert set(result["judges"]) == {"oracle", "reward_model"}
     assert any("optimistic" in note for note in result["notes"])

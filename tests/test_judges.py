@@ -348,9 +348,10 @@ def test_hf_generate_mode_parses_and_matches_one_by_one(tmp_path, tiny_lm):
     judge = _tiny_judge(tmp_path, lm, tokenizer, mode="generate", max_new_tokens=3)
     texts = judge.generate(ITEMS)
     assert texts == [judge.generate([item])[0] for item in ITEMS]
-    verdicts = judge.judge_batch(ITEMS)
-    assert verdicts == [parse_verdict(t, ["1", "2"]) for t in texts]
-    assert judge.stats.parse_failures == sum(v is None for v in verdicts)
+    replies = judge.judge_batch(ITEMS)  # generate mode keeps the text each verdict was parsed from
+    assert [r.verdict for r in replies] == [parse_verdict(t, ["1", "2"]) for t in texts]
+    assert [r.text for r in replies] == texts
+    assert judge.stats.parse_failures == sum(r.verdict is None for r in replies)
 
 
 def test_hf_chat_template_is_used_only_when_asked_and_present(tmp_path, tiny_lm):
