@@ -598,7 +598,7 @@ def evaluate(
         results["notes"] = list(notes)
         results["metadata"] = {"judge": judge.name, "judge identity": judge.identity, **metadata}
         results["metadata"]["judge calls this run"] = counts.get("calls")
-        judge_dir = out_dir / re.sub(r"[^\w.-]+", "_", judge.name)
+        judge_dir = judge_folder(out_dir, judge.name)
         paths = write_report(judge_dir, results, judgments, examples, undecided)
         write_atomic(
             judge_dir / "audit_judgments.jsonl",
@@ -619,6 +619,11 @@ def evaluate(
     if failed:
         raise JudgeFailed("\n".join(failed) + f"\n(reports and {out_dir / 'evaluation.json'} were written)")
     return summary
+
+
+def judge_folder(out_dir: str | Path, judge: str) -> Path:
+    """Where a judge's report files are written in an evaluation folder."""
+    return Path(out_dir) / re.sub(r"[^\w.-]+", "_", judge)
 
 
 def evaluate_systems(

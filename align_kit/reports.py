@@ -443,6 +443,109 @@ TEMPLATES.filters["numeric"] = _looks_numeric
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The leaderboard across runs (align_kit/leaderboard.py)
+
+LEADERBOARD_AUDITS = (
+    "honeypot_pass_rate",
+    "human_kappa",
+    "flip_rate",
+    "first_slot_rate",
+    "parse_failure_rate",
+)
+LEADERBOARD_AUDITS += ("n_intransitive",)
+
+
+def leaderboard_opening(board: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The verdict on the leaderboard's judge: one line per run whose judge audit failed a core check."""
+    title = f"Judge {board['judge']}: "
+    if board["evidence"]:
+        return title + "its audits pass in every run.", []
+    reasons = [f"{a['run']}: {a['verdict']}" for a in board["audits"] if not a["evidence"]]
+    return title + "these ratings are not evidence: a core audit failed in a run.", reasons
+
+
+def _leaderboard_tables(board: Mapping[str, Any]) -> dict[str, Any]:
+    systems = [
+        [
+            str(rank),
+            s["system"],
+            ", ".join(Path(r).name for r in s["runs"]) or "-",
+            _num(s["rating"], ".0f"),
+            _range(s["rating_ci"], ".0f"),
+            _pct(s["win_rate_vs_chosen"]),
+            _ci(*s["win_rate_ci"]),
+            str(s["n_vs_chosen"]) if s["system"] != "chosen" else "",
+        ]
+        for rank, s in enumerate(board["systems"], start=1)
+    ]
+    flag = {True: "PASS", False: "FAIL", None: "n/a"}
+    audits = []
+    for a in board["audits"]:
+        checks = {c["name"]: c for c in a["checks"]}
+        cells = [
+            f"{_num(checks[n]['value'], '.3f')} {flag[checks[n]['passed']]}" if n in checks else "n/a"
+            for n in LEADERBOARD_AUDITS
+        ]
+        audits.append([a["run"], "evidence" if a["evidence"] else "NOT evidence", *cells])
+    level = f"{100 * board['level']:g}% CI"
+    return {
+        "systems": (["#", "System", "Runs", "Rating", level, "Win rate vs chosen", level, "n"], systems),
+        "audits": (["Run", "Judge verdict", *LEADERBOARD_AUDITS], audits),
+        "settings": [
+            ["judge", board["judge"]],
+            ["judge identity", board["judge identity"]],
+            ["held-out prompts", str(board["n_prompts"])],
+            ["combine orders", board["combine_orders"]],
+            ["runs", ", ".join(board["runs"])],
+            [
+                "games",
+                f"{board['n_judgments']} ({board['duplicates_dropped']} judged in two runs counted once)",
+            ],
+        ],
+        "explanation": (
+            "Ratings are Bradley-Terry strengths on the Elo scale (400 points = 10:1 odds), fitted to every game "
+            f"of every run and anchored on chosen at {_num(board['ranking']['anchor_rating'], '.0f')}; intervals "
+            f"are {board['ci_method']}. "
+            + (f"Note: {board['ranking']['note']}." if board["ranking"].get("note") else "")
+        ),
+    }
+
+
+def render_leaderboard_markdown(board: Mapping[str, Any]) -> str:
+    """leaderboard.md: the verdict on the judge, the systems by rating, each run's audits."""
+    title, reasons = leaderboard_opening(board)
+    tables = _leaderboard_tables(board)
+    lines = (
+        ["# Leaderboard", "", f"**{title}**", ""] + [f"- {r}" for r in reasons] + ([""] if reasons else [])
+    )
+    lines += _md_table(["Setting", "Value"], tables["settings"]) + [""]
+    lines += ["## Systems", ""] + _md_table(*tables["systems"]) + ["", tables["explanation"], ""]
+    lines += ["## Audits of each run", ""] + _md_table(*tables["audits"]) + [""]
+    return "\n".join(lines)
+
+
+def render_leaderboard_html(board: Mapping[str, Any]) -> str:
+    """leaderboard.html from templates/leaderboard.html.j2, with the ratings plot."""
+    title, reasons = leaderboard_opening(board)
+    ranking = board["ranking"]
+    return TEMPLATES.get_template("leaderboard.html.j2").render(
+        title="Leaderboard",
+        opening=title,
+        reasons=reasons,
+        trusted=board["evidence"],
+        plot_png=plot_ratings(ranking, {s["system"]: s["rating_ci"] for s in board["systems"]})
+        if ranking["ratings"]
+        else None,
+        **_leaderboard_tables(board),
+    )
+
+
+def _range(bounds: Sequence[Any], fmt: str) -> str:
+    low, high = bounds
+    return f"{_num(low, fmt)} to {_num(high, fmt)}" if _is_number(low) and _is_number(high) else "n/a"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Plots, as base64 PNG strings
 
 
@@ -487,20 +590,29 @@ def plot_lengths(judgments: Sequence[Judgment], max_panels: int = 6) -> str:
     return _png_base64(fig)
 
 
-def plot_ratings(ranking: Mapping[str, Any]) -> str:
-    """Bradley-Terry ratings as horizontal bars, best on top."""
+def plot_ratings(ranking: Mapping[str, Any], intervals: Mapping[str, Sequence[Any]] | None = None) -> str:
+    """Bradley-Terry ratings as horizontal bars, best on top, with ``intervals`` as error bars if given."""
     names = list(ranking["ratings"])
     fig = _figure(6, 0.45 * len(names) + 1.2)
     ax = fig.add_subplot()
     anchor_rating = ranking.get("anchor_rating", 1000.0)
     ratings = np.array([ranking["ratings"][n] for n in names], dtype=float)
     ax.barh(names, ratings - anchor_rating, left=anchor_rating, color="#4a7fb5")  # bars grow from the anchor
+    if intervals:
+        bounds = np.array([[_nan(v) for v in intervals.get(n, (None, None))] for n in names])  # (k, 2)
+        spread = [np.maximum(ratings - bounds[:, 0], 0.0), np.maximum(bounds[:, 1] - ratings, 0.0)]
+        ax.errorbar(ratings, np.arange(len(names)), xerr=spread, fmt="none", ecolor="#222", capsize=3)
+        ratings = np.concatenate([ratings, bounds[np.isfinite(bounds)]])
     ax.axvline(anchor_rating, color="grey", linestyle="--", linewidth=1)
     ax.invert_yaxis()
     ax.set_xlabel("Bradley-Terry rating (Elo scale)")
     ax.set_xlim(min(ratings.min(), anchor_rating) - 100, max(ratings.max(), anchor_rating) + 100)
     fig.tight_layout()
     return _png_base64(fig)
+
+
+def _nan(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan
 
 
 def _figure(width: float, height: float) -> Figure:

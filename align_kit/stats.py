@@ -317,15 +317,18 @@ def bradley_terry(
     anchor: str | None = None,
     anchor_rating: float = 1000.0,
     prior: float = 0.1,
-    max_iter: int = 10_000,
+    max_iter: int = 100,
     tol: float = 1e-10,
 ) -> dict[str, float]:
     """Bradley-Terry strengths fitted to a win table, on an Elo-like scale.
 
-    Model: P(i beats j) = p_i / (p_i + p_j). Fitted with the MM algorithm of Hunter (2004),
-    p_i <- W_i / sum_j n_ij / (p_i + p_j), where W_i is i's total wins and n_ij the games between i and j.
-    Ratings are R_i = 400 log10 p_i + c, so that P(i beats j) = 1 / (1 + 10^((R_j - R_i) / 400)), shifted
-    so that `anchor` sits at `anchor_rating` (or, without an anchor, their mean does).
+    Model: P(i beats j) = p_i / (p_i + p_j) = sigmoid(t_i - t_j) with t = log p. The log-likelihood
+    l(t) = sum_ij W_ij log sigmoid(t_i - t_j) is concave, with gradient g_i = W_i - sum_j n_ij s_ij and
+    Hessian -L, L the Laplacian of the weights n_ij s_ij s_ji (W_i is i's total wins, n_ij the games between i
+    and j, s_ij = sigmoid(t_i - t_j)); it is maximised by Newton's method with t_0 fixed at 0 and step halving,
+    which converges in a few steps even where Hunter's (2004) MM iteration needs thousands (a system far
+    from the others). Ratings are R_i = 400 log10 p_i + c, so that P(i beats j) = 1 / (1 + 10^((R_j - R_i) /
+    400)), shifted so that `anchor` sits at `anchor_rating` (or, without an anchor, their mean does).
 
     `prior` adds that many virtual games, split as a tie, to every pair that met: it keeps ratings finite
     when a system wins or loses every game. With prior=0 that case raises ValueError.
@@ -341,15 +344,24 @@ def bradley_terry(
     if np.any(total_wins == 0) or np.any(total_wins == games.sum(axis=1)):
         raise ValueError("a system won or lost every game: the Bradley-Terry MLE is infinite; use prior > 0")
 
-    strength = np.ones(len(names))
+    def loglik(t: np.ndarray) -> float:
+        return float(-(won * np.logaddexp(0.0, -(t[:, None] - t[None, :]))).sum())
+
+    theta = np.zeros(len(names))
     for _ in range(max_iter):
-        updated = total_wins / (games / (strength[:, None] + strength[None, :])).sum(axis=1)
-        updated /= np.exp(np.log(updated).mean())  # fix the scale: geometric mean 1
-        converged = np.max(np.abs(np.log(updated) - np.log(strength))) < tol
-        strength = updated
-        if converged:
+        s = 1.0 / (1.0 + np.exp(-(theta[:, None] - theta[None, :])))  # (k, k) P(i beats j)
+        grad = total_wins - (games * s).sum(axis=1)
+        weights = games * s * s.T
+        laplacian = np.diag(weights.sum(axis=1)) - weights
+        step = np.zeros(len(names))
+        step[1:] = np.linalg.solve(laplacian[1:, 1:], grad[1:])
+        size, before = 1.0, loglik(theta)
+        while loglik(theta + size * step) < before - 1e-12 and size > 1e-6:
+            size /= 2
+        theta = theta + size * step
+        if np.max(np.abs(size * step)) < tol:
             break
-    rating = 400.0 * np.log10(strength)
+    rating = 400.0 * theta / math.log(10.0)
     offset = anchor_rating - (rating[names.index(anchor)] if anchor is not None else rating.mean())
     return {name: float(r + offset) for name, r in zip(names, rating, strict=True)}
 
