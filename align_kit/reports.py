@@ -261,20 +261,10 @@ def _scoring_line(results: Mapping[str, Any]) -> str:
 
 
 def _group_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    headers = ["Group", "System", "Baseline", "n", "W / T / L", "Win rate", "95% CI"]
-    rows = [
-        [
-            str(s["group"]),
-            s["system"],
-            s["baseline"],
-            str(s["n"]),
-            f"{s['counts']['win']} / {s['counts']['tie']} / {s['counts']['loss']}",
-            _pct(s["win_rate"]),
-            _ci(s["ci_low"], s["ci_high"]),
-        ]
-        for s in comparisons
+    headers, rows = _comparison_table(comparisons)  # its first six columns: system to the interval
+    return ["Group"] + headers[:6], [
+        [str(s["group"])] + row[:6] for s, row in zip(comparisons, rows, strict=True)
     ]
-    return headers, rows
 
 
 def _traffic_table(traffic: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
