@@ -473,7 +473,10 @@ def _leaderboard_tables(board: Mapping[str, Any]) -> dict[str, Any]:
     for a in board["audits"]:
         checks = {c["name"]: c for c in a["checks"]}
         cells = [
-            f"{_num(checks[n]['value'], '.3f')} {flag[checks[n]['passed']]}" if n in checks else "n/a"
+            f"{_num(checks[n]['value'], '.3f') if isinstance(checks[n]['value'], float) else _plain(checks[n]['value'])} "
+            f"{flag[checks[n]['passed']]}"
+            if n in checks
+            else "n/a"
             for n in LEADERBOARD_AUDITS
         ]
         audits.append([a["run"], "evidence" if a["evidence"] else "NOT evidence", *cells])

@@ -818,12 +818,14 @@ def test_a_crash_in_generation_keeps_finished_batches_and_the_rerun_generates_th
     monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     result = evaluate_systems({"b": tiny_models["b"]}, "b", ["oracle"], tmp_path, **SMALL)
     assert result["generated"] == {"b": SMALL["n_prompts"] - SMALL["batch_size"]} and sum(calls) == 12
-    out, _ = first_run  # greedy: the same answers as the uninterrupted run, in prompt order
-    uninterrupted = [json.loads(line) for line in (out / "generations" / "b.jsonl").read_text().splitlines()]
-    resumed = {
-        json.loads(line)["prompt"]: json.loads(line)["answer"] for line in path.read_text().splitlines()
+    out, _ = first_run  # greedy: the same answers as the uninterrupted run (which a test may have extended)
+    rows = {"uninterrupted": out / "generations" / "b.jsonl", "resumed": path}
+    by_prompt = {
+        k: {json.loads(line)["prompt"]: json.loads(line)["answer"] for line in p.read_text().splitlines()}
+        for k, p in rows.items()
     }
-    assert [resumed[r["prompt"]] for r in uninterrupted] == [r["answer"] for r in uninterrupted]
+    prompts = small_held_out().prompts
+    assert [by_prompt["resumed"][p] for p in prompts] == [by_prompt["uninterrupted"][p] for p in prompts]
 
 
 # ---------------------------------------------------------------------------------------------------------
