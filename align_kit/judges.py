@@ -1,9 +1,10 @@
 """Pairwise judges for win rates, and the both-orders protocol that removes their position bias.
 
 A judge compares ``(prompt, answer_a, answer_b)`` in ONE order and returns ``'A'``, ``'B'``, ``'tie'``
-or ``None`` (its output could not be parsed; never guessed). ``judge_both_orders`` asks every pair
-with the system in slot A and again swapped, caches each single-order verdict on disk, and combines
-the two: see ``combine_orders``.
+or ``None`` (its output could not be parsed; never guessed), or a ``Reply`` holding that verdict with
+the raw text it was parsed from and any rationale. ``judge_both_orders`` asks every pair with the system
+in slot A and again swapped, caches each single-order reply on disk, and combines the two verdicts: see
+``combine_orders``.
 
 A judge is data: ``eval/judges/<name>/judge.yaml`` (read into ``JudgeConfig``; unknown keys fail)
 next to a prompt template in which ``{instruction}``, ``{output_1}`` (slot A) and ``{output_2}``
@@ -51,6 +52,21 @@ class PairItem:
     answer_b: str
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One order's answer from a judge: the ``verdict`` and, when the backend has them, the ``text`` it
+    was parsed from and a ``rationale`` given before it. A backend may return bare verdicts instead."""
+
+    verdict: Verdict
+    text: str | None = None
+    rationale: str | None = None
+
+
+def as_reply(answer: Reply | Verdict) -> Reply:
+    """A backend's answer for one item as a Reply (a bare verdict has no text)."""
+    return answer if isinstance(answer, Reply) else Reply(answer)
+
+
 @dataclass
 class JudgeStats:
     """What a judge did; read by tests and benchmarks (a rerun from a full cache leaves ``calls`` at 0)."""
@@ -73,7 +89,7 @@ class Judge(Protocol):
     batch_size: int  # pairs per ``judge_batch`` call, and so per cache flush
     stats: JudgeStats
 
-    def judge_batch(self, items: list[PairItem]) -> list[Verdict]: ...
+    def judge_batch(self, items: list[PairItem]) -> list[Reply | Verdict]: ...
 
 
 class Scorer(Protocol):
@@ -170,7 +186,13 @@ class JudgeConfig:
     device: str | None = field(
         default=None, metadata={"help": "Torch device; None picks cuda when available."}
     )
-    torch_dtype: str = field(default="float32", metadata={"help": "Weights dtype for local models."})
+    torch_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weights dtype for local models: float32, bfloat16, float16, or auto (bfloat16 on a GPU "
+            "that supports it, float32 otherwise)."
+        },
+    )
     base_url: str | None = field(
         default=None, metadata={"help": "openai: endpoint root, e.g. http://host:8000/v1."}
     )
@@ -339,6 +361,8 @@ class PairResult:
     swapped: Verdict
     parse_failures: int
     judge: str
+    first_reply: Reply | None = None  # the judge's raw text and rationale in each order, when it gave them
+    swapped_reply: Reply | None = None
 
 
 def judge_both_orders(
@@ -352,8 +376,9 @@ def judge_both_orders(
 ) -> list[PairResult]:
     """Judge each (prompt, system, baseline) with the system in slot A, then swapped.
 
-    Verdicts already in ``cache`` are not asked again; new ones are appended batch by batch as they
-    arrive. Identical items (e.g. both answers the same) are asked once.
+    Replies already in ``cache`` are not asked again; new ones are appended batch by batch as they
+    arrive (with their raw text and rationale when the judge gives them). Identical items (e.g. both
+    answers the same) are asked once.
     """
     if not len(prompts) == len(system_answers) == len(baseline_answers):
         raise ValueError("prompts, system_answers and baseline_answers must have the same length")
@@ -367,25 +392,30 @@ def judge_both_orders(
         for pair in orders
         for item in pair
     }
-    verdicts: dict[str, Verdict] = {}
+    replies: dict[str, Reply] = {}
     pending: dict[str, PairItem] = {}  # both orders of a prompt side by side, so scorers can share work
     for item, key in keys.items():
         if cache is not None and key in cache:
-            verdicts[key] = cache.get(key)
+            replies[key] = Reply(cache.get(key), cache.text(key), cache.rationale(key))
         else:
             pending.setdefault(key, item)
     todo = list(pending.items())
     with tqdm(total=len(todo), desc=f"judge {judge.name}", disable=not progress) as bar:
         for start in range(0, len(todo), judge.batch_size):
             chunk = todo[start : start + judge.batch_size]
-            for (key, _), verdict in zip(chunk, judge.judge_batch([item for _, item in chunk]), strict=True):
-                verdicts[key] = verdict
+            answers = judge.judge_batch([item for _, item in chunk])
+            for (key, _), answer in zip(chunk, answers, strict=True):
+                replies[key] = reply = as_reply(answer)
                 if cache is not None:
-                    cache.put(key, verdict, judge.name)
+                    cache.put(key, reply.verdict, judge.name, text=reply.text, rationale=reply.rationale)
             bar.update(len(chunk))
     results = []
     for prompt_id, (first_item, swapped_item) in zip(ids, orders, strict=True):
-        first, swapped = verdicts[keys[first_item]], verdicts[keys[swapped_item]]
-        outcome, failures = combine_orders(first, swapped)
-        results.append(PairResult(prompt_id, outcome, first, swapped, failures, judge.name))
+        first, swapped = replies[keys[first_item]], replies[keys[swapped_item]]
+        outcome, failures = combine_orders(first.verdict, swapped.verdict)
+        results.append(
+            PairResult(
+                prompt_id, outcome, first.verdict, swapped.verdict, failures, judge.name, first, swapped
+            )
+        )
     return results

@@ -10,8 +10,15 @@ The results dict (JSON-ready; every key but `comparisons` is optional):
     audit:        the judge's audit figures (audits.audit_judge)
     audit_checks: stats.check_audit(audit): one row per figure with its range and pass/fail
     audit_notes:  [str] shown under the audit table (how each figure was measured, breakdowns)
+    trust:        audits.trust_verdict(audit_checks): the verdict on the judge every report opens with
+    traffic:      audits.judge_traffic(...): the judge's request counters and whether they flag the run
+    combine_orders: the rule that scored each pair from its two orders ('strict' or 'average')
+    by_group:     {column, comparisons: [stats.summarize(...) plus 'group']}: every comparison per group
+    unparseable:  {total, shown: [{prompt_id, comparison, order, text}]}: judge answers that did not parse
+    error:        why the judge could not finish (then only the opening, settings and notes are shown)
 Gallery examples are dicts with prompt, system, baseline, system_answer, baseline_answer, verdict and
-optionally prompt_id and rationale. Every string from a model or a dataset is HTML-escaped.
+optionally prompt_id and rationale. Every string from a model or a dataset is HTML-escaped. Every file is
+written whole or not at all (a temporary file, then a rename).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,27 +52,41 @@ def write_report(
     results: Mapping[str, Any],
     judgments: Sequence[Judgment],
     examples: Sequence[Mapping[str, Any]] = (),
+    undecided: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Path]:
-    """Write report.md, report.html, results.json and judgments.csv into `out_dir`; return their paths."""
+    """Write report.md, report.html, results.json and judgments.csv into `out_dir`; return their paths.
+
+    judgments.csv holds one row per judgment, then one per ``undecided`` pair (a dict of Judgment
+    columns without a verdict: both orders unparseable), so every raw judge answer is in the file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("report.md", "report.html", "results.json", "judgments.csv")}
-    paths["report.md"].write_text(render_markdown(results), encoding="utf-8")
-    paths["report.html"].write_text(render_html(results, judgments, examples), encoding="utf-8")
-    paths["results.json"].write_text(
-        json.dumps(to_jsonable(results), indent=2, allow_nan=False), encoding="utf-8"
-    )
+    write_atomic(paths["report.md"], render_markdown(results))
+    write_atomic(paths["report.html"], render_html(results, judgments, examples))
+    write_atomic(paths["results.json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False))
     columns = [f.name for f in dataclasses.fields(Judgment)]
-    pd.DataFrame([j.to_row() for j in judgments], columns=columns).to_csv(paths["judgments.csv"], index=False)
+    rows = [j.to_row() for j in judgments] + [dict(row) for row in undecided]
+    write_atomic(paths["judgments.csv"], pd.DataFrame(rows, columns=columns).to_csv(index=False))
     return paths
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``: a reader (or a
+    crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_judgments(path: str | Path) -> list[Judgment]:
-    """Judgments back from a judgments.csv written by `write_report`."""
-    numeric = {"system_len", "baseline_len", "parse_failures"}
+    """Judgments back from a judgments.csv written by `write_report` (rows of undecided pairs, which
+    have no verdict, are left out)."""
+    numeric = {"system_len", "baseline_len", "parse_failures", "score"}
     text = {f.name: str for f in dataclasses.fields(Judgment) if f.name not in numeric}
     frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])  # only empty cells are None
-    return [Judgment.from_row(row) for row in frame.to_dict(orient="records")]
+    rows = frame.to_dict(orient="records")
+    return [Judgment.from_row(row) for row in rows if isinstance(row["verdict"], str)]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -91,6 +113,8 @@ def to_jsonable(value: Any) -> Any:
 
 def headline(summary: Mapping[str, Any]) -> str:
     """One sentence a reader can quote, e.g. 'dpo beats sft 63.0% (95% CI 58.1-67.9) of the time, n=300 ...'."""
+    if not summary["n"]:
+        return f"{summary['system']} vs {summary['baseline']}: n/a ({summary.get('note') or 'no decided pairs'})."
     level = f"{100 * summary.get('level', 0.95):g}% CI"
     text = (
         f"{summary['system']} beats {summary['baseline']} {_pct(summary['win_rate'])} "
@@ -106,32 +130,71 @@ def headline(summary: Mapping[str, Any]) -> str:
     return text + "."
 
 
+def opening(results: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The verdict on the judge that every report (and the console) opens with: a headline sentence and
+    one line per failed audit, unmeasured core audit or traffic flag."""
+    judge = (results.get("metadata") or {}).get("judge", "the judge")
+    if results.get("error"):
+        return f"Judge {judge} could not finish: no win rates.", [str(results["error"])]
+    trust = results.get("trust")
+    if trust is None:
+        return "The judge was not audited: read these win rates with care.", []
+    traffic = results.get("traffic") or {}
+    return f"Judge {judge}: {trust['headline']}", trust["lines"] + (
+        [traffic["line"]] if traffic.get("line") else []
+    )
+
+
+COMBINE_RULES_TEXT = {
+    "strict": "strict: a pair is a win only when both orders pick the system, a loss when both pick the "
+    "baseline, else a tie",
+    "average": "average (Arena-Hard): a pair scores the mean of its two single-order scores (1 for the "
+    "system, 0.5 for a tie, 0 for the baseline), so a win and a tie score 0.75; W / T / L still count "
+    "the strict outcomes",
+}
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
-    """report.md: headlines, then one table per section."""
-    lines = ["# Win-rate report", ""]
+    """report.md: the verdict on the judge, headlines, then one table per section."""
+    title, reasons = opening(results)
+    lines = (
+        ["# Win-rate report", "", f"**{title}**", ""]
+        + [f"- {r}" for r in reasons]
+        + ([""] if reasons else [])
+    )
     if results.get("metadata"):
         lines += _md_table(["Setting", "Value"], _metadata_rows(results["metadata"])) + [""]
     lines += [f"- Note: {note}" for note in results.get("notes") or []] + (
         [""] if results.get("notes") else []
     )
+    if results.get("error"):
+        return "\n".join(lines)
     lines += ["## Headlines", ""] + [f"- {headline(s)}" for s in results.get("comparisons", [])] + [""]
     lines += ["## Comparisons", ""] + _md_table(*_comparison_table(results.get("comparisons", []))) + [""]
-    lines += [
-        "Win rate counts a tie as half a win; intervals are percentile bootstraps over prompts. The "
-        "length-controlled (LC) rate is a logistic fit of the verdict on the normalised length difference, "
-        "read at zero difference; 'raw' means it could not be fitted and the raw rate is shown.",
-        "",
-    ]
+    lines += [_scoring_line(results), ""]
+    if results.get("by_group"):
+        by_group = results["by_group"]
+        lines += [f"## By group ({by_group['column']})", ""]
+        lines += _md_table(*_group_table(by_group["comparisons"])) + [""]
     if results.get("paired"):
         lines += ["## Paired tests", ""] + _md_table(*_paired_table(results["paired"])) + [""]
     if results.get("ranking"):
-        lines += ["## Ratings", ""] + _md_table(*_ratings_table(results["ranking"])) + [""]
+        lines += ["## Ratings", ""]
+        if results["ranking"]["ratings"]:
+            lines += _md_table(*_ratings_table(results["ranking"])) + [""]
         lines += [_transitivity_line(results["ranking"]), ""]
     if results.get("audit_checks"):
         checks = results["audit_checks"]
         lines += ["## Judge audit", ""] + _md_table(*_audit_table(checks)) + [""]
         lines += [f"- {note}" for note in results.get("audit_notes") or []]
         lines += [""] if results.get("audit_notes") else []
+    if results.get("traffic"):
+        lines += ["## Judge traffic", ""] + _md_table(*_traffic_table(results["traffic"])) + [""]
+    if (results.get("unparseable") or {}).get("total"):
+        unparseable = results["unparseable"]
+        lines += [f"## Unparseable judge answers ({unparseable['total']})", ""]
+        lines += _md_table(*_unparseable_table(unparseable["shown"])) + [""]
+        lines += [_unparseable_line(unparseable), ""]
     lines += ["## Skipped rows", ""]
     skipped = results.get("skipped") or {}
     lines += (
@@ -148,27 +211,101 @@ def render_html(
     from a model or a dataset escaped by Jinja2's autoescape."""
     comparisons = results.get("comparisons", [])
     ranking, checks = results.get("ranking"), results.get("audit_checks")
+    rated = bool(ranking and ranking["ratings"])
+    decided = [s for s in comparisons if s["n"]]
     plots = {
-        "win_rates": plot_win_rates(comparisons) if comparisons else None,
+        "win_rates": plot_win_rates(decided) if decided else None,
         "lengths": plot_lengths(judgments) if judgments else None,
-        "ratings": plot_ratings(ranking) if ranking else None,
+        "ratings": plot_ratings(ranking) if rated else None,
     }
+    title, reasons = opening(results)
+    trust, by_group = results.get("trust"), results.get("by_group")
+    unparseable = results.get("unparseable") or {}
     return TEMPLATES.get_template("report.html.j2").render(
         title="Win-rate report",
+        verdict={
+            "title": title,
+            "reasons": reasons,
+            "trusted": bool(trust and trust["evidence"] and not results.get("error")),
+        },
+        error=results.get("error"),
         metadata=_metadata_rows(results.get("metadata") or {}),
         notes=results.get("notes") or [],
         headlines=[headline(s) for s in comparisons],
         comparisons=_comparison_table(comparisons),
+        scoring=_scoring_line(results),
+        by_group=(by_group["column"], _group_table(by_group["comparisons"])) if by_group else None,
         paired=_paired_table(results["paired"]) if results.get("paired") else None,
-        ratings=_ratings_table(ranking) if ranking else None,
+        ratings=_ratings_table(ranking) if rated else None,
         transitivity=_transitivity_line(ranking) if ranking else "",
         audit=_audit_table(checks) if checks else None,
         audit_classes=[{True: "pass", False: "fail", None: "na"}[c["passed"]] for c in checks or []],
         audit_notes=results.get("audit_notes") or [],
+        traffic=_traffic_table(results["traffic"]) if results.get("traffic") else None,
+        unparseable=unparseable.get("shown") or [],
+        unparseable_line=_unparseable_line(unparseable) if unparseable.get("total") else "",
         skipped=[[k, str(v)] for k, v in (results.get("skipped") or {}).items()],
         examples=[{k: "" if v is None else v for k, v in example.items()} for example in examples],
         plots=plots,
     )
+
+
+def _scoring_line(results: Mapping[str, Any]) -> str:
+    rule = results.get("combine_orders", "strict")
+    return (
+        f"Pairs are scored by the {COMBINE_RULES_TEXT[rule]}. Win rate is the mean score (a tie counts half); "
+        "intervals are percentile bootstraps over prompts. The length-controlled (LC) rate is a logistic fit "
+        "of the score on the normalised length difference, read at zero difference; 'raw' means it could not "
+        "be fitted and the raw rate is shown."
+    )
+
+
+def _group_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    headers, rows = _comparison_table(comparisons)  # its first six columns: system to the interval
+    return ["Group"] + headers[:6], [
+        [str(s["group"])] + row[:6] for s, row in zip(comparisons, rows, strict=True)
+    ]
+
+
+def _traffic_table(traffic: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[name, _plain(value)] for name, value in traffic["counts"].items()]
+    rows.append(
+        [
+            "retried fraction of requests",
+            f"{_pct(traffic['retry_rate'])} (flag above {_pct(traffic['threshold'])})",
+        ]
+    )
+    rows.append(["flagged", "YES" if traffic["flagged"] else "no"])
+    return ["Counter (this run)", "Value"], rows
+
+
+def _unparseable_table(shown: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    rows = [
+        [
+            str(u["prompt_id"]),
+            u["comparison"],
+            u["order"],
+            _short(u["text"]) if u["text"] is not None else "(no text)",
+        ]
+        for u in shown
+    ]
+    return ["Prompt", "Comparison", "Order", "Judge's answer"], rows
+
+
+def _unparseable_line(unparseable: Mapping[str, Any]) -> str:
+    shown, total = len(unparseable["shown"]), unparseable["total"]
+    return f"{shown} of {total} single-order answers that did not parse are shown; judgments.csv has the comparisons' ones."
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _comparison_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -232,6 +369,12 @@ def _transitivity_line(ranking: Mapping[str, Any]) -> str:
     text = f"Transitivity: {t['n_intransitive']} intransitive of {t['n_triads']} decided triads"
     cycles = "; ".join(" > ".join(c + c[:1]) for c in t["cycles"])
     rating_note = "Ratings are Bradley-Terry strengths on the Elo scale (400 points = 10:1 odds)."
+    if ranking.get("note"):
+        rating_note = (
+            f"Ratings: n/a ({ranking['note']})."
+            if not ranking["ratings"]
+            else f"{rating_note} Note: {ranking['note']}."
+        )
     return f"{text}{' (' + cycles + ')' if cycles else ''}. {rating_note}"
 
 
@@ -290,6 +433,112 @@ TEMPLATES.filters["numeric"] = _looks_numeric
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The leaderboard across runs (align_kit/leaderboard.py)
+
+LEADERBOARD_AUDITS = (
+    "honeypot_pass_rate",
+    "human_kappa",
+    "flip_rate",
+    "first_slot_rate",
+    "parse_failure_rate",
+)
+LEADERBOARD_AUDITS += ("n_intransitive",)
+
+
+def leaderboard_opening(board: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The verdict on the leaderboard's judge: one line per run whose judge audit failed a core check."""
+    title = f"Judge {board['judge']}: "
+    if board["evidence"]:
+        return title + "its audits pass in every run.", []
+    reasons = [f"{a['run']}: {a['verdict']}" for a in board["audits"] if not a["evidence"]]
+    return title + "these ratings are not evidence: a core audit failed in a run.", reasons
+
+
+def _leaderboard_tables(board: Mapping[str, Any]) -> dict[str, Any]:
+    systems = [
+        [
+            str(rank),
+            s["system"],
+            ", ".join(Path(r).name for r in s["runs"]) or "-",
+            _num(s["rating"], ".0f"),
+            _range(s["rating_ci"], ".0f"),
+            _pct(s["win_rate_vs_chosen"]),
+            _ci(*s["win_rate_ci"]),
+            str(s["n_vs_chosen"]) if s["system"] != "chosen" else "",
+        ]
+        for rank, s in enumerate(board["systems"], start=1)
+    ]
+    flag = {True: "PASS", False: "FAIL", None: "n/a"}
+    audits = []
+    for a in board["audits"]:
+        checks = {c["name"]: c for c in a["checks"]}
+        cells = [
+            f"{_num(checks[n]['value'], '.3f') if isinstance(checks[n]['value'], float) else _plain(checks[n]['value'])} "
+            f"{flag[checks[n]['passed']]}"
+            if n in checks
+            else "n/a"
+            for n in LEADERBOARD_AUDITS
+        ]
+        audits.append([a["run"], "evidence" if a["evidence"] else "NOT evidence", *cells])
+    level = f"{100 * board['level']:g}% CI"
+    return {
+        "systems": (["#", "System", "Runs", "Rating", level, "Win rate vs chosen", level, "n"], systems),
+        "audits": (["Run", "Judge verdict", *LEADERBOARD_AUDITS], audits),
+        "settings": [
+            ["judge", board["judge"]],
+            ["judge identity", board["judge identity"]],
+            ["held-out prompts", str(board["n_prompts"])],
+            ["combine orders", board["combine_orders"]],
+            ["runs", ", ".join(board["runs"])],
+            [
+                "games",
+                f"{board['n_judgments']} ({board['duplicates_dropped']} judged in two runs counted once)",
+            ],
+        ],
+        "explanation": (
+            "Ratings are Bradley-Terry strengths on the Elo scale (400 points = 10:1 odds), fitted to every game "
+            f"of every run and anchored on chosen at {_num(board['ranking']['anchor_rating'], '.0f')}; intervals "
+            f"are {board['ci_method']}. "
+            + (f"Note: {board['ranking']['note']}." if board["ranking"].get("note") else "")
+        ),
+    }
+
+
+def render_leaderboard_markdown(board: Mapping[str, Any]) -> str:
+    """leaderboard.md: the verdict on the judge, the systems by rating, each run's audits."""
+    title, reasons = leaderboard_opening(board)
+    tables = _leaderboard_tables(board)
+    lines = (
+        ["# Leaderboard", "", f"**{title}**", ""] + [f"- {r}" for r in reasons] + ([""] if reasons else [])
+    )
+    lines += _md_table(["Setting", "Value"], tables["settings"]) + [""]
+    lines += ["## Systems", ""] + _md_table(*tables["systems"]) + ["", tables["explanation"], ""]
+    lines += ["## Audits of each run", ""] + _md_table(*tables["audits"]) + [""]
+    return "\n".join(lines)
+
+
+def render_leaderboard_html(board: Mapping[str, Any]) -> str:
+    """leaderboard.html from templates/leaderboard.html.j2, with the ratings plot."""
+    title, reasons = leaderboard_opening(board)
+    ranking = board["ranking"]
+    return TEMPLATES.get_template("leaderboard.html.j2").render(
+        title="Leaderboard",
+        opening=title,
+        reasons=reasons,
+        trusted=board["evidence"],
+        plot_png=plot_ratings(ranking, {s["system"]: s["rating_ci"] for s in board["systems"]})
+        if ranking["ratings"]
+        else None,
+        **_leaderboard_tables(board),
+    )
+
+
+def _range(bounds: Sequence[Any], fmt: str) -> str:
+    low, high = bounds
+    return f"{_num(low, fmt)} to {_num(high, fmt)}" if _is_number(low) and _is_number(high) else "n/a"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Plots, as base64 PNG strings
 
 
@@ -334,20 +583,29 @@ def plot_lengths(judgments: Sequence[Judgment], max_panels: int = 6) -> str:
     return _png_base64(fig)
 
 
-def plot_ratings(ranking: Mapping[str, Any]) -> str:
-    """Bradley-Terry ratings as horizontal bars, best on top."""
+def plot_ratings(ranking: Mapping[str, Any], intervals: Mapping[str, Sequence[Any]] | None = None) -> str:
+    """Bradley-Terry ratings as horizontal bars, best on top, with ``intervals`` as error bars if given."""
     names = list(ranking["ratings"])
     fig = _figure(6, 0.45 * len(names) + 1.2)
     ax = fig.add_subplot()
     anchor_rating = ranking.get("anchor_rating", 1000.0)
     ratings = np.array([ranking["ratings"][n] for n in names], dtype=float)
     ax.barh(names, ratings - anchor_rating, left=anchor_rating, color="#4a7fb5")  # bars grow from the anchor
+    if intervals:
+        bounds = np.array([[_nan(v) for v in intervals.get(n, (None, None))] for n in names])  # (k, 2)
+        spread = [np.maximum(ratings - bounds[:, 0], 0.0), np.maximum(bounds[:, 1] - ratings, 0.0)]
+        ax.errorbar(ratings, np.arange(len(names)), xerr=spread, fmt="none", ecolor="#222", capsize=3)
+        ratings = np.concatenate([ratings, bounds[np.isfinite(bounds)]])
     ax.axvline(anchor_rating, color="grey", linestyle="--", linewidth=1)
     ax.invert_yaxis()
     ax.set_xlabel("Bradley-Terry rating (Elo scale)")
     ax.set_xlim(min(ratings.min(), anchor_rating) - 100, max(ratings.max(), anchor_rating) + 100)
     fig.tight_layout()
     return _png_base64(fig)
+
+
+def _nan(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -312,3 +312,49 @@ def test_evaluate_metric_loads_offline_and_matches_stats(monkeypatch):
     assert with_labels["win_rate"] == pytest.approx(0.625)
     assert with_labels["accuracy"] == pytest.approx(0.75)
     assert with_labels["kappa"] == pytest.approx(stats.cohens_kappa(verdicts, human))
+
+
+def test_rank_systems_gives_na_with_a_reason_instead_of_raising():
+    empty = stats.rank_systems([], anchor="x")  # raised IndexError before
+    assert empty["ratings"] == {} and empty["note"].startswith("no ratings: fewer than two systems")
+    rows = _judgments(["win", "loss", "tie"], system="dpo", baseline="chosen")
+    moved = stats.rank_systems(rows, anchor="sft")  # the anchor has no decided pair
+    assert "anchor sft has no decided pair" in moved["note"] and moved["anchor"] is None
+    assert sum(moved["ratings"].values()) == pytest.approx(2000.0)  # centred on the mean
+    apart = rows + _judgments(["win"], system="ppo", baseline="kto")
+    assert stats.rank_systems(apart)["ratings"] == {} and "not connected" in stats.rank_systems(apart)["note"]
+
+
+def test_scores_under_the_average_rule_drive_win_rates_paired_tests_and_ratings():
+    # (A, tie) is a strict tie but scores 0.75 under the average rule: every statistic must use the score
+    rows = [Judgment(f"p{i}", "dpo", "sft", "tie", "A", "tie", score=0.75) for i in range(3)] + [
+        Judgment("p3", "dpo", "sft", "win", "A", "B")
+    ]
+    summary = stats.summarize(rows, "dpo", "sft", n_boot=200)
+    assert summary["counts"] == {"win": 1, "tie": 3, "loss": 0}  # outcomes stay strict
+    assert summary["win_rate"] == pytest.approx((3 * 0.75 + 1.0) / 4)
+    # resampling 4 prompts: P(mean >= 0.9375) = P(>= 3 draws of the win) = 0.051 > 2.5% > P(mean = 1) = 0.004
+    assert summary["ci_low"] == pytest.approx(0.75) and summary["ci_high"] == pytest.approx(0.9375)
+    wins = stats.win_table(rows)
+    assert wins.loc["dpo", "sft"] == pytest.approx(3.25) and wins.loc["sft", "dpo"] == pytest.approx(0.75)
+    against = [Judgment(f"p{i}", "ppo", "sft", "tie", "tie", "tie") for i in range(4)]
+    paired = stats.paired_test(rows + against, "dpo", "ppo", "sft", n_boot=200, n_perm=500)
+    assert paired["mean_diff"] == pytest.approx(0.8125 - 0.5)
+    with pytest.raises(ValueError, match="score"):
+        Judgment("p", "a", "b", "win", score=1.5)
+    assert Judgment("p", "a", "b", "loss").score == 0.0
+
+
+def test_bootstrap_ratings_bracket_the_fit_and_are_seeded():
+    rng = np.random.default_rng(1)
+    rows = _judgments(_sample_verdicts(rng, 150, 0.7), system="dpo", baseline="sft")
+    rows += _judgments(_sample_verdicts(rng, 150, 0.6), system="ppo", baseline="sft")
+    fit = stats.rank_systems(rows, anchor="sft")["ratings"]
+    intervals = stats.bootstrap_ratings(rows, anchor="sft", n_boot=300, seed=3)
+    assert intervals == stats.bootstrap_ratings(rows, anchor="sft", n_boot=300, seed=3)
+    assert intervals["sft"] == pytest.approx((1000.0, 1000.0))  # the anchor does not move
+    for name in ("dpo", "ppo"):
+        low, high = intervals[name]
+        assert low < fit[name] < high and 40 < high - low < 250
+    # two systems: 0.7 = 1 / (1 + 10^(-d/400)) gives d = 147 points; the interval covers it
+    assert intervals["dpo"][0] < 1000 + 400 * math.log10(0.7 / 0.3) < intervals["dpo"][1]
