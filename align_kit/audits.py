@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from align_kit import stats
+from align_kit import ratings, stats
 from align_kit.answers import HeldOut, prompt_id
 from align_kit.configs import HONEYPOT_KINDS
 from align_kit.judges import PairResult
@@ -128,7 +128,10 @@ def audit_judge(
             by_kind.setdefault(pair.corruption, []).append(result.outcome == pair.expected)
     honey, labels = decided["honeypot"], decided["labels"]
     figures = stats.audit(
-        judgments, honeypots=honey if honey[0] else None, human=labels if labels[0] else None, rates=rates
+        judgments,
+        honeypots=honey if honey[0] else None,
+        human=labels if labels[0] else None,
+        n_intransitive=ratings.intransitive_triads(rates)["n_intransitive"] if rates is not None else None,
     )
     # over every pair asked: a pair unparseable in both orders has no Judgment, but is the worst failure
     figures["n_pairs_judged"] = len(asked)

@@ -33,35 +33,27 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import re
-import socket
-import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from align_kit import judges as judges_lib
-from align_kit import stats
+from align_kit import ratings, reports, stats
 from align_kit.answers import (
     CHOSEN,
     HeldOut,
-    fingerprint,
     generation_settings,
     held_out,
-    missing_local,
     resolve_systems,
-    split_spec,
     system_answers,
-    unfinished_run,
 )
 from align_kit.audits import AuditPair, audit_judge, honeypots, judge_traffic, label_pairs, trust_verdict
 from align_kit.configs import DataArgs, EvalArgs, parse, save_resolved
-from align_kit.judge_backends import build_judge
 from align_kit.judge_cache import JudgmentCache
-from align_kit.judges import JudgeConfig, PairResult
+from align_kit.judge_setup import prepare_judges
+from align_kit.judges import PairResult
 from align_kit.models import load_tokenizer
 from align_kit.reports import headline, opening, to_jsonable, write_atomic, write_report
 from align_kit.runs import log
@@ -69,155 +61,11 @@ from align_kit.stats import Judgment
 from align_kit.verdicts import pair_score
 
 CONFIG = (EvalArgs, DataArgs)
-LOCAL_BACKENDS = ("reward_model", "hf_logits")  # judges that load a model from disk
-MODEL_BACKENDS = ("reward_model", "hf_logits", "openai")  # judges that take a `model`
 MAX_UNPARSEABLE_SHOWN = 20
-
-
-class JudgeSetupError(ValueError):
-    """Judges that cannot work, found before anything is generated: one line per problem."""
 
 
 class JudgeFailed(RuntimeError):
     """Judges that failed while judging; their reports and evaluation.json say why."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Judges from their specs, checked before any generation
-
-
-def judge_config(spec: str, args: EvalArgs) -> JudgeConfig:
-    """A judge spec ('name', 'name=model', a path) read with its settings from the evaluation:
-    ``judge.yaml`` < ``=model`` < ``judge_model`` / ``judge_dtype`` < ``judge_overrides[name]`` (setting
-    the same key both ways is an error)."""
-    name, model = split_spec(spec)
-    config = judges_lib.read_judge_config(name, **({"model": model} if model else {}))
-    general: dict[str, Any] = {}
-    if args.judge_model is not None and config.backend in MODEL_BACKENDS:
-        general["model"] = args.judge_model
-    if args.judge_dtype is not None and config.backend in LOCAL_BACKENDS:
-        general["torch_dtype"] = args.judge_dtype
-    specific = (args.judge_overrides or {}).get(name, {})
-    both = sorted(set(general) & set(specific))
-    if both:
-        raise ValueError(f"{both} set both by judge_model/judge_dtype and by judge_overrides[{name}]")
-    if general or specific:
-        config = judges_lib.read_judge_config(
-            name, **({"model": model} if model else {}), **general, **specific
-        )
-    return config
-
-
-def endpoint_problem(base_url: str, timeout: float) -> str | None:
-    """Why nothing would answer at ``base_url`` (a TCP connection to its host and port, bounded by
-    ``timeout`` seconds including the name lookup), or None when something accepts the connection."""
-    parts = urlsplit(base_url)
-    if not parts.hostname:
-        return f"base_url {base_url!r} names no host"
-    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    outcome: dict[str, Any] = {}
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            outcome["ok"] = True
-        except OSError as error:
-            outcome["error"] = error
-
-    worker = threading.Thread(target=connect, daemon=True)  # a hung name lookup is left behind, not waited on
-    worker.start()
-    worker.join(timeout + 0.5)
-    if outcome.get("ok"):
-        return None
-    if "error" in outcome:
-        error = outcome["error"]
-        return f"nothing listening at {host}:{port} ({base_url}): {getattr(error, 'strerror', None) or error}"
-    return f"no answer from {host}:{port} within {timeout:g} s ({base_url})"
-
-
-def judge_problems(config: JudgeConfig, args: EvalArgs) -> list[str]:
-    """What stops a judge from working, found without loading or asking it: a missing or unfinished local
-    model, an unset API key, an endpoint that accepts no connection, an unreadable template."""
-    problems = []
-    if config.template:
-        try:
-            judges_lib.read_template(config.template)
-        except (OSError, ValueError) as error:
-            problems.append(f"template: {error}")
-    if config.backend in LOCAL_BACKENDS and config.model:
-        if missing_local(config.model) or unfinished_run(config.model):
-            problems.append(f"its model {config.model} does not exist or is unfinished")
-    if config.backend == "openai":
-        if config.api_key_env and not os.environ.get(config.api_key_env):
-            problems.append(f"set the environment variable {config.api_key_env} (its API key)")
-        if config.base_url:
-            problem = endpoint_problem(config.base_url, args.judge_connect_timeout)
-            problems += [problem] if problem else []
-    return problems
-
-
-def prepare_judges(specs: Sequence[str | Any], args: EvalArgs, notes: list[str]) -> list[Any]:
-    """Judges from specs, or objects with the Judge protocol (used as is), every one checked first.
-
-    A judge with a problem (``judge_problems``, or a config that does not read) is left out with a note
-    when ``args.optional_judges`` names it; otherwise JudgeSetupError lists every problem of every judge,
-    one per line. Backends load their models on first use, so a rerun answered from the cache loads none.
-    """
-    names = [split_spec(s)[0] for s in specs if isinstance(s, str)]
-    for setting, given in (
-        ("optional_judges", args.optional_judges),
-        ("judge_overrides", args.judge_overrides),
-    ):
-        unknown = sorted(set(given or ()) - set(names))
-        if unknown:
-            raise JudgeSetupError(f"{setting} names {unknown}, which are not among the judges {names}")
-    if args.judge_model is not None:
-        takers = [s for s in specs if isinstance(s, str) and _backend(s) in MODEL_BACKENDS]
-        if len(takers) > 1:
-            raise JudgeSetupError(
-                f"judge_model applies to one judge, but {takers} all take a model: use judge_overrides"
-            )
-    out, problems = [], []
-    for spec in specs:
-        if not isinstance(spec, str):
-            out.append(spec)
-            continue
-        name = split_spec(spec)[0]
-        try:
-            config = judge_config(spec, args)
-            found = judge_problems(config, args)
-        except (OSError, ValueError) as error:
-            found = [str(error)]
-        if found and name in args.optional_judges:
-            notes.append(f"judge {name} skipped: {'; '.join(found)}")
-            continue
-        if found:
-            problems += [f"judge {name}: {problem}" for problem in found]
-            continue
-        if (
-            config.backend in LOCAL_BACKENDS
-            and config.model
-            and not fingerprint(config.model).startswith("hub:")
-        ):
-            # verdicts are cached by the judge's settings: the weights' fingerprint retires them on retraining
-            config = dataclasses.replace(config, cache_tag=f"{config.cache_tag}{fingerprint(config.model)}")
-        out.append(build_judge(config))
-    if problems:
-        raise JudgeSetupError(
-            "judges not ready (nothing was generated; fix them or list them in optional_judges):\n  "
-            + "\n  ".join(problems)
-        )
-    judge_names = [j.name for j in out]
-    if len(set(judge_names)) != len(judge_names):
-        raise ValueError(f"two judges share a name: {judge_names}; set `name` in one judge.yaml")
-    return out
-
-
-def _backend(spec: str) -> str | None:
-    try:
-        return judges_lib.read_judge_config(split_spec(spec)[0]).backend
-    except (OSError, ValueError):
-        return None  # reported with the judge's other problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,22 +138,6 @@ def undecided_rows(
     ]
 
 
-def unparseable_answers(asked: Sequence[tuple[str, PairResult]]) -> list[dict[str, Any]]:
-    """Every single-order answer that did not parse: prompt, comparison (or audit pair), order, raw text."""
-    out = []
-    for comparison, result in asked:
-        for order, verdict, reply in (
-            ("first answer shown first", result.first, result.first_reply),
-            ("first answer shown second", result.swapped, result.swapped_reply),
-        ):
-            if verdict is None:
-                text = reply.text if reply else None
-                out.append(
-                    {"prompt_id": result.prompt_id, "comparison": comparison, "order": order, "text": text}
-                )
-    return out
-
-
 def comparison_plan(names: Sequence[str], base: str, all_pairs: bool) -> list[tuple[str, str]]:
     """(system, baseline) pairs: each system vs chosen, each other system vs base, then (with
     ``all_pairs``) each later system vs each earlier non-base one."""
@@ -374,7 +206,7 @@ def evaluate_judge(
         judgments += found
         undecided += undecided_rows(results, system, baseline, answers[system], answers[baseline])
         asked += [(f"{system} vs {baseline}", result) for result in results]
-        examples += pick_examples(found, held, answers, args.n_examples)
+        examples += reports.pick_examples(found, held, answers, args.n_examples)
 
     audited = judge_audit_pairs(judge, cache, honeypot_pairs, args.progress)
     audited += judge_audit_pairs(judge, cache, labelled, args.progress)
@@ -392,7 +224,7 @@ def evaluate_judge(
             args.combine_orders,
         )
 
-    rates = stats.win_rate_table(stats.win_table(judgments))
+    rates = ratings.win_rate_table(ratings.win_table(judgments))
     audit = audit_judge(
         audit_judgments, [result for _, result in asked], audited, rates if len(rates) >= 3 else None
     )
@@ -408,13 +240,13 @@ def evaluate_judge(
         stats.paired_test(judgments, a, b, baseline, seed=args.seed, n_boot=args.n_boot, level=args.level)
         for a, b, baseline in paired_plan(plan)
     ]
-    unparseable = unparseable_answers(asked)
+    unparseable = reports.unparseable_answers(asked)
     results = {
         "combine_orders": args.combine_orders,
         "skipped": {k: v for k, v in skipped.items() if v},
         "comparisons": comparisons,
         "paired": paired,
-        "ranking": stats.rank_systems(judgments, anchor=args.base),
+        "ranking": ratings.rank_systems(judgments, anchor=args.base),
         **audit,
         "trust": trust_verdict(audit["audit_checks"]),
         "unparseable": {"total": len(unparseable), "shown": unparseable[:MAX_UNPARSEABLE_SHOWN]},
@@ -438,42 +270,6 @@ def group_comparisons(
             )
             comparisons.append({"group": group, **summary})
     return {"column": args.group_column, "comparisons": comparisons}
-
-
-def pick_examples(
-    judgments: Sequence[Judgment], held: HeldOut, answers: Mapping[str, Sequence[str]], n: int
-) -> list[dict[str, Any]]:
-    """Up to ``n`` judged examples of one comparison, a win, a loss and a tie first when there are any,
-    with what the judge said in each order when it gave text."""
-    index = {pid: i for i, pid in enumerate(held.prompt_ids)}
-    ordered = []
-    for verdict in ("win", "loss", "tie"):
-        ordered += [j for j in judgments if j.verdict == verdict][:1]
-    ordered += [j for j in judgments if j not in ordered]
-    out = []
-    for j in ordered[:n]:
-        i = index[j.prompt_id]
-        said = [
-            f"{order}: {text or rationale}"
-            for order, text, rationale in (
-                ("system shown first", j.first_order_text, j.first_order_rationale),
-                ("system shown second", j.swapped_order_text, j.swapped_order_rationale),
-            )
-            if text or rationale
-        ]
-        out.append(
-            {
-                "prompt_id": j.prompt_id,
-                "prompt": held.prompts[i],
-                "system": j.system,
-                "baseline": j.baseline,
-                "system_answer": answers[j.system][i],
-                "baseline_answer": answers[j.baseline][i],
-                "verdict": j.verdict,
-                "rationale": "\n".join(said) or None,
-            }
-        )
-    return out
 
 
 def _counters(judge_stats: Any) -> dict[str, Any]:

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from align_kit import stats
+from align_kit import plots, ratings, stats
 from align_kit.answers import CHOSEN
 from align_kit.evaluation import judge_folder
 from align_kit.reports import (
+    TEMPLATES,
+    _ci,
+    _md_table,
+    _num,
+    _pct,
+    _plain,
     read_judgments,
-    render_leaderboard_html,
-    render_leaderboard_markdown,
     to_jsonable,
     write_atomic,
 )
@@ -163,8 +167,8 @@ def build(
     judge = pick_judge(runs, judge)
     check_comparable(runs, judge)
     judgments, duplicates = merged_judgments(runs, judge)
-    ranking = stats.rank_systems(judgments, anchor=CHOSEN)
-    intervals = stats.bootstrap_ratings(judgments, anchor=CHOSEN, seed=seed, n_boot=n_boot, level=level)
+    ranking = ratings.rank_systems(judgments, anchor=CHOSEN)
+    intervals = ratings.bootstrap_ratings(judgments, anchor=CHOSEN, seed=seed, n_boot=n_boot, level=level)
     origin = {}
     for run, names in zip(runs, system_names(runs), strict=True):
         for name, new in names.items():
@@ -215,6 +219,115 @@ def write(board: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     write_atomic(paths["leaderboard.md"], render_leaderboard_markdown(board))
     write_atomic(paths["leaderboard.html"], render_leaderboard_html(board))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+LEADERBOARD_AUDITS = (
+    "honeypot_pass_rate",
+    "human_kappa",
+    "flip_rate",
+    "first_slot_rate",
+    "parse_failure_rate",
+)
+LEADERBOARD_AUDITS += ("n_intransitive",)
+
+
+def leaderboard_opening(board: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The verdict on the leaderboard's judge: one line per run whose judge audit failed a core check."""
+    title = f"Judge {board['judge']}: "
+    if board["evidence"]:
+        return title + "its audits pass in every run.", []
+    reasons = [f"{a['run']}: {a['verdict']}" for a in board["audits"] if not a["evidence"]]
+    return title + "these ratings are not evidence: a core audit failed in a run.", reasons
+
+
+def _leaderboard_tables(board: Mapping[str, Any]) -> dict[str, Any]:
+    systems = [
+        [
+            str(rank),
+            s["system"],
+            ", ".join(Path(r).name for r in s["runs"]) or "-",
+            _num(s["rating"], ".0f"),
+            _range(s["rating_ci"], ".0f"),
+            _pct(s["win_rate_vs_chosen"]),
+            _ci(*s["win_rate_ci"]),
+            str(s["n_vs_chosen"]) if s["system"] != "chosen" else "",
+        ]
+        for rank, s in enumerate(board["systems"], start=1)
+    ]
+    flag = {True: "PASS", False: "FAIL", None: "n/a"}
+    audits = []
+    for a in board["audits"]:
+        checks = {c["name"]: c for c in a["checks"]}
+        cells = [
+            f"{_num(checks[n]['value'], '.3f') if isinstance(checks[n]['value'], float) else _plain(checks[n]['value'])} "
+            f"{flag[checks[n]['passed']]}"
+            if n in checks
+            else "n/a"
+            for n in LEADERBOARD_AUDITS
+        ]
+        audits.append([a["run"], "evidence" if a["evidence"] else "NOT evidence", *cells])
+    level = f"{100 * board['level']:g}% CI"
+    return {
+        "systems": (["#", "System", "Runs", "Rating", level, "Win rate vs chosen", level, "n"], systems),
+        "audits": (["Run", "Judge verdict", *LEADERBOARD_AUDITS], audits),
+        "settings": [
+            ["judge", board["judge"]],
+            ["judge identity", board["judge identity"]],
+            ["held-out prompts", str(board["n_prompts"])],
+            ["combine orders", board["combine_orders"]],
+            ["runs", ", ".join(board["runs"])],
+            [
+                "games",
+                f"{board['n_judgments']} ({board['duplicates_dropped']} judged in two runs counted once)",
+            ],
+        ],
+        "explanation": (
+            "Ratings are Bradley-Terry strengths on the Elo scale (400 points = 10:1 odds), fitted to every game "
+            f"of every run and anchored on chosen at {_num(board['ranking']['anchor_rating'], '.0f')}; intervals "
+            f"are {board['ci_method']}. "
+            + (f"Note: {board['ranking']['note']}." if board["ranking"].get("note") else "")
+        ),
+    }
+
+
+def render_leaderboard_markdown(board: Mapping[str, Any]) -> str:
+    """leaderboard.md: the verdict on the judge, the systems by rating, each run's audits."""
+    title, reasons = leaderboard_opening(board)
+    tables = _leaderboard_tables(board)
+    lines = (
+        ["# Leaderboard", "", f"**{title}**", ""] + [f"- {r}" for r in reasons] + ([""] if reasons else [])
+    )
+    lines += _md_table(["Setting", "Value"], tables["settings"]) + [""]
+    lines += ["## Systems", ""] + _md_table(*tables["systems"]) + ["", tables["explanation"], ""]
+    lines += ["## Audits of each run", ""] + _md_table(*tables["audits"]) + [""]
+    return "\n".join(lines)
+
+
+def render_leaderboard_html(board: Mapping[str, Any]) -> str:
+    """leaderboard.html from templates/leaderboard.html.j2, with the ratings plot."""
+    title, reasons = leaderboard_opening(board)
+    ranking = board["ranking"]
+    return TEMPLATES.get_template("leaderboard.html.j2").render(
+        title="Leaderboard",
+        opening=title,
+        reasons=reasons,
+        trusted=board["evidence"],
+        plot_png=plots.plot_ratings(ranking, {s["system"]: s["rating_ci"] for s in board["systems"]})
+        if ranking["ratings"]
+        else None,
+        **_leaderboard_tables(board),
+    )
+
+
+def _range(bounds: Sequence[Any], fmt: str) -> str:
+    low, high = bounds
+    return (
+        f"{_num(low, fmt)} to {_num(high, fmt)}" if stats.is_number(low) and stats.is_number(high) else "n/a"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

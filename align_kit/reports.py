@@ -6,7 +6,7 @@ The results dict (JSON-ready; every key but `comparisons` is optional):
     notes:        [str] shown under the settings (e.g. systems or judges left out, and why)
     comparisons:  [stats.summarize(...)], one per (system, baseline)
     paired:       [stats.paired_test(...)]
-    ranking:      stats.rank_systems(...)
+    ranking:      ratings.rank_systems(...)
     audit:        the judge's audit figures (audits.audit_judge)
     audit_checks: stats.check_audit(audit): one row per figure with its range and pass/fail
     audit_notes:  [str] shown under the audit table (how each figure was measured, breakdowns)
@@ -23,9 +23,7 @@ written whole or not at all (a temporary file, then a rename).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
 import math
 import os
@@ -36,10 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from align_kit import stats
+from align_kit import plots, stats
+from align_kit.answers import HeldOut
+from align_kit.judges import PairResult
 from align_kit.stats import Judgment
 
 TEMPLATES = Environment(
@@ -108,6 +106,62 @@ def to_jsonable(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the gallery shows
+
+
+def pick_examples(
+    judgments: Sequence[Judgment], held: HeldOut, answers: Mapping[str, Sequence[str]], n: int
+) -> list[dict[str, Any]]:
+    """Up to ``n`` judged examples of one comparison, a win, a loss and a tie first when there are any,
+    with what the judge said in each order when it gave text."""
+    index = {pid: i for i, pid in enumerate(held.prompt_ids)}
+    ordered = []
+    for verdict in ("win", "loss", "tie"):
+        ordered += [j for j in judgments if j.verdict == verdict][:1]
+    ordered += [j for j in judgments if j not in ordered]
+    out = []
+    for j in ordered[:n]:
+        i = index[j.prompt_id]
+        said = [
+            f"{order}: {text or rationale}"
+            for order, text, rationale in (
+                ("system shown first", j.first_order_text, j.first_order_rationale),
+                ("system shown second", j.swapped_order_text, j.swapped_order_rationale),
+            )
+            if text or rationale
+        ]
+        out.append(
+            {
+                "prompt_id": j.prompt_id,
+                "prompt": held.prompts[i],
+                "system": j.system,
+                "baseline": j.baseline,
+                "system_answer": answers[j.system][i],
+                "baseline_answer": answers[j.baseline][i],
+                "verdict": j.verdict,
+                "rationale": "\n".join(said) or None,
+            }
+        )
+    return out
+
+
+def unparseable_answers(asked: Sequence[tuple[str, PairResult]]) -> list[dict[str, Any]]:
+    """Every single-order answer that did not parse: prompt, comparison (or audit pair), order, raw text."""
+    out = []
+    for comparison, result in asked:
+        for order, verdict, reply in (
+            ("first answer shown first", result.first, result.first_reply),
+            ("first answer shown second", result.swapped, result.swapped_reply),
+        ):
+            if verdict is None:
+                text = reply.text if reply else None
+                out.append(
+                    {"prompt_id": result.prompt_id, "comparison": comparison, "order": order, "text": text}
+                )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Text
 
 
@@ -125,7 +179,7 @@ def headline(summary: Mapping[str, Any]) -> str:
         text += f"; length-controlled {_pct(lc['estimate'])} ({level} {_ci(lc['ci_low'], lc['ci_high'])})"
     elif lc:
         text += f"; length-controlled rate not fitted ({lc.get('note', '')})"
-    if _is_number(summary["ci_low"]) and summary["ci_low"] <= 0.5 <= summary["ci_high"]:
+    if stats.is_number(summary["ci_low"]) and summary["ci_low"] <= 0.5 <= summary["ci_high"]:
         text += "; the raw-rate interval includes 50%, so this is not distinguishable from a tie"
     return text + "."
 
@@ -213,10 +267,10 @@ def render_html(
     ranking, checks = results.get("ranking"), results.get("audit_checks")
     rated = bool(ranking and ranking["ratings"])
     decided = [s for s in comparisons if s["n"]]
-    plots = {
-        "win_rates": plot_win_rates(decided) if decided else None,
-        "lengths": plot_lengths(judgments) if judgments else None,
-        "ratings": plot_ratings(ranking) if rated else None,
+    figures = {
+        "win_rates": plots.plot_win_rates(decided) if decided else None,
+        "lengths": plots.plot_lengths(judgments) if judgments else None,
+        "ratings": plots.plot_ratings(ranking) if rated else None,
     }
     title, reasons = opening(results)
     trust, by_group = results.get("trust"), results.get("by_group")
@@ -246,7 +300,7 @@ def render_html(
         unparseable_line=_unparseable_line(unparseable) if unparseable.get("total") else "",
         skipped=[[k, str(v)] for k, v in (results.get("skipped") or {}).items()],
         examples=[{k: "" if v is None else v for k, v in example.items()} for example in examples],
-        plots=plots,
+        plots=figures,
     )
 
 
@@ -341,7 +395,7 @@ def _paired_table(paired: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[
             p["system_b"],
             p["baseline"],
             str(p["n"]),
-            _num(100 * p["mean_diff"] if _is_number(p["mean_diff"]) else None, "+.1f") + " pp",
+            _num(100 * p["mean_diff"] if stats.is_number(p["mean_diff"]) else None, "+.1f") + " pp",
             _ci(p["ci_low"], p["ci_high"]),
             _num(p["p_value"], ".4f"),
         ]
@@ -406,22 +460,18 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.number) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _pct(value: Any) -> str:
-    return f"{100 * value:.1f}%" if _is_number(value) else "n/a"
+    return f"{100 * value:.1f}%" if stats.is_number(value) else "n/a"
 
 
 def _ci(low: Any, high: Any) -> str:
-    if not (_is_number(low) and _is_number(high)):
+    if not (stats.is_number(low) and stats.is_number(high)):
         return "n/a"
     return f"{100 * low:.1f}-{100 * high:.1f}" if low >= 0 else f"{100 * low:.1f} to {100 * high:.1f}"
 
 
 def _num(value: Any, fmt: str = ".1f") -> str:
-    return format(value, fmt) if _is_number(value) else "n/a"
+    return format(value, fmt) if stats.is_number(value) else "n/a"
 
 
 def _looks_numeric(text: Any) -> bool:
@@ -430,192 +480,3 @@ def _looks_numeric(text: Any) -> bool:
 
 
 TEMPLATES.filters["numeric"] = _looks_numeric
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The leaderboard across runs (align_kit/leaderboard.py)
-
-LEADERBOARD_AUDITS = (
-    "honeypot_pass_rate",
-    "human_kappa",
-    "flip_rate",
-    "first_slot_rate",
-    "parse_failure_rate",
-)
-LEADERBOARD_AUDITS += ("n_intransitive",)
-
-
-def leaderboard_opening(board: Mapping[str, Any]) -> tuple[str, list[str]]:
-    """The verdict on the leaderboard's judge: one line per run whose judge audit failed a core check."""
-    title = f"Judge {board['judge']}: "
-    if board["evidence"]:
-        return title + "its audits pass in every run.", []
-    reasons = [f"{a['run']}: {a['verdict']}" for a in board["audits"] if not a["evidence"]]
-    return title + "these ratings are not evidence: a core audit failed in a run.", reasons
-
-
-def _leaderboard_tables(board: Mapping[str, Any]) -> dict[str, Any]:
-    systems = [
-        [
-            str(rank),
-            s["system"],
-            ", ".join(Path(r).name for r in s["runs"]) or "-",
-            _num(s["rating"], ".0f"),
-            _range(s["rating_ci"], ".0f"),
-            _pct(s["win_rate_vs_chosen"]),
-            _ci(*s["win_rate_ci"]),
-            str(s["n_vs_chosen"]) if s["system"] != "chosen" else "",
-        ]
-        for rank, s in enumerate(board["systems"], start=1)
-    ]
-    flag = {True: "PASS", False: "FAIL", None: "n/a"}
-    audits = []
-    for a in board["audits"]:
-        checks = {c["name"]: c for c in a["checks"]}
-        cells = [
-            f"{_num(checks[n]['value'], '.3f') if isinstance(checks[n]['value'], float) else _plain(checks[n]['value'])} "
-            f"{flag[checks[n]['passed']]}"
-            if n in checks
-            else "n/a"
-            for n in LEADERBOARD_AUDITS
-        ]
-        audits.append([a["run"], "evidence" if a["evidence"] else "NOT evidence", *cells])
-    level = f"{100 * board['level']:g}% CI"
-    return {
-        "systems": (["#", "System", "Runs", "Rating", level, "Win rate vs chosen", level, "n"], systems),
-        "audits": (["Run", "Judge verdict", *LEADERBOARD_AUDITS], audits),
-        "settings": [
-            ["judge", board["judge"]],
-            ["judge identity", board["judge identity"]],
-            ["held-out prompts", str(board["n_prompts"])],
-            ["combine orders", board["combine_orders"]],
-            ["runs", ", ".join(board["runs"])],
-            [
-                "games",
-                f"{board['n_judgments']} ({board['duplicates_dropped']} judged in two runs counted once)",
-            ],
-        ],
-        "explanation": (
-            "Ratings are Bradley-Terry strengths on the Elo scale (400 points = 10:1 odds), fitted to every game "
-            f"of every run and anchored on chosen at {_num(board['ranking']['anchor_rating'], '.0f')}; intervals "
-            f"are {board['ci_method']}. "
-            + (f"Note: {board['ranking']['note']}." if board["ranking"].get("note") else "")
-        ),
-    }
-
-
-def render_leaderboard_markdown(board: Mapping[str, Any]) -> str:
-    """leaderboard.md: the verdict on the judge, the systems by rating, each run's audits."""
-    title, reasons = leaderboard_opening(board)
-    tables = _leaderboard_tables(board)
-    lines = (
-        ["# Leaderboard", "", f"**{title}**", ""] + [f"- {r}" for r in reasons] + ([""] if reasons else [])
-    )
-    lines += _md_table(["Setting", "Value"], tables["settings"]) + [""]
-    lines += ["## Systems", ""] + _md_table(*tables["systems"]) + ["", tables["explanation"], ""]
-    lines += ["## Audits of each run", ""] + _md_table(*tables["audits"]) + [""]
-    return "\n".join(lines)
-
-
-def render_leaderboard_html(board: Mapping[str, Any]) -> str:
-    """leaderboard.html from templates/leaderboard.html.j2, with the ratings plot."""
-    title, reasons = leaderboard_opening(board)
-    ranking = board["ranking"]
-    return TEMPLATES.get_template("leaderboard.html.j2").render(
-        title="Leaderboard",
-        opening=title,
-        reasons=reasons,
-        trusted=board["evidence"],
-        plot_png=plot_ratings(ranking, {s["system"]: s["rating_ci"] for s in board["systems"]})
-        if ranking["ratings"]
-        else None,
-        **_leaderboard_tables(board),
-    )
-
-
-def _range(bounds: Sequence[Any], fmt: str) -> str:
-    low, high = bounds
-    return f"{_num(low, fmt)} to {_num(high, fmt)}" if _is_number(low) and _is_number(high) else "n/a"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Plots, as base64 PNG strings
-
-
-def plot_win_rates(comparisons: Sequence[Mapping[str, Any]]) -> str:
-    """Raw and length-controlled win rate of each comparison with its CI as error bars."""
-    fig = _figure(7, 0.6 * len(comparisons) + 1.4)
-    ax = fig.add_subplot()
-    labels = [f"{s['system']} vs {s['baseline']}" for s in comparisons]
-    y = np.arange(len(comparisons))
-    raw = [(s["win_rate"], s["ci_low"], s["ci_high"]) for s in comparisons]
-    lc = [tuple(s["length_controlled"][k] for k in ("estimate", "ci_low", "ci_high")) for s in comparisons]
-    for offset, points, marker, name in [(-0.15, raw, "o", "win rate"), (0.15, lc, "s", "length-controlled")]:
-        centre, low, high = np.array(points, dtype=float).T  # (3, comparisons)
-        # bootstrap quantiles can sit a rounding error off the mean; errorbar refuses negative lengths
-        spread = [np.maximum(centre - low, 0.0), np.maximum(high - centre, 0.0)]
-        ax.errorbar(centre, y + offset, xerr=spread, fmt=marker, capsize=4, label=name)
-    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_yticks(y, labels)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("win rate (ties count half)")
-    ax.invert_yaxis()
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    fig.tight_layout()
-    return _png_base64(fig)
-
-
-def plot_lengths(judgments: Sequence[Judgment], max_panels: int = 6) -> str:
-    """Histograms of system and baseline answer lengths, one panel per comparison."""
-    pairs = sorted({(j.system, j.baseline) for j in judgments})[:max_panels]
-    fig = _figure(3.4 * len(pairs), 2.8)
-    for k, (system, baseline) in enumerate(pairs, start=1):
-        ax = fig.add_subplot(1, len(pairs), k)
-        rows = stats.select(judgments, system, baseline)
-        system_len, baseline_len = [j.system_len for j in rows], [j.baseline_len for j in rows]
-        bins = np.histogram_bin_edges(system_len + baseline_len, bins=20)
-        ax.hist(baseline_len, bins=bins, alpha=0.6, label=baseline)
-        ax.hist(system_len, bins=bins, alpha=0.6, label=system)
-        ax.set_title(f"{system} vs {baseline}", fontsize=9)
-        ax.set_xlabel("answer length")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _png_base64(fig)
-
-
-def plot_ratings(ranking: Mapping[str, Any], intervals: Mapping[str, Sequence[Any]] | None = None) -> str:
-    """Bradley-Terry ratings as horizontal bars, best on top, with ``intervals`` as error bars if given."""
-    names = list(ranking["ratings"])
-    fig = _figure(6, 0.45 * len(names) + 1.2)
-    ax = fig.add_subplot()
-    anchor_rating = ranking.get("anchor_rating", 1000.0)
-    ratings = np.array([ranking["ratings"][n] for n in names], dtype=float)
-    ax.barh(names, ratings - anchor_rating, left=anchor_rating, color="#4a7fb5")  # bars grow from the anchor
-    if intervals:
-        bounds = np.array([[_nan(v) for v in intervals.get(n, (None, None))] for n in names])  # (k, 2)
-        spread = [np.maximum(ratings - bounds[:, 0], 0.0), np.maximum(bounds[:, 1] - ratings, 0.0)]
-        ax.errorbar(ratings, np.arange(len(names)), xerr=spread, fmt="none", ecolor="#222", capsize=3)
-        ratings = np.concatenate([ratings, bounds[np.isfinite(bounds)]])
-    ax.axvline(anchor_rating, color="grey", linestyle="--", linewidth=1)
-    ax.invert_yaxis()
-    ax.set_xlabel("Bradley-Terry rating (Elo scale)")
-    ax.set_xlim(min(ratings.min(), anchor_rating) - 100, max(ratings.max(), anchor_rating) + 100)
-    fig.tight_layout()
-    return _png_base64(fig)
-
-
-def _nan(value: Any) -> float:
-    return float(value) if _is_number(value) else math.nan
-
-
-def _figure(width: float, height: float) -> Figure:
-    """A figure drawn by the Agg canvas directly: no pyplot, no global backend state."""
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png_base64(fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.canvas.print_png(buffer)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -23,7 +23,7 @@ import sys
 import pytest
 from conftest import ROOT, ScriptedJudge, keyword_judge
 
-from align_kit import answers, audits, evaluation, generation, models, rewards
+from align_kit import answers, audits, evaluation, generation, judge_setup, models, rewards
 from align_kit.answers import CHOSEN, HeldOut
 from align_kit.configs import HONEYPOT_KINDS, DataArgs, EvalArgs, parse
 from align_kit.evaluation import CONFIG, evaluate_systems
@@ -730,7 +730,7 @@ def test_a_judge_without_its_key_stops_the_evaluation_before_generation(tmp_path
     port = closed_port()
     overrides = {"openai_pairwise": {"base_url": f"http://127.0.0.1:{port}/v1"}}
     judges = ["oracle", "openai_pairwise", f"reward_model={tmp_path / 'no_reward'}"]
-    with pytest.raises(evaluation.JudgeSetupError) as caught:
+    with pytest.raises(judge_setup.JudgeSetupError) as caught:
         evaluate_systems({"a": tiny_models["a"]}, "a", judges, tmp_path, judge_overrides=overrides, **SMALL)
     lines = str(caught.value).splitlines()
     assert lines[1:] == [
@@ -749,7 +749,7 @@ def test_a_judge_without_its_key_stops_the_evaluation_before_generation(tmp_path
     assert any(
         n.startswith("judge openai_pairwise skipped: set the environment variable") for n in result["notes"]
     )
-    with pytest.raises(evaluation.JudgeSetupError, match="optional_judges names"):
+    with pytest.raises(judge_setup.JudgeSetupError, match="optional_judges names"):
         evaluate_systems({"copy": copy}, "copy", ["oracle"], tmp_path, optional_judges=["orcale"], **SMALL)
 
 
@@ -759,8 +759,8 @@ def test_endpoint_check_accepts_a_listening_port_within_its_bound():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
-        assert evaluation.endpoint_problem(f"http://127.0.0.1:{server.getsockname()[1]}/v1", 2.0) is None
-    assert "names no host" in evaluation.endpoint_problem("not a url", 1.0)
+        assert judge_setup.endpoint_problem(f"http://127.0.0.1:{server.getsockname()[1]}/v1", 2.0) is None
+    assert "names no host" in judge_setup.endpoint_problem("not a url", 1.0)
 
 
 def test_judge_model_and_dtype_from_the_command_line(tiny_model_dir):
@@ -773,7 +773,7 @@ def test_judge_model_and_dtype_from_the_command_line(tiny_model_dir):
         json.dumps({"local_hf_pairwise": {"use_chat_template": False, "batch_size": 2}}),
     ]
     args, _ = parse(CONFIG, argv)
-    oracle, local = evaluation.prepare_judges(args.judges, args, [])
+    oracle, local = judge_setup.prepare_judges(args.judges, args, [])
     assert oracle.config.torch_dtype == "float32"  # judge_dtype is for local models only
     assert (local.config.model, local.config.torch_dtype, local.config.batch_size) == (
         str(tiny_model_dir),
@@ -782,16 +782,16 @@ def test_judge_model_and_dtype_from_the_command_line(tiny_model_dir):
     )
     local.text(PairItem("\n\nHuman: Hi\n\nAssistant:", " Hello", " Go away"))  # loads the model
     assert local.lm.dtype == torch.bfloat16 and local.lm.name_or_path == str(tiny_model_dir)
-    (auto,) = evaluation.prepare_judges(
+    (auto,) = judge_setup.prepare_judges(
         ["local_hf_pairwise"], dataclasses.replace(args, judge_dtype="auto", judge_overrides=None), []
     )
     assert auto.config.torch_dtype == "float32" or torch.cuda.is_available()  # auto on a CPU
     clash = dataclasses.replace(args, judge_overrides={"local_hf_pairwise": {"torch_dtype": "float16"}})
-    with pytest.raises(evaluation.JudgeSetupError, match="torch_dtype.*set both"):
-        evaluation.prepare_judges(["local_hf_pairwise"], clash, [])
+    with pytest.raises(judge_setup.JudgeSetupError, match="torch_dtype.*set both"):
+        judge_setup.prepare_judges(["local_hf_pairwise"], clash, [])
     several = dataclasses.replace(args, judges=["local_hf_pairwise", "openai_pairwise"])
-    with pytest.raises(evaluation.JudgeSetupError, match="judge_model applies to one judge"):
-        evaluation.prepare_judges(several.judges, several, [])
+    with pytest.raises(judge_setup.JudgeSetupError, match="judge_model applies to one judge"):
+        judge_setup.prepare_judges(several.judges, several, [])
 
 
 # ---------------------------------------------------------------------------------------------------------

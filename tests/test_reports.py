@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from align_kit import reports, stats
+from align_kit import ratings, reports, stats
 from align_kit.stats import Judgment
 
 
@@ -33,14 +33,14 @@ def _synthetic_run(seed=0):
                 )
             )
     comparisons = [stats.summarize(judgments, s, "sft", seed=seed) for s in ("dpo", "ppo")]
-    ranking = stats.rank_systems(judgments, anchor="sft")
+    ranking = ratings.rank_systems(judgments, anchor="sft")
     results = {
         "metadata": {"judge": "fake-judge", "models": {"dpo": "runs/dpo", "ppo": "runs/ppo"}, "seed": seed},
         "skipped": {"too_long": 4, "empty_answer": 1},
         "comparisons": comparisons,
         "paired": [stats.paired_test(judgments, "dpo", "ppo", "sft", seed=seed)],
         "ranking": ranking,
-        "audit": stats.audit(judgments, honeypots=(["win"] * 9 + ["loss"], ["win"] * 10), rates=None),
+        "audit": stats.audit(judgments, honeypots=(["win"] * 9 + ["loss"], ["win"] * 10)),
     }
     results["audit_checks"] = stats.check_audit(results["audit"])
     examples = [
@@ -195,7 +195,7 @@ def test_report_opens_with_the_judges_verdict_and_files_are_written_whole(tmp_pa
 def test_a_comparison_without_decided_pairs_reads_na():
     summary = stats.summarize([], "dpo", "chosen")
     assert reports.headline(summary) == "dpo vs chosen: n/a (no decided pairs)."
-    results = {"comparisons": [summary], "ranking": stats.rank_systems([], anchor="sft")}
+    results = {"comparisons": [summary], "ranking": ratings.rank_systems([], anchor="sft")}
     text = reports.render_markdown(results)
     assert "| dpo | chosen | 0 | 0 / 0 / 0 | n/a |" in text and "Ratings: n/a (no ratings" in text
     assert "not audited" in text.splitlines()[2]
