@@ -9,6 +9,7 @@ generation batch at a time, so a crash loses at most the batch in progress.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 from align_kit import generation, rewards
 from align_kit.configs import DataArgs, EvalArgs, ModelArgs
-from align_kit.data import DataError, load_preferences, load_raw
+from align_kit.data import DataError, load_preferences, load_raw, render_held_out, system_chat_format
 from align_kit.generation import best_of_n
 from align_kit.models import load_model, load_reward_model, load_tokenizer, resolve
 
@@ -106,6 +107,7 @@ class HeldOut:
     chosen: list[str]
     rows: list[dict[str, str]]  # every held-out (prompt, chosen, rejected) row, for label agreement
     groups: list[str] | None = None  # each prompt's value of EvalArgs.group_column, when one is set
+    chat_template: str = "auto"  # how systems that are no align-kit run get their prompts rendered
 
 
 def prompt_id(prompt: str) -> str:
@@ -114,8 +116,9 @@ def prompt_id(prompt: str) -> str:
 
 
 def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> HeldOut:
-    """The first ``args.n_prompts`` distinct prompts of the test split and their first chosen answer."""
-    splits, _ = load_preferences(data_args, tokenizer)
+    """The first ``args.n_prompts`` distinct prompts of the test split and their first chosen answer, in the
+    hh format (the plain conversation judges read; each system gets them rendered as it was trained)."""
+    splits, _ = load_preferences(dataclasses.replace(data_args, chat_template="hh"), tokenizer)
     first_chosen: dict[str, str] = {}
     for row in splits["test"]:
         first_chosen.setdefault(row["prompt"], row["chosen"])
@@ -127,7 +130,12 @@ def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> Held
         group_of = prompt_groups(splits["test"], data_args, args.group_column)
         groups = [group_of[p] for p in prompts]
     return HeldOut(
-        [prompt_id(p) for p in prompts], prompts, [first_chosen[p] for p in prompts], splits["test"], groups
+        [prompt_id(p) for p in prompts],
+        prompts,
+        [first_chosen[p] for p in prompts],
+        splits["test"],
+        groups,
+        data_args.chat_template,
     )
 
 
@@ -135,11 +143,12 @@ def prompt_groups(rows: Sequence[dict[str, Any]], data_args: DataArgs, column: s
     """prompt -> its value of ``column`` in the raw source row it came from (``source_row``; the first row
     of a prompt decides), for reporting every comparison per group."""
     raw = load_raw(data_args)
-    split = data_args.test_split if data_args.test_split in raw else data_args.train_split  # test from train
-    source, dataset = raw[split]
-    if column not in dataset.column_names:
-        raise DataError(f"{source}: no group column {column!r}; the file has {dataset.column_names}")
-    values = dataset[column]
+    split = raw[
+        data_args.test_split if data_args.test_split in raw else data_args.train_split
+    ]  # test from train
+    if column not in split.columns:
+        raise DataError(f"{split.source}: no group column {column!r}; the file has {split.columns}")
+    values = split.column(column)
     out: dict[str, str] = {}
     for row in rows:
         out.setdefault(row["prompt"], str(values[row["source_row"]]))
@@ -209,6 +218,10 @@ def system_answers(
         }
     identity = {"model": system.path, "model_fingerprint": fingerprint(system.path)}
     identity |= {"generation": settings, "seed": args.seed}
+    # prompts rendered as the system's training rendered them (its run_config.json), else by chat_template
+    chat = system_chat_format(system.path, held.chat_template, load_tokenizer)
+    if chat.name != "hh":  # earlier answers were all generated from hh prompts: they stay valid
+        identity["chat_template"] = chat.identity()
     path = out_dir / "generations" / f"{system.name}.jsonl"
     done = {
         row["prompt"]: row["answer"]
@@ -217,7 +230,9 @@ def system_answers(
     }
     todo = [p for p in held.prompts if p not in done]
     if todo:
-        for prompts, new in generate_answers(system, todo, args, state):
+        done_now = 0  # the batches come back rendered for the system: the file keeps the hh prompts
+        for batch, new in generate_answers(system, render_held_out(todo, held.rows, chat), args, state):
+            prompts, done_now = todo[done_now : done_now + len(batch)], done_now + len(batch)
             if state.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "a", encoding="utf-8") as handle:  # one batch, then flushed by close

@@ -41,15 +41,40 @@ class DataArgs:
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_format: Literal["hh-rlhf", "preference"] = field(
-        default="hh-rlhf",
+    dataset_format: Literal[
+        "auto",
+        "hh-rlhf",
+        "preference",
+        "chat-preference",
+        "chat-transcripts",
+        "tldr-comparisons",
+        "instruction",
+        "unpaired",
+    ] = field(
+        default="auto",
         metadata={
-            "help": "'hh-rlhf': full transcripts in `chosen`/`rejected`, split at the last Assistant turn; "
-            "'preference': separate prompt/chosen/rejected columns (see *_column)."
+            "help": "Row layout. 'auto' (default) detects it from the columns and stops on a mixed or unknown "
+            "layout; 'hh-rlhf': `chosen`/`rejected` transcripts split at the last Assistant turn; "
+            "'preference': prompt/chosen/rejected strings (see *_column); 'chat-preference': `prompt` "
+            "messages and `chosen`/`rejected` assistant messages (TRL's conversational layout); "
+            "'chat-transcripts': `chosen`/`rejected` conversations sharing their history; "
+            "'tldr-comparisons': summarize-from-feedback comparisons (`info`, `summaries`, `choice`); "
+            "'instruction' (SFT): prompt/`completion` or a `messages` conversation; 'unpaired' (KTO): "
+            "prompt, `completion` and a boolean or 0/1 `label` (True: a desirable answer)."
+        },
+    )
+    chat_template: str = field(
+        default="auto",
+        metadata={
+            "help": "How conversations become model text: 'auto' (the tokenizer's chat template when it has "
+            "one, else the hh format), 'hh' (\\n\\nHuman: ... \\n\\nAssistant:), 'tokenizer', or the path of "
+            "a .jinja file. The choice is recorded in run_config.json (chat_template_used); the evaluation "
+            "renders a run's prompts the same way and uses this setting for other systems."
         },
     )
     prompt_column: str = field(
-        default="prompt", metadata={"help": "Prompt column for dataset_format=preference."}
+        default="prompt",
+        metadata={"help": "Prompt column (preference, chat-preference, instruction and unpaired rows)."},
     )
     chosen_column: str = field(default="chosen", metadata={"help": "Preferred answer column."})
     rejected_column: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
@@ -96,6 +121,18 @@ class DataArgs:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if not 0.0 < self.test_size < 1.0:
+            raise ConfigError(f"test_size: {self.test_size} must be between 0 and 1 (a fraction held out)")
+        for name in ("max_train_samples", "max_eval_samples", "max_pair_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be at least 1 (or None: no cap)")
+        if self.chat_template not in ("auto", "hh", "tokenizer"):
+            if not self.chat_template.endswith(".jinja"):
+                raise ConfigError(
+                    f"chat_template: {self.chat_template!r} is not auto, hh, tokenizer or a .jinja file"
+                )
+            if not os.path.isfile(self.chat_template):
+                raise ConfigError(f"chat_template: {self.chat_template}: no such file")
 
 
 @dataclass

@@ -147,9 +147,15 @@ def save_model(
 
 
 def record_data(run: Run, counts: Any) -> None:
-    """Print and keep the data counts (rows kept, dropped by reason, located examples)."""
+    """Print and keep the data counts (layout, rows kept, dropped by reason, located examples); the chat
+    template the rows were rendered with goes into run_config.json too (the evaluation reads it there)."""
     log("data:\n" + counts.summary())
     run.write_json("data_counts.json", counts.to_dict())
+    if is_main_process() and counts.chat_template is not None:
+        config = json.loads(run.path("run_config.json").read_text())
+        run.write_json(
+            "run_config.json", dict(sorted({**config, "chat_template_used": counts.chat_template}.items()))
+        )
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
