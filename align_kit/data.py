@@ -168,7 +168,7 @@ def read_json_rows(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
                 if not isinstance(row, dict):
                     raise DataError(f"{path}: item {index}: expected a JSON object, got {type(row).__name__}")
             return whole, None
-        if isinstance(whole, dict) and len(texts) > 1 and not texts[1].lstrip().startswith("{"):
+        if isinstance(whole, dict) and sum(1 for text in texts if text.strip()) > 1:  # one object, many lines
             raise DataError(f"{path}: expected a list of objects or one object per line, got one object")
     rows, numbers = [], []
     for number, text in enumerate(texts, 1):
@@ -353,7 +353,9 @@ def split_hh(chosen: Any, rejected: Any) -> tuple[str, str, str]:
             if chosen.rfind(HUMAN, 0, start) > chosen.rfind(ASSISTANT, 0, start):
                 return chosen[:cut], chosen[cut:], rejected[cut:]
         start = chosen.rfind(ASSISTANT, 0, start)
-    raise RowError("broken_markers" if shared else "history_mismatch", "rejected" if not shared else "chosen")
+    if shared:
+        raise RowError("broken_markers", "chosen")
+    raise RowError("history_mismatch", "rejected")
 
 
 def _messages(value: Any, name: str) -> Messages:
@@ -390,8 +392,10 @@ def _history(messages: Messages, name: str) -> Messages:
 def _conversation(value: Any, name: str) -> tuple[Messages, str]:
     """A whole conversation -> (its history, the content of its final assistant turn)."""
     messages = _messages(value, name)
-    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+    if messages[-1]["role"] != "assistant":
         raise RowError("no_assistant_turn", f"{name}[{len(messages) - 1}].role")
+    if len(messages) < 2:
+        raise RowError("no_user_turn", f"{name}[0].role")
     return _history(messages[:-1], name), messages[-1]["content"]
 
 
@@ -407,7 +411,7 @@ def _text_prompt(text: str, name: str) -> Messages:
     stripped = text.strip()
     if stripped.startswith(HUMAN.strip()):
         hh = "\n\n" + stripped
-        if not hh.endswith(ASSISTANT) or hh.count(HUMAN) < 1:
+        if not hh.endswith(ASSISTANT):
             raise RowError("broken_markers", name)
         messages = parse_hh(hh)
         if not messages or messages[-1]["role"] != "user" or messages[0]["role"] != "user":
