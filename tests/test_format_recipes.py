@@ -23,10 +23,9 @@ from align_kit.prompts import instruction_of
 TEMPLATE = ASSETS / "tiny_chat_template.jinja"
 
 
-@pytest.fixture
-def trained_tokens(monkeypatch):
-    """Every training batch's token sequences, decoded later: wraps transformers' training step, which the
-    TRL trainers call with the collated batch."""
+def record_training_batches(patch: pytest.MonkeyPatch) -> list:
+    """Every training batch's (input_ids, attention_mask) from now on: wraps transformers' training step,
+    which the TRL trainers call with the collated batch."""
     batches = []
     original = transformers.Trainer.training_step
 
@@ -34,8 +33,13 @@ def trained_tokens(monkeypatch):
         batches.append((inputs["input_ids"].detach().cpu(), inputs["attention_mask"].detach().cpu()))
         return original(self, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(transformers.Trainer, "training_step", spy)
+    patch.setattr(transformers.Trainer, "training_step", spy)
     return batches
+
+
+@pytest.fixture
+def trained_tokens(monkeypatch):
+    return record_training_batches(monkeypatch)
 
 
 def decoded(batches, tokenizer) -> set[str]:
@@ -57,19 +61,15 @@ def template_model_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-def run_recipe(name, out, **overrides):
-    args = {
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "test_size": 0.25,
-        **overrides,
-    }
-    return load_recipe(name).main(tiny_run_args(out, **args))
+def one_step(name: str, out, asset: str, **overrides) -> tuple[dict, dict]:
+    """One training step of recipes/<name>.py on a tests/assets file: (metrics, its data_counts.json)."""
+    args = {"max_steps": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "test_size": 0.25}
+    metrics = load_recipe(name).main(tiny_run_args(out, dataset=ASSETS / asset, **{**args, **overrides}))
+    return metrics, json.loads((out / "data_counts.json").read_text())
 
 
-def counts_of(out):
-    return json.loads((out / "data_counts.json").read_text())
+def chat_template_used(out) -> str:
+    return json.loads((out / "run_config.json").read_text())["chat_template_used"]
 
 
 def expected_sequences(dataset, tokenizer, eos: str, **data) -> set[str]:
@@ -86,32 +86,22 @@ def expected_sequences(dataset, tokenizer, eos: str, **data) -> set[str]:
 def template_run(template_model_dir, tmp_path_factory):
     """DPO on conversational rows with an explicit prompt, multi-turn kept, with the templated tokenizer."""
     out = tmp_path_factory.mktemp("runs") / "dpo_chat"
-    batches = []
-    original = transformers.Trainer.training_step
-
-    def spy(self, model, inputs, *args, **kwargs):
-        batches.append((inputs["input_ids"].detach().cpu(), inputs["attention_mask"].detach().cpu()))
-        return original(self, model, inputs, *args, **kwargs)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.Trainer, "training_step", spy)
-        run_recipe(
+        batches = record_training_batches(patch)
+        _, counts = one_step(
             "dpo",
             out,
-            dataset=ASSETS / "chat_preference_tiny.jsonl",
+            "chat_preference_tiny.jsonl",
             model_name_or_path=template_model_dir,
             single_turn="false",
-            max_steps=1,
-            per_device_train_batch_size=8,
         )
-    return out, batches
+    return out, batches, counts
 
 
 def test_explicit_prompt_conversations_train_through_the_tokenizers_template(
     template_run, template_model_dir
 ):
-    out, batches = template_run
-    counts = counts_of(out)
+    out, batches, counts = template_run
     assert counts["kept"]["train"] + counts["kept"]["test"] == 8  # every valid row, the multi-turn one too
     assert counts["dataset_format"] == {
         "requested": "auto",
@@ -119,8 +109,7 @@ def test_explicit_prompt_conversations_train_through_the_tokenizers_template(
         "test": "chat-preference",
     }
     assert sum(counts["dropped"]["train"].values()) == 5
-    assert counts["chat_template"] == "tokenizer"
-    assert json.loads((out / "run_config.json").read_text())["chat_template_used"] == "tokenizer"
+    assert counts["chat_template"] == "tokenizer" and chat_template_used(out) == "tokenizer"
     tokenizer = load_tokenizer(str(template_model_dir))
     seen = decoded(batches, tokenizer)
     expected = expected_sequences(
@@ -133,21 +122,17 @@ def test_explicit_prompt_conversations_train_through_the_tokenizers_template(
         tokenizer,
     )
     multi = next(r for r in splits["train"] + splits["test"] if r["source_row"] == 11)
-    assert (
-        multi["prompt"]
-        == "<|user|>Hi<|assistant|>Hello! How can I help?<|endoftext|><|user|>Tell me a joke.<|assistant|>"
+    assert multi["prompt"] == (
+        "<|user|>Hi<|assistant|>Hello! How can I help?<|endoftext|><|user|>Tell me a joke.<|assistant|>"
     )
 
 
 def test_implicit_prompt_conversations_train_on_the_hh_format_with_tiny_gpt2(tmp_path, trained_tokens):
     out = tmp_path / "dpo_transcripts"
-    run_recipe(
-        "dpo", out, dataset=ASSETS / "chat_transcripts_tiny.jsonl", per_device_train_batch_size=8, max_steps=1
-    )
-    counts = counts_of(out)
+    _, counts = one_step("dpo", out, "chat_transcripts_tiny.jsonl")
     assert counts["kept"]["train"] + counts["kept"]["test"] == 6
-    assert counts["dataset_format"]["train"] == "chat-transcripts" and counts["chat_template"] == "hh"
-    assert json.loads((out / "run_config.json").read_text())["chat_template_used"] == "hh"
+    assert counts["dataset_format"]["train"] == "chat-transcripts"
+    assert counts["chat_template"] == "hh" and chat_template_used(out) == "hh"
     tokenizer = load_tokenizer("tiny-gpt2")
     seen = decoded(trained_tokens, tokenizer)
     assert seen == expected_sequences(ASSETS / "chat_transcripts_tiny.jsonl", tokenizer, tokenizer.eos_token)
@@ -155,17 +140,13 @@ def test_implicit_prompt_conversations_train_on_the_hh_format_with_tiny_gpt2(tmp
 
 
 def test_tldr_comparisons_train_with_dpo(tmp_path):
-    out = tmp_path / "dpo_tldr"
-    metrics = run_recipe(
+    metrics, counts = one_step(
         "dpo",
-        out,
-        dataset=ASSETS / "tldr_comparisons_tiny.jsonl",
+        tmp_path / "dpo_tldr",
+        "tldr_comparisons_tiny.jsonl",
         dataset_format="tldr-comparisons",
         max_length=256,
-        max_steps=1,
-        per_device_train_batch_size=8,
     )
-    counts = counts_of(out)
     assert counts["kept"]["train"] + counts["kept"]["test"] == 5
     assert counts["dropped"]["train"] == {
         "bad_choice": 1,
@@ -177,11 +158,7 @@ def test_tldr_comparisons_train_with_dpo(tmp_path):
 
 
 def test_instruction_rows_train_with_sft(tmp_path, trained_tokens):
-    out = tmp_path / "sft_instruction"
-    run_recipe(
-        "sft", out, dataset=ASSETS / "instruction_tiny.jsonl", per_device_train_batch_size=8, max_steps=1
-    )
-    counts = counts_of(out)
+    _, counts = one_step("sft", tmp_path / "sft_instruction", "instruction_tiny.jsonl")
     assert counts["kept"]["train"] + counts["kept"]["test"] == 7
     assert counts["dataset_format"]["train"] == "instruction"
     tokenizer = load_tokenizer("tiny-gpt2")
@@ -195,7 +172,7 @@ def test_the_evaluation_renders_prompts_as_each_system_was_trained(
 ):
     """A multi-turn held-out conversation: the template run generates from its template rendering, a plain
     model (no run, no template) from the hh text, and the judge reads the plain conversation."""
-    run_dir, _ = template_run
+    run_dir, _, _ = template_run
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(ASSETS / "chat_preference_tiny.jsonl", data / "train.jsonl")
