@@ -141,7 +141,7 @@ class ChatFormat:
         return full[len(prompt) :].rstrip()
 
     def identity(self) -> str:
-        """'hh', or the name with a hash of the template text (answers generated under another are not reused)."""
+        """'hh', or the name with a hash of the template text (answers made under another are not reused)."""
         if self.name == HH:
             return HH
         text = self.template or str(self.tokenizer.chat_template)
@@ -159,7 +159,8 @@ def chat_format(setting: str, tokenizer: Any = None) -> ChatFormat:
     if setting in ("auto", TOKENIZER):
         if not has_template:
             raise ValueError(
-                "chat_template: tokenizer, but the tokenizer has no chat template; use auto or hh, or a .jinja file"
+                "chat_template: tokenizer, but the tokenizer has no chat template; "
+                "use auto or hh, or a .jinja file"
             )
         name, template = TOKENIZER, None
     else:
