@@ -102,7 +102,7 @@ class OpenAIJudge:
         self.replies: dict[PairItem, JudgeReply] = {}
         self.in_flight = _InFlightLimit(config.max_concurrency)
         self._lock = threading.Lock()
-        self._halt = threading.Event()
+        self.halt = threading.Event()
         key = "EMPTY"
         if config.api_key_env:
             key = os.environ.get(config.api_key_env, "")
@@ -141,22 +141,22 @@ class OpenAIJudge:
 
     def start_request(self, is_retry: bool) -> None:
         """Count one HTTP attempt, or refuse it: the run is stopping, or the budget is spent."""
-        if self._halt.is_set():
+        if self.halt.is_set():
             raise _Stop(None)
         config = self.config
         with self._lock:
             if config.max_requests is not None and self.stats.requests >= config.max_requests:
-                raise _Stop(
-                    JudgeBudgetExceeded(f"{self.where()}: max_requests={config.max_requests} reached")
-                )
+                raise self.stop(f"{self.where()}: max_requests={config.max_requests} reached", budget=True)
             if config.max_cost is not None and self.stats.cost >= config.max_cost:
-                raise _Stop(
-                    JudgeBudgetExceeded(
-                        f"{self.where()}: max_cost={config.max_cost} reached (spent {self.stats.cost:.6g})"
-                    )
-                )
+                spent = f"spent {self.stats.cost:.6g}"
+                raise self.stop(f"{self.where()}: max_cost={config.max_cost} reached ({spent})", budget=True)
             self.stats.requests += 1
             self.stats.retries += is_retry
+
+    def stop(self, message: str, budget: bool = False) -> _Stop:
+        """Halt the run (no new request starts) and wrap its error for raising under the openai client."""
+        self.halt.set()
+        return _Stop((JudgeBudgetExceeded if budget else JudgeRequestError)(message))
 
     def ask(self, item: PairItem) -> JudgeReply:
         """One pair in one order; raises JudgeRequestError when it fails for good."""
@@ -233,8 +233,9 @@ class OpenAIJudge:
         self.count(calls=len(items))
         if not items:
             return
-        self._halt.clear()
+        self.halt.clear()
         error: JudgeRequestError | None = None
+        skipped = 0
         pool = ThreadPoolExecutor(max_workers=min(self.config.max_concurrency, len(items)))
         futures = {pool.submit(self._ask_unless_halted, item): index for index, item in enumerate(items)}
         try:
@@ -242,6 +243,7 @@ class OpenAIJudge:
                 try:
                     reply = future.result()
                 except _Halted:
+                    skipped += 1
                     continue
                 except JudgeRequestError as err:
                     error = error or err
@@ -249,10 +251,12 @@ class OpenAIJudge:
                 self.replies[items[futures[future]]] = reply
                 yield futures[future], reply
         finally:
-            self._halt.set()  # also when the caller stops early: nothing new starts
+            self.halt.set()  # also when the caller stops early: nothing new starts
             pool.shutdown(wait=True, cancel_futures=True)
         if error is not None:
             raise error
+        if skipped:  # halted by a response that the client then retried after all (x-should-retry)
+            raise JudgeRequestError(f"{self.where()}: {skipped} of {len(items)} pairs not asked")
 
     def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
         verdicts: list[Verdict] = [None] * len(items)
@@ -261,12 +265,12 @@ class OpenAIJudge:
         return verdicts
 
     def _ask_unless_halted(self, item: PairItem) -> JudgeReply:
-        if self._halt.is_set():
+        if self.halt.is_set():
             raise _Halted()
         try:
             return self.ask(item)
         except JudgeRequestError:
-            self._halt.set()  # here, not in judge_stream, so no worker starts another request meanwhile
+            self.halt.set()  # here, not in judge_stream, so no worker starts another request meanwhile
             raise
 
 
@@ -319,37 +323,37 @@ class _GuardedTransport(httpx2.BaseTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         judge = self.judge
         attempt = int(request.headers.get("x-stainless-retry-count", "0"))
-        try:
-            with judge.in_flight:  # a free slot first, then the halt and budget checks, then the request
-                judge.start_request(is_retry=attempt > 0)
+        with judge.in_flight:  # a free slot, then the halt and budget checks, the request and its verdict
+            judge.start_request(is_retry=attempt > 0)
+            try:
                 response = self.inner.handle_request(request)
-        except httpx2.TimeoutException:
-            judge.count(timeouts=1)
-            self._lower()
-            raise
-        except httpx2.TransportError as err:
-            judge.count(connection_errors=1)
-            if _refused(err) and attempt + 1 >= REFUSED_ATTEMPTS:
-                raise _Stop(
-                    JudgeRequestError(
+            except httpx2.TimeoutException:
+                judge.count(timeouts=1)
+                self._lower()
+                raise
+            except httpx2.TransportError as err:
+                judge.count(connection_errors=1)
+                if _refused(err) and attempt + 1 >= REFUSED_ATTEMPTS:
+                    raise judge.stop(
                         f"judge {judge.name}: nothing listening at {judge.url} (connection refused "
                         f"{attempt + 1} times; is the server running?)"
-                    )
-                ) from err
-            raise
-        status = response.status_code
-        if status == 429:
-            judge.count(rate_limited=1)
-            self._lower()
-        elif status >= 500:
-            judge.count(server_errors=1)
-            response.read()
-            message = server_message(_body(response))
-            if PERMANENT_MESSAGE.search(message):
-                raise _Stop(JudgeRequestError(f"{judge.where()}: HTTP {status}: {message}"))
-        elif status < 400:
-            judge.in_flight.succeeded()
-        return response
+                    ) from err
+                raise
+            status = response.status_code
+            if status == 429:
+                judge.count(rate_limited=1)
+                self._lower()
+            elif status >= 500:
+                judge.count(server_errors=1)
+                response.read()
+                message = server_message(_body(response))
+                if PERMANENT_MESSAGE.search(message):
+                    raise judge.stop(f"{judge.where()}: HTTP {status}: {message}")
+            elif status >= 400 and status not in (408, 409):
+                judge.halt.set()  # the client raises it without a retry; no other request may start first
+            else:
+                judge.in_flight.succeeded()
+            return response
 
     def _lower(self) -> None:
         self.judge.in_flight.lower()

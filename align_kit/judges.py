@@ -70,9 +70,7 @@ class JudgeStats:
     prompt_tokens: int = 0  # from each response's usage (openai only)
     completion_tokens: int = 0
     cost: float = 0.0  # from the judge's prices per million tokens; 0 without prices
-    logprob_fallbacks: int = (
-        0  # verdict_from=logprobs answers decided by their text (a label not in the list)
-    )
+    logprob_fallbacks: int = 0  # verdict_from=logprobs answers read as text (a label not listed)
     lowest_concurrency: int = 0  # fewest requests let in flight after a timeout or 429 (openai; 0: no cut)
 
 

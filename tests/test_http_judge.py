@@ -316,11 +316,12 @@ def test_nothing_listening_stops_after_a_few_quick_attempts(tmp_path, monkeypatc
 def test_every_verdict_is_cached_on_arrival_although_its_batch_fails(server, tmp_path):
     judge = make_judge(server.url, tmp_path, max_retries=1, max_concurrency=16, timeout=5.0)
     cache = JudgmentCache(tmp_path / "verdicts.jsonl")
-    prompts = [prompt(f"[slow] fine {k}") for k in range(5)] + [prompt("[late] [500-always] q")]
+    # the failing prompt answers late (0.3 s per attempt), when the others have long arrived
+    prompts = [prompt(f"fine {k}") for k in range(5)] + [prompt("[late] [500-always] q")]
     with pytest.raises(JudgeRequestError, match="HTTP 500 after 2 attempts: try again"):
         judge_both_orders(judge, prompts, ["good"] * 6, ["bad"] * 6, cache)  # one batch of 12
-    assert server.requests_for("[500-always]") == 4  # 2 attempts in each order
-    assert len(JudgmentCache(tmp_path / "verdicts.jsonl")) == 10  # both orders of the five others
+    assert judge.stats.server_errors == server.requests_for("[500-always]") >= 2
+    assert len(JudgmentCache(cache.path)) == len(judge.replies) == 10  # both orders of the five others
 
     again = make_judge(server.url, tmp_path)
     rows = judge_both_orders(again, prompts[:5], ["good"] * 5, ["bad"] * 5, JudgmentCache(cache.path))
