@@ -103,6 +103,13 @@ class OpenAIJudge:
         self.in_flight = _InFlightLimit(config.max_concurrency)
         self._lock = threading.Lock()
         self.halt = threading.Event()
+        self.client: openai.OpenAI | None = None  # made on first use: a rerun from the cache needs no key
+
+    def connect(self) -> openai.OpenAI:
+        """The openai client over the guarded transport, made once (in the caller's thread)."""
+        if self.client is not None:
+            return self.client
+        config = self.config
         key = "EMPTY"
         if config.api_key_env:
             key = os.environ.get(config.api_key_env, "")
@@ -121,6 +128,7 @@ class OpenAIJudge:
             timeout=config.timeout,
             http_client=openai.DefaultHttpxClient(transport=_GuardedTransport(self, inner)),
         )
+        return self.client
 
     def count(self, **increments: float) -> None:
         with self._lock:
@@ -170,7 +178,7 @@ class OpenAIJudge:
         if config.verdict_from == "logprobs":
             request.update(logprobs=True, top_logprobs=config.top_logprobs)
         try:
-            response = self.client.chat.completions.create(**request)
+            response = self.connect().chat.completions.create(**request)
         except _Stop as stop:
             raise stop.error or _Halted() from None
         except openai.APITimeoutError as err:  # before APIConnectionError, its parent class
@@ -233,6 +241,7 @@ class OpenAIJudge:
         self.count(calls=len(items))
         if not items:
             return
+        self.connect()
         self.halt.clear()
         error: JudgeRequestError | None = None
         skipped = 0

@@ -13,6 +13,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from align_kit import adapters, runs
+from align_kit.callbacks import trainer_callbacks
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
 from align_kit.data import load_preferences
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=runs.callbacks(stopping),
+        callbacks=trainer_callbacks(stopping),
     )
 
     # 6. train

@@ -18,9 +18,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from servers import free_port
 
+from align_kit.judge_backends import load_judge
 from align_kit.judge_cache import JudgmentCache
 from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeBudgetExceeded, JudgeRequestError, OpenAIJudge
-from align_kit.judges import JudgeConfig, PairItem, judge_both_orders, load_judge
+from align_kit.judges import JudgeConfig, PairItem, judge_both_orders
 
 
 class WideBacklogServer(ThreadingHTTPServer):
@@ -211,8 +212,8 @@ def test_verdicts_in_both_orders_key_from_env_texts_and_tokens(server, tmp_path,
     rows = judge_both_orders(
         judge, [prompt("a"), prompt("b"), prompt("c")], ["good", "bad", "x"], ["bad", "good", "y"]
     )
-    assert [r["verdict"] for r in rows] == ["win", "loss", "tie"]
-    assert [r["first_order_verdict"] for r in rows] == ["win", "loss", "tie"]
+    assert [r.outcome for r in rows] == ["win", "loss", "tie"]
+    assert [r.first for r in rows] == ["A", "B", "tie"]  # the system shown first
     assert server.auth == {"Bearer sk-test-123"}
     assert {
         (b["model"], b["temperature"], b["max_tokens"], b["messages"][0]["role"]) for b in server.bodies
@@ -226,10 +227,12 @@ def test_verdicts_in_both_orders_key_from_env_texts_and_tokens(server, tmp_path,
     assert (reply.text, reply.verdict, reply.prompt_tokens) == ("tie", "tie", 10)
 
 
-def test_missing_key_fails_loudly(server, tmp_path, monkeypatch):
+def test_a_missing_key_fails_loudly_at_the_first_request(server, tmp_path, monkeypatch):
     monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
+    judge = make_judge(server.url, tmp_path, api_key_env="TEST_JUDGE_KEY")  # a cached rerun needs no key
     with pytest.raises(ValueError, match="TEST_JUDGE_KEY"):
-        make_judge(server.url, tmp_path, api_key_env="TEST_JUDGE_KEY")
+        judge.judge_batch([PairItem(prompt("q"), "good", "bad")])
+    assert server.bodies == []
 
 
 def test_timeout_429_and_500_are_retried_by_the_client_and_counted(server, tmp_path):
@@ -252,8 +255,8 @@ def test_timeout_429_and_500_are_retried_by_the_client_and_counted(server, tmp_p
 def test_junk_answers_are_parse_failures_never_guesses_and_their_text_is_kept(server, tmp_path):
     judge = make_judge(server.url, tmp_path)
     rows = judge_both_orders(judge, [prompt("[junk] q"), prompt("fine")], ["good", "good"], ["bad", "bad"])
-    assert rows[0]["verdict"] is None and rows[0]["parse_failures"] == 2
-    assert rows[1]["verdict"] == "win" and rows[1]["parse_failures"] == 0
+    assert rows[0].outcome is None and rows[0].parse_failures == 2
+    assert rows[1].outcome == "win" and rows[1].parse_failures == 0
     assert judge.stats.parse_failures == 2
     assert server.requests_for("[junk]") == 2  # a parse failure is not retried
     assert judge.replies[PairItem(prompt("[junk] q"), "bad", "good")].text == "I think Reply 1 is better."
@@ -325,7 +328,7 @@ def test_every_verdict_is_cached_on_arrival_although_its_batch_fails(server, tmp
 
     again = make_judge(server.url, tmp_path)
     rows = judge_both_orders(again, prompts[:5], ["good"] * 5, ["bad"] * 5, JudgmentCache(cache.path))
-    assert [r["verdict"] for r in rows] == ["win"] * 5 and again.stats.calls == 0
+    assert [r.outcome for r in rows] == ["win"] * 5 and again.stats.calls == 0
 
 
 def test_a_one_at_a_time_server_gets_a_complete_run_with_fewer_requests_in_flight(tmp_path, monkeypatch):
@@ -354,7 +357,7 @@ def test_max_requests_stops_the_run_after_handing_back_what_it_paid_for(server, 
 
     again = make_judge(server.url, tmp_path)
     rows = judge_both_orders(again, prompts, ["good"] * 3, ["bad"] * 3, JudgmentCache(cache.path))
-    assert [r["verdict"] for r in rows] == ["win"] * 3 and again.stats.requests == 3
+    assert [r.outcome for r in rows] == ["win"] * 3 and again.stats.requests == 3
 
 
 def test_max_cost_is_checked_before_each_request(server, tmp_path):
@@ -407,7 +410,7 @@ def test_the_cache_key_ignores_where_the_server_listens(server, tmp_path):
     moved = make_judge(server.url.replace("127.0.0.1", "localhost"), tmp_path, max_concurrency=2)
     assert moved.identity == first.identity
     rows = judge_both_orders(moved, [prompt("q")], ["good"], ["bad"], JudgmentCache(cache.path))
-    assert rows[0]["verdict"] == "win" and moved.stats.calls == 0
+    assert rows[0].outcome == "win" and moved.stats.calls == 0
     assert make_judge(server.url, tmp_path, cache_tag="new-weights").identity != first.identity
     assert make_judge(server.url, tmp_path, verdict_from="logprobs").identity != first.identity
 
