@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "align_kit.eval.win_rate",
         "judged win rates against chosen answers and the base, with judge audits",
     ),
+    "leaderboard": (
+        "align_kit.eval.leaderboard",
+        "one table of ratings across evaluation runs that share a judge",
+    ),
     "demo": ("align_kit.demo", "every stage on the embedded default, then the judged report"),
 }
 

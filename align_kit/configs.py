@@ -337,8 +337,8 @@ class EvalArgs:
         default_factory=lambda: ["oracle"],
         metadata={
             "help": "Judges: a folder name under eval/judges, a judge folder or a judge.yaml, optionally "
-            "with =<model> overriding its model (e.g. reward_model=runs/demo/reward). A judge whose local "
-            "model folder does not exist is skipped with a note."
+            "with =<model> overriding its model (e.g. reward_model=runs/demo/reward). Each is checked before "
+            "generation: one that cannot work stops the evaluation unless optional_judges names it."
         },
     )
     output_dir: str = field(
@@ -389,6 +389,71 @@ class EvalArgs:
         default=0, metadata={"help": "Seed of sampling, honeypots, label coins and bootstraps."}
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    combine_orders: Literal["strict", "average"] = field(
+        default="strict",
+        metadata={
+            "help": "How a pair's two presentation orders score: 'strict' (a win needs both orders, any "
+            "disagreement is a tie) or 'average' (Arena-Hard: the mean of the two single-order scores, so a "
+            "win and a tie score 0.75). Used by every win rate, interval, paired test and rating."
+        },
+    )
+    optional_judges: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Judges (by their name in `judges`, before any '=') that may be missing: a problem found "
+            "before generation (no model folder, no key, endpoint down) leaves such a judge out with a note; "
+            "for any other judge it stops the evaluation before anything is generated."
+        },
+    )
+    judge_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model of the one judge that takes a model (hf_logits, reward_model, openai), e.g. "
+            "--judge_model Qwen/Qwen2.5-1.5B-Instruct; with several such judges use judge_overrides."
+        },
+    )
+    judge_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "torch_dtype of every local judge (hf_logits, reward_model): float32, bfloat16, float16 "
+            "or auto (bfloat16 on a GPU that supports it, float32 otherwise)."
+        },
+    )
+    judge_overrides: dict[str, dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Any judge.yaml key per judge name, e.g. {local_hf_pairwise: {torch_dtype: float32}} in "
+            "the YAML, or a JSON string on the command line."
+        },
+    )
+    group_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "A column of the data (e.g. hh-rlhf's subset, saved as a column) whose value groups the "
+            "held-out prompts: every comparison is also reported per group. None: no groups."
+        },
+    )
+    judge_retry_threshold: float = field(
+        default=0.05,
+        metadata={
+            "help": "Flag a judge in its report when more than this fraction of its requests were retried."
+        },
+    )
+    judge_connect_timeout: float = field(
+        default=3.0,
+        metadata={"help": "Seconds the check before generation waits for a judge's endpoint to accept."},
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if isinstance(self.judge_overrides, str):
+            try:
+                self.judge_overrides = json.loads(self.judge_overrides)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"judge_overrides: not JSON ({error}): {self.judge_overrides!r}") from None
+        overrides = self.judge_overrides or {}
+        if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+            raise ConfigError(f"judge_overrides: expected {{judge name: {{key: value}}}}, got {overrides!r}")
 
 
 def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:

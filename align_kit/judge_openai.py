@@ -38,7 +38,7 @@ from align_kit.judges import (
     JudgeConfig,
     JudgeStats,
     PairItem,
-    Verdict,
+    Reply,
     judge_identity,
     parse_verdict,
     render_prompt,
@@ -74,13 +74,10 @@ class _Stop(openai.OpenAIError):
         self.error = error
 
 
-@dataclass
-class JudgeReply:
-    """What the judge said for one pair in one order."""
+@dataclass(frozen=True)
+class JudgeReply(Reply):
+    """A ``Reply`` (verdict, raw text, rationale in mode: reason) with what only this backend knows."""
 
-    verdict: Verdict
-    text: str | None  # the raw answer
-    rationale: str | None = None  # mode: reason
     margin: float | None = None  # verdict_from: logprobs, logprob(label A) - logprob(label B)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -89,8 +86,8 @@ class JudgeReply:
 class OpenAIJudge:
     """An OpenAI-compatible chat-completions judge (see the module docstring).
 
-    ``replies`` keeps the reply (raw text, rationale, tokens) of every pair this judge answered, keyed by
-    its ``PairItem``, until the ``Judge`` protocol hands replies back itself.
+    ``replies`` keeps the reply (raw text, rationale, margin, tokens) of every pair this judge answered,
+    keyed by its ``PairItem``.
     """
 
     def __init__(self, config: JudgeConfig, template: str):
@@ -215,20 +212,18 @@ class OpenAIJudge:
             )
             cost /= 1e6
         self.count(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)
-        reply = JudgeReply(None, text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        tokens = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        margin = label_margin(choice, config.labels) if config.verdict_from == "logprobs" else None
+        if margin is not None:
+            return JudgeReply(verdict_from_margin(margin, config.tie_margin), text, margin=margin, **tokens)
         if config.verdict_from == "logprobs":
-            reply.margin = label_margin(choice, config.labels)
-            if reply.margin is not None:
-                reply.verdict = verdict_from_margin(reply.margin, config.tie_margin)
-                return reply
             self.count(logprob_fallbacks=1)
         regex = config.parse_regex if config.parser == "regex" else None
-        reply.verdict = parse_verdict(text, config.labels, config.tie_label, regex)
-        if config.mode == "reason":
-            reply.rationale = rationale_of(text, regex)
-        if reply.verdict is None:
+        verdict = parse_verdict(text, config.labels, config.tie_label, regex)
+        if verdict is None:
             self.count(parse_failures=1)
-        return reply
+        rationale = rationale_of(text, regex) if config.mode == "reason" else None
+        return JudgeReply(verdict, text, rationale, **tokens)
 
     # -- many requests ------------------------------------------------------------------------------
 
@@ -267,11 +262,10 @@ class OpenAIJudge:
         if skipped:  # halted by a response that the client then retried after all (x-should-retry)
             raise JudgeRequestError(f"{self.where()}: {skipped} of {len(items)} pairs not asked")
 
-    def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
-        verdicts: list[Verdict] = [None] * len(items)
-        for index, reply in self.judge_stream(items):
-            verdicts[index] = reply.verdict
-        return verdicts
+    def judge_batch(self, items: list[PairItem]) -> list[JudgeReply]:
+        """One reply per item; raises as ``judge_stream`` does, after all replies it got are in ``replies``."""
+        replies: dict[int, JudgeReply] = dict(self.judge_stream(items))
+        return [replies[index] for index in range(len(items))]
 
     def _ask_unless_halted(self, item: PairItem) -> JudgeReply:
         if self.halt.is_set():

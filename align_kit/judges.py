@@ -1,9 +1,10 @@
 """Pairwise judges for win rates, and the both-orders protocol that removes their position bias.
 
 A judge compares ``(prompt, answer_a, answer_b)`` in ONE order and returns ``'A'``, ``'B'``, ``'tie'``
-or ``None`` (its output could not be parsed; never guessed). ``judge_both_orders`` asks every pair
-with the system in slot A and again swapped, caches each single-order verdict on disk, and combines
-the two: see ``combine_orders``.
+or ``None`` (its output could not be parsed; never guessed), or a ``Reply`` holding that verdict with
+the raw text it was parsed from and any rationale. ``judge_both_orders`` asks every pair with the system
+in slot A and again swapped, caches each single-order reply on disk, and combines the two verdicts: see
+``combine_orders``.
 
 A judge is data: ``eval/judges/<name>/judge.yaml`` (read into ``JudgeConfig``; unknown keys fail)
 next to a prompt template in which ``{instruction}``, ``{output_1}`` (slot A) and ``{output_2}``
@@ -55,6 +56,21 @@ class PairItem:
     answer_b: str
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One order's answer from a judge: the ``verdict`` and, when the backend has them, the ``text`` it
+    was parsed from and a ``rationale`` given before it. A backend may return bare verdicts instead."""
+
+    verdict: Verdict
+    text: str | None = None
+    rationale: str | None = None
+
+
+def as_reply(answer: Reply | Verdict) -> Reply:
+    """A backend's answer for one item as a Reply (a bare verdict has no text)."""
+    return answer if isinstance(answer, Reply) else Reply(answer)
+
+
 @dataclass
 class JudgeStats:
     """What a judge did; read by tests and benchmarks (a rerun from a full cache leaves ``calls`` at 0)."""
@@ -82,7 +98,7 @@ class Judge(Protocol):
     batch_size: int  # pairs per ``judge_batch`` call, and so per cache flush
     stats: JudgeStats
 
-    def judge_batch(self, items: list[PairItem]) -> list[Verdict]: ...
+    def judge_batch(self, items: list[PairItem]) -> list[Reply | Verdict]: ...
 
 
 class Scorer(Protocol):
@@ -181,7 +197,13 @@ class JudgeConfig:
     device: str | None = field(
         default=None, metadata={"help": "Torch device; None picks cuda when available."}
     )
-    torch_dtype: str = field(default="float32", metadata={"help": "Weights dtype for local models."})
+    torch_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weights dtype for local models: float32, bfloat16, float16, or auto (bfloat16 on a GPU "
+            "that supports it, float32 otherwise)."
+        },
+    )
     base_url: str | None = field(
         default=None, metadata={"help": "openai: endpoint root, e.g. http://host:8000/v1."}
     )
@@ -419,6 +441,8 @@ class PairResult:
     swapped: Verdict
     parse_failures: int
     judge: str
+    first_reply: Reply | None = None  # the judge's raw text and rationale in each order, when it gave them
+    swapped_reply: Reply | None = None
 
 
 def judge_both_orders(
@@ -432,9 +456,9 @@ def judge_both_orders(
 ) -> list[PairResult]:
     """Judge each (prompt, system, baseline) with the system in slot A, then swapped.
 
-    Verdicts already in ``cache`` are not asked again; new ones are appended as they arrive: one by one
-    from a judge with ``judge_stream`` (openai), else batch by batch. Identical items (e.g. both answers
-    the same) are asked once.
+    Replies already in ``cache`` are not asked again; new ones are appended as they arrive (with their
+    raw text and rationale when the judge gives them): one by one from a judge with ``judge_stream``
+    (openai), else batch by batch. Identical items (e.g. both answers the same) are asked once.
     """
     if not len(prompts) == len(system_answers) == len(baseline_answers):
         raise ValueError("prompts, system_answers and baseline_answers must have the same length")
@@ -448,32 +472,34 @@ def judge_both_orders(
         for pair in orders
         for item in pair
     }
-    verdicts: dict[str, Verdict] = {}
+    replies: dict[str, Reply] = {}
     pending: dict[str, PairItem] = {}  # both orders of a prompt side by side, so scorers can share work
     for item, key in keys.items():
         if cache is not None and key in cache:
-            verdicts[key] = cache.get(key)
+            replies[key] = Reply(cache.get(key), cache.text(key), cache.rationale(key))
         else:
             pending.setdefault(key, item)
     todo = list(pending.items())
-    stream = getattr(judge, "judge_stream", None)  # verdicts one by one as they arrive (openai)
+    stream = getattr(judge, "judge_stream", None)  # (index, reply) as each arrives (openai)
     with tqdm(total=len(todo), desc=f"judge {judge.name}", disable=not progress) as bar:
         for start in range(0, len(todo), judge.batch_size):
             chunk = todo[start : start + judge.batch_size]
             batch = [item for _, item in chunk]
-            if stream is not None:  # each verdict is cached on arrival, whatever happens to the rest
-                answers = ((index, reply.verdict) for index, reply in stream(batch))
-            else:
-                answers = enumerate(judge.judge_batch(batch))
-            for index, verdict in answers:
+            # a streaming judge's replies are cached on arrival, whatever happens to the rest of the batch
+            answers = stream(batch) if stream is not None else enumerate(judge.judge_batch(batch))
+            for index, answer in answers:
                 key = chunk[index][0]
-                verdicts[key] = verdict
+                replies[key] = reply = as_reply(answer)
                 if cache is not None:
-                    cache.put(key, verdict, judge.name)
+                    cache.put(key, reply.verdict, judge.name, text=reply.text, rationale=reply.rationale)
                 bar.update(1)
     results = []
     for prompt_id, (first_item, swapped_item) in zip(ids, orders, strict=True):
-        first, swapped = verdicts[keys[first_item]], verdicts[keys[swapped_item]]
-        outcome, failures = combine_orders(first, swapped)
-        results.append(PairResult(prompt_id, outcome, first, swapped, failures, judge.name))
+        first, swapped = replies[keys[first_item]], replies[keys[swapped_item]]
+        outcome, failures = combine_orders(first.verdict, swapped.verdict)
+        results.append(
+            PairResult(
+                prompt_id, outcome, first.verdict, swapped.verdict, failures, judge.name, first, swapped
+            )
+        )
     return results

@@ -19,7 +19,7 @@ import pytest
 from servers import free_port
 
 from align_kit.judge_backends import load_judge
-from align_kit.judge_cache import JudgmentCache
+from align_kit.judge_cache import JudgmentCache, cache_key
 from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeBudgetExceeded, JudgeRequestError, OpenAIJudge
 from align_kit.judges import JudgeConfig, PairItem, judge_both_orders
 
@@ -196,6 +196,10 @@ def make_judge(url: str, tmp_path, **overrides) -> OpenAIJudge:
     return load_judge(tmp_path, **{"base_url": url, "timeout": CLIENT_TIMEOUT, **overrides})
 
 
+def verdicts(replies) -> list:
+    return [reply.verdict for reply in replies]
+
+
 def prompt(question: str) -> str:
     return f"\n\nHuman: {question}\n\nAssistant:"
 
@@ -242,7 +246,7 @@ def test_timeout_429_and_500_are_retried_by_the_client_and_counted(server, tmp_p
         PairItem(prompt("[429-once] q"), "bad", "good"),
         PairItem(prompt("[500-twice] q"), "good", "bad"),
     ]
-    assert judge.judge_batch(items) == ["A", "B", "A"]
+    assert verdicts(judge.judge_batch(items)) == ["A", "B", "A"]
     assert server.requests_for("[timeout-once]") == 2
     assert server.requests_for("[429-once]") == 2
     assert server.requests_for("[500-twice]") == 3
@@ -338,7 +342,7 @@ def test_a_one_at_a_time_server_gets_a_complete_run_with_fewer_requests_in_fligh
     try:
         judge = make_judge(slow.url, tmp_path, max_concurrency=16, max_retries=2)
         items = [PairItem(prompt(f"q {k}"), "good", "bad") for k in range(32)]
-        assert judge.judge_batch(items) == ["A"] * 32
+        assert verdicts(judge.judge_batch(items)) == ["A"] * 32
     finally:
         slow.httpd.shutdown()
         slow.httpd.server_close()
@@ -380,7 +384,7 @@ def test_logprob_verdicts_compare_the_labels_and_fall_back_to_text(server, tmp_p
         PairItem(prompt("[close] c"), "good", "bad"),  # text says 1, but the labels are 0.1 apart
         PairItem(prompt("[one-label] d"), "good", "bad"),  # '2' is not listed: the text decides
     ]
-    assert judge.judge_batch(items) == ["A", "B", "tie", "A"]
+    assert verdicts(judge.judge_batch(items)) == ["A", "B", "tie", "A"]
     assert {(b["logprobs"], b["top_logprobs"]) for b in server.bodies} == {(True, 5)}
     assert judge.replies[items[0]].margin == pytest.approx(2.3)
     assert judge.replies[items[3]].margin is None and judge.stats.logprob_fallbacks == 1
@@ -396,11 +400,19 @@ def test_reason_mode_keeps_the_rationale_and_max_completion_tokens(server, tmp_p
         max_tokens_field="max_completion_tokens",
         max_new_tokens=64,
     )
-    item = PairItem(prompt("[reason] q"), "bad", "good")
-    assert judge.judge_batch([item]) == ["B"]
-    reply = judge.replies[item]
-    assert reply.rationale == "Reply 2 is the good one." and reply.text.endswith("Verdict: 2")
-    assert server.bodies[0]["max_completion_tokens"] == 64 and "max_tokens" not in server.bodies[0]
+    cache = JudgmentCache(tmp_path / "verdicts.jsonl")
+    (result,) = judge_both_orders(judge, [prompt("[reason] q")], ["bad"], ["good"], cache)
+    assert (result.first, result.swapped, result.outcome) == ("B", "A", "loss")
+    reply = result.first_reply
+    assert (
+        reply.rationale == "Reply 2 is the good one." and reply.text == "Reply 2 is the good one.\nVerdict: 2"
+    )
+    reread = JudgmentCache(cache.path)  # the rationale and the raw text are cached with the verdict
+    key = cache_key(judge.identity, prompt("[reason] q"), "good", "bad")  # the swapped order
+    assert (reread.get(key), reread.rationale(key)) == ("A", "Reply 1 is the good one.")
+    assert reread.text(key) == "Reply 1 is the good one.\nVerdict: 1"
+    assert {b["max_completion_tokens"] for b in server.bodies} == {64}
+    assert all("max_tokens" not in b for b in server.bodies)
 
 
 def test_the_cache_key_ignores_where_the_server_listens(server, tmp_path):
@@ -419,7 +431,7 @@ def test_requests_overlap_up_to_max_concurrency(server, tmp_path):
     # a long timeout: a client retry on a loaded machine would leave its first request in flight as a 9th
     judge = make_judge(server.url, tmp_path, max_concurrency=8, timeout=10.0)
     items = [PairItem(prompt(f"[slow] {k}"), "good", "bad") for k in range(16)]
-    assert judge.judge_batch(items) == ["A"] * 16
+    assert verdicts(judge.judge_batch(items)) == ["A"] * 16
     assert judge.stats.retries == 0 and 4 <= server.max_in_flight <= 8
 
 

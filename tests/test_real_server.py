@@ -11,7 +11,7 @@ import pytest
 from servers import TransformersServe, build_chat_model, serving_missing
 
 from align_kit.judge_backends import load_judge
-from align_kit.judge_cache import JudgmentCache
+from align_kit.judge_cache import JudgmentCache, cache_key
 from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeRequestError, OpenAIJudge
 from align_kit.judges import PairItem, judge_both_orders
 
@@ -46,6 +46,10 @@ def make_judge(serve: TransformersServe, tmp_path, **overrides) -> OpenAIJudge:
     return load_judge(tmp_path, **settings)
 
 
+def verdicts(replies) -> list:
+    return [reply.verdict for reply in replies]
+
+
 def prompts(n: int) -> list[str]:
     return [f"\n\nHuman: what is {k} + {k}?\n\nAssistant:" for k in range(n)]
 
@@ -54,8 +58,8 @@ def test_a_server_killed_mid_run_stops_the_judge_and_the_rerun_asks_only_missing
     n = 10  # 20 single-order pairs
 
     class KillAfterFour(JudgmentCache):
-        def put(self, key, verdict, judge=""):
-            super().put(key, verdict, judge)
+        def put(self, key, verdict, judge="", **texts):
+            super().put(key, verdict, judge, **texts)
             if len(self) == 4:
                 serve.kill()
 
@@ -63,9 +67,12 @@ def test_a_server_killed_mid_run_stops_the_judge_and_the_rerun_asks_only_missing
     judge = make_judge(serve, tmp_path, max_concurrency=4)
     with pytest.raises(JudgeRequestError, match=f"nothing listening at {serve.url}"):
         judge_both_orders(judge, prompts(n), ["ten"] * n, ["eleven"] * n, cache)
-    cached = len(JudgmentCache(cache.path))
+    reread = JudgmentCache(cache.path)
+    cached = len(reread)
     assert 4 <= cached < 2 * n
-    assert {reply.text for reply in judge.replies.values()} == {"1"}  # raw answers kept
+    # every reply that arrived was cached, with the raw answer it was parsed from
+    keys = [cache_key(judge.identity, item.prompt, item.answer_a, item.answer_b) for item in judge.replies]
+    assert len(keys) == cached and {reread.text(key) for key in keys} == {"1"}
     stats = judge.stats
     assert stats.connection_errors >= REFUSED_ATTEMPTS and stats.retries >= REFUSED_ATTEMPTS - 1
 
@@ -88,7 +95,7 @@ def test_usage_prices_and_max_completion_tokens_against_the_real_server(serve, t
         output_price_per_million=4.0,
     )
     item = PairItem(prompts(1)[0], "two", "three")
-    assert judge.judge_batch([item]) == [None]  # '111' is no label: a parse failure, its text kept
+    assert verdicts(judge.judge_batch([item])) == [None]  # '111' is no label: a parse failure, its text kept
     reply = judge.replies[item]
     assert reply.text == "111" and reply.completion_tokens == 3 and reply.prompt_tokens > 20
     stats = judge.stats
@@ -98,7 +105,7 @@ def test_usage_prices_and_max_completion_tokens_against_the_real_server(serve, t
 def test_the_real_server_ignores_logprobs_so_the_text_decides(serve, tmp_path):
     judge = make_judge(serve, tmp_path, verdict_from="logprobs")
     items = [PairItem(p, "x", "y") for p in prompts(3)]
-    assert judge.judge_batch(items) == ["A"] * 3
+    assert verdicts(judge.judge_batch(items)) == ["A"] * 3
     assert judge.stats.logprob_fallbacks == 3 and all(judge.replies[i].margin is None for i in items)
 
 
