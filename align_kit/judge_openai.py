@@ -15,7 +15,7 @@ and
 
 ``judge_stream`` hands back each reply as it arrives, so a caller caches it at once; when a request
 fails for good, no new request starts, the ones in flight finish and are handed back, then the error
-is raised. ``judge_batch`` (the ``Judge`` protocol) returns the verdicts as a list.
+is raised. ``judge_batch`` (the ``Judge`` protocol) returns the replies as a list.
 """
 
 from __future__ import annotations
