@@ -16,7 +16,8 @@ next to a prompt template in which ``{instruction}``, ``{output_1}`` (slot A) an
 - ``hf_logits``: a local causal LM reads the rendered template and the verdict is the sign of
   ``logit(label_1) - logit(label_2)`` at the next token, one forward pass per left-padded batch
   (``mode: generate`` instead generates text and parses it, for comparison only).
-- ``openai``: an OpenAI-compatible chat-completions endpoint, concurrent, with counted retries.
+- ``openai``: an OpenAI-compatible chat-completions endpoint (``align_kit/judge_openai.py``): concurrent,
+  retried by the openai client, counted, failing fast on permanent errors, with costs and a budget.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from align_kit.verdicts import Outcome, Slot, combine_orders
 
 Verdict = Slot | None  # one order's answer; None for an answer that did not parse
 BACKENDS = ("oracle", "reward_model", "hf_logits", "openai")
+MODES = ("logits", "generate", "reason")
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+VERDICT_SOURCES = ("text", "logprobs")
 PLACEHOLDERS = ("{instruction}", "{output_1}", "{output_2}")
 
 
@@ -79,6 +83,11 @@ class JudgeStats:
     server_errors: int = 0
     connection_errors: int = 0
     parse_failures: int = 0
+    prompt_tokens: int = 0  # from each response's usage (openai only)
+    completion_tokens: int = 0
+    cost: float = 0.0  # from the judge's prices per million tokens; 0 without prices
+    logprob_fallbacks: int = 0  # verdict_from=logprobs answers read as text (a label not listed)
+    lowest_concurrency: int = 0  # fewest requests let in flight after a timeout or 429 (openai; 0: no cut)
 
 
 class Judge(Protocol):
@@ -154,7 +163,9 @@ class JudgeConfig:
     mode: str = field(
         default="logits",
         metadata={
-            "help": "hf_logits: 'logits' (one forward pass) or 'generate' (free text then parse; slower)."
+            "help": "hf_logits: 'logits' (one forward pass) or 'generate' (free text then parse; slower). "
+            "openai: 'reason' asks for a short rationale before the verdict (parser: regex; its group "
+            "'rationale', or the text before the verdict, is kept); any other mode asks for the verdict alone."
         },
     )
     tie_margin: float = field(
@@ -164,7 +175,7 @@ class JudgeConfig:
         },
     )
     max_new_tokens: int = field(
-        default=8, metadata={"help": "Tokens generated (generate mode, openai max_tokens)."}
+        default=8, metadata={"help": "Tokens generated (generate mode; openai: sent as max_tokens_field)."}
     )
     temperature: float = field(
         default=0.0, metadata={"help": "0 is greedy; cached verdicts assume a deterministic judge."}
@@ -202,18 +213,64 @@ class JudgeConfig:
             "help": "openai: environment variable holding the key (never the key itself); null sends 'EMPTY'."
         },
     )
-    max_concurrency: int = field(default=8, metadata={"help": "openai: requests in flight at once."})
+    max_concurrency: int = field(
+        default=8,
+        metadata={
+            "help": "openai: most requests in flight; the judge starts at 1, doubles while requests succeed, "
+            "halves after a timeout or 429 and then grows by one per round of successes."
+        },
+    )
     timeout: float = field(
         default=60.0, metadata={"help": "openai: seconds before a request counts as timed out."}
     )
     max_retries: int = field(
-        default=5, metadata={"help": "openai: retries after a timeout, 429, 5xx or connection error."}
+        default=5,
+        metadata={
+            "help": "openai: retries by the openai client after a timeout, connection error, 408, 409, 429 or "
+            "5xx (waits 0.5 s doubling to 8 s, or the server's Retry-After); a refused connection stops "
+            "sooner (see judge_openai.REFUSED_ATTEMPTS)."
+        },
     )
-    backoff_base: float = field(
-        default=1.0, metadata={"help": "openai: first retry waits about this long; each further one doubles."}
+    max_tokens_field: str = field(
+        default="max_tokens",
+        metadata={
+            "help": f"openai: request field carrying max_new_tokens, one of {MAX_TOKENS_FIELDS} (newer "
+            "OpenAI models refuse max_tokens)."
+        },
     )
-    backoff_max: float = field(
-        default=60.0, metadata={"help": "openai: cap on one wait (also on Retry-After)."}
+    verdict_from: str = field(
+        default="text",
+        metadata={
+            "help": f"openai: one of {VERDICT_SOURCES}. 'logprobs' asks for top_logprobs of the first answer "
+            "token and compares the two labels' log-probabilities (tie within tie_margin); when a label is "
+            "missing from that list the answer text is parsed instead (counted as a logprob fallback)."
+        },
+    )
+    top_logprobs: int = field(
+        default=20,
+        metadata={
+            "help": "openai, verdict_from=logprobs: alternatives asked for the first token (OpenAI: <= 20)."
+        },
+    )
+    input_price_per_million: float | None = field(
+        default=None, metadata={"help": "openai: price of a million prompt tokens; null: no cost computed."}
+    )
+    output_price_per_million: float | None = field(
+        default=None,
+        metadata={"help": "openai: price of a million completion tokens; null: no cost computed."},
+    )
+    max_cost: float | None = field(
+        default=None,
+        metadata={
+            "help": "openai: budget in the prices' currency, checked before each request (needs both prices; "
+            "requests already in flight may end past it); null: no limit."
+        },
+    )
+    max_requests: int | None = field(
+        default=None,
+        metadata={
+            "help": "openai: most HTTP requests (retries included) this judge may send; null: no limit."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -233,17 +290,40 @@ class JudgeConfig:
             if not self.parse_regex:
                 raise ValueError("parser: regex needs parse_regex")
             re.compile(self.parse_regex)
-        if self.mode not in ("logits", "generate"):
-            raise ValueError(f"mode must be 'logits' or 'generate', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "reason" and (self.backend != "openai" or self.parser != "regex"):
+            raise ValueError("mode: reason needs backend: openai and parser: regex (to find the verdict)")
+        if self.max_tokens_field not in MAX_TOKENS_FIELDS:
+            raise ValueError(
+                f"max_tokens_field must be one of {MAX_TOKENS_FIELDS}, got {self.max_tokens_field!r}"
+            )
+        if self.verdict_from not in VERDICT_SOURCES:
+            raise ValueError(f"verdict_from must be one of {VERDICT_SOURCES}, got {self.verdict_from!r}")
+        if self.verdict_from == "logprobs" and (self.backend != "openai" or self.mode == "reason"):
+            raise ValueError("verdict_from: logprobs needs backend: openai and a mode other than reason")
+        if self.top_logprobs < 1:
+            raise ValueError(f"top_logprobs must be >= 1, got {self.top_logprobs}")
+        prices = (self.input_price_per_million, self.output_price_per_million)
+        if any(p is not None and p < 0 for p in prices):
+            raise ValueError(f"prices per million tokens must be >= 0, got {prices}")
+        if self.max_cost is not None and (self.max_cost <= 0 or None in prices):
+            raise ValueError(
+                "max_cost must be > 0 and needs input_price_per_million and output_price_per_million"
+            )
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ValueError(f"max_requests must be >= 1, got {self.max_requests}")
         if self.backend in ("hf_logits", "openai") and not (self.template and self.model):
             raise ValueError(f"backend {self.backend} needs both `model` and `template`")
         if self.batch_size < 1 or self.max_concurrency < 1 or self.max_retries < 0:
             raise ValueError("batch_size and max_concurrency must be >= 1 and max_retries >= 0")
 
 
-# Settings that change how fast a judge answers, not what it answers; they stay out of the cache key.
+# Settings that change how fast, where or at what price a judge answers, not what it answers; they stay
+# out of the cache key (a judge served at a new address keeps its verdicts; cache_tag retires them).
 _OPERATIONAL = {"name", "description", "batch_size", "device", "api_key_env", "max_concurrency", "timeout"}
-_OPERATIONAL |= {"max_retries", "backoff_base", "backoff_max", "max_length", "template"}
+_OPERATIONAL |= {"max_retries", "max_length", "template", "base_url", "max_tokens_field"}
+_OPERATIONAL |= {"input_price_per_million", "output_price_per_million", "max_cost", "max_requests"}
 
 
 def judge_identity(config: JudgeConfig, template_text: str | None) -> str:
@@ -376,9 +456,9 @@ def judge_both_orders(
 ) -> list[PairResult]:
     """Judge each (prompt, system, baseline) with the system in slot A, then swapped.
 
-    Replies already in ``cache`` are not asked again; new ones are appended batch by batch as they
-    arrive (with their raw text and rationale when the judge gives them). Identical items (e.g. both
-    answers the same) are asked once.
+    Replies already in ``cache`` are not asked again; new ones are appended as they arrive (with their
+    raw text and rationale when the judge gives them): one by one from a judge with ``judge_stream``
+    (openai), else batch by batch. Identical items (e.g. both answers the same) are asked once.
     """
     if not len(prompts) == len(system_answers) == len(baseline_answers):
         raise ValueError("prompts, system_answers and baseline_answers must have the same length")
@@ -400,15 +480,19 @@ def judge_both_orders(
         else:
             pending.setdefault(key, item)
     todo = list(pending.items())
+    stream = getattr(judge, "judge_stream", None)  # (index, reply) as each arrives (openai)
     with tqdm(total=len(todo), desc=f"judge {judge.name}", disable=not progress) as bar:
         for start in range(0, len(todo), judge.batch_size):
             chunk = todo[start : start + judge.batch_size]
-            answers = judge.judge_batch([item for _, item in chunk])
-            for (key, _), answer in zip(chunk, answers, strict=True):
+            batch = [item for _, item in chunk]
+            # a streaming judge's replies are cached on arrival, whatever happens to the rest of the batch
+            answers = stream(batch) if stream is not None else enumerate(judge.judge_batch(batch))
+            for index, answer in answers:
+                key = chunk[index][0]
                 replies[key] = reply = as_reply(answer)
                 if cache is not None:
                     cache.put(key, reply.verdict, judge.name, text=reply.text, rationale=reply.rationale)
-            bar.update(len(chunk))
+                bar.update(1)
     results = []
     for prompt_id, (first_item, swapped_item) in zip(ids, orders, strict=True):
         first, swapped = replies[keys[first_item]], replies[keys[swapped_item]]
