@@ -14,19 +14,16 @@ from typing import Any
 import torch
 
 from align_kit.configs import ModelArgs
+from align_kit.judge_config import JudgeConfig, judge_identity, read_judge_config, read_template
 from align_kit.judge_openai import OpenAIJudge
 from align_kit.judges import (
     Judge,
-    JudgeConfig,
     JudgeStats,
     PairItem,
     Reply,
     Scorer,
     Verdict,
-    judge_identity,
     parse_verdict,
-    read_judge_config,
-    read_template,
     render_prompt,
     verdict_from_margin,
 )

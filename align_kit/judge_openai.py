@@ -34,16 +34,8 @@ from typing import Any
 import httpx2
 import openai
 
-from align_kit.judges import (
-    JudgeConfig,
-    JudgeStats,
-    PairItem,
-    Reply,
-    judge_identity,
-    parse_verdict,
-    render_prompt,
-    verdict_from_margin,
-)
+from align_kit.judge_config import JudgeConfig, judge_identity
+from align_kit.judges import JudgeStats, PairItem, Reply, parse_verdict, render_prompt, verdict_from_margin
 
 REFUSED_ATTEMPTS = 3  # a refused connection is tried this often (about 1.5 s of backoff), then the run stops
 # What OpenAI, vLLM, llama.cpp and transformers' own errors say; transformers serve 5.23 itself answers a

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from align_kit import judges as judges_lib
 from align_kit.answers import fingerprint, missing_local, split_spec, unfinished_run
 from align_kit.configs import EvalArgs
 from align_kit.judge_backends import build_judge
-from align_kit.judges import JudgeConfig
+from align_kit.judge_config import JudgeConfig, read_judge_config, read_template
 
 LOCAL_BACKENDS = ("reward_model", "hf_logits")  # judges that load a model from disk
 MODEL_BACKENDS = ("reward_model", "hf_logits", "openai")  # judges that take a `model`
@@ -31,7 +30,7 @@ def judge_config(spec: str, args: EvalArgs) -> JudgeConfig:
     ``judge.yaml`` < ``=model`` < ``judge_model`` / ``judge_dtype`` < ``judge_overrides[name]`` (setting
     the same key both ways is an error)."""
     name, model = split_spec(spec)
-    config = judges_lib.read_judge_config(name, **({"model": model} if model else {}))
+    config = read_judge_config(name, **({"model": model} if model else {}))
     general: dict[str, Any] = {}
     if args.judge_model is not None and config.backend in MODEL_BACKENDS:
         general["model"] = args.judge_model
@@ -42,9 +41,7 @@ def judge_config(spec: str, args: EvalArgs) -> JudgeConfig:
     if both:
         raise ValueError(f"{both} set both by judge_model/judge_dtype and by judge_overrides[{name}]")
     if general or specific:
-        config = judges_lib.read_judge_config(
-            name, **({"model": model} if model else {}), **general, **specific
-        )
+        config = read_judge_config(name, **({"model": model} if model else {}), **general, **specific)
     return config
 
 
@@ -81,7 +78,7 @@ def judge_problems(config: JudgeConfig, args: EvalArgs) -> list[str]:
     problems = []
     if config.template:
         try:
-            judges_lib.read_template(config.template)
+            read_template(config.template)
         except (OSError, ValueError) as error:
             problems.append(f"template: {error}")
     if config.backend in LOCAL_BACKENDS and config.model:
@@ -155,6 +152,6 @@ def prepare_judges(specs: Sequence[str | Any], args: EvalArgs, notes: list[str])
 
 def _backend(spec: str) -> str | None:
     try:
-        return judges_lib.read_judge_config(split_spec(spec)[0]).backend
+        return read_judge_config(split_spec(spec)[0]).backend
     except (OSError, ValueError):
         return None  # reported with the judge's other problems

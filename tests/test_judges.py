@@ -16,17 +16,8 @@ from conftest import ScriptedJudge, keyword_judge
 from align_kit import task
 from align_kit.judge_backends import HFLogitsJudge, ScoreJudge, load_judge
 from align_kit.judge_cache import JudgmentCache, cache_key
-from align_kit.judges import (
-    JudgeConfig,
-    PairItem,
-    Reply,
-    judge_both_orders,
-    judge_identity,
-    parse_verdict,
-    read_judge_config,
-    read_template,
-    render_prompt,
-)
+from align_kit.judge_config import JudgeConfig, judge_identity, read_judge_config, read_template
+from align_kit.judges import PairItem, Reply, judge_both_orders, parse_verdict, render_prompt
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 from align_kit.prompts import instruction_of
 from align_kit.resources import judges_dir
