@@ -21,6 +21,7 @@ from typing import Any
 
 from accelerate import PartialState
 from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align_kit import adapters, files
@@ -30,7 +31,6 @@ from align_kit.models import source_problem
 COMPLETE = "run_complete.json"
 RUN_CONFIG = "run_config.json"
 SETTINGS_CHANGES = "settings_changes.json"  # old and new values of every resume with changed settings
-CLOCK = "align_kit_clock.json"  # in each checkpoint: training seconds and processes behind its weights
 TRAINER_STATE_NAME = "trainer_state.json"  # the last file Trainer writes into a checkpoint
 ROUND_REPORT = "report.json"  # the last file a best-of-N round writes: the round is finished
 # Settings that may differ between the first start and a resume: the same folder spelled another way, the
@@ -335,35 +335,37 @@ def train_summary(run: Run, trainer: Any, result: Any) -> dict[str, Any]:
     }
 
 
-class RunClock(TrainerCallback):
-    """Keeps, in every checkpoint (``align_kit_clock.json``), the training seconds and the number of processes
-    behind its weights, so that a resumed run's summary covers the whole run. Work a killed process did after
-    its last checkpoint is redone, and counted once."""
+class RunClock(TrainerCallback, ExportableState):
+    """The training seconds and the number of processes behind the weights, kept in every checkpoint's
+    trainer_state.json (as a stateful callback, written with it), so that a resumed run's summary covers the
+    whole run. Work a killed process did after its last checkpoint is redone, and counted once."""
 
-    def __init__(self, run: Run):
-        self.before, self.before_processes, self.begin = 0.0, 0, None
-        if run.resume_from:
-            clock = Path(run.resume_from) / CLOCK
-            saved = json.loads(clock.read_text()) if _whole_json(clock) else {}
-            self.before = saved.get("train_seconds", math.nan)  # unknown: killed between two files
-            self.before_processes = saved.get("processes", 1)
+    def __init__(self, run: Run | None = None):
+        self.train_seconds_before, self.processes_before, self.begin = 0.0, 0, None
+        state_file = Path(run.resume_from) / TRAINER_STATE_NAME if run and run.resume_from else None
+        if state_file is not None:
+            saved = (
+                json.loads(state_file.read_text()).get("stateful_callbacks", {}).get(type(self).__name__, {})
+            )
+            attributes = saved.get("attributes", {})
+            self.train_seconds_before = attributes.get("train_seconds_before", math.nan)  # nan: not recorded
+            self.processes_before = attributes.get("processes_before", 1)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.begin = time.monotonic()
 
     def seconds(self) -> float:
-        return self.before + (time.monotonic() - self.begin if self.begin is not None else 0.0)
+        return self.train_seconds_before + (time.monotonic() - self.begin if self.begin is not None else 0.0)
 
     def processes(self) -> int:
-        return self.before_processes + 1
+        return self.processes_before + 1
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if checkpoint.is_dir():
-                files.write_json(
-                    checkpoint / CLOCK, {"train_seconds": self.seconds(), "processes": self.processes()}
-                )
+    def state(self) -> dict[str, Any]:
+        """What a process resuming from this checkpoint starts from (transformers saves it with the state)."""
+        return {
+            "args": {},
+            "attributes": {"train_seconds_before": self.seconds(), "processes_before": self.processes()},
+        }
 
 
 def round_dir(run: Run, index: int) -> Path:

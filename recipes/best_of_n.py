@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. seed, logging, run directory
     run = runs.start(args, data_args, model_args, adapter_args, reward_args, bon_args, run_args)
     reports = runs.finished_rounds(run)[: bon_args.rounds]  # an interrupted run's: resume after the last
+    if reports:
+        runs.log(f"resuming after round {len(reports)}, from {runs.round_model(run, len(reports))}")
 
     # 3. data: prompts only; each round samples its own training prompts
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
