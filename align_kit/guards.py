@@ -3,6 +3,8 @@
 - ``NonFiniteGuard``: the first NaN or infinite gradient norm (checked before the optimizer step, so the
   weights are still good) or logged loss stops training with ``TrainingDiverged``, naming the step and the
   last good checkpoint. The exception leaves the recipe before it saves a model or marks the run complete.
+  Other logged statistics that are NaN (a variance of one value) are kept in the log history as null with
+  a ``non_finite`` flag, so checkpoints' trainer_state.json stays strict JSON.
 - ``watch(run)``: the callbacks every recipe's trainer gets (the guard and the run clock), in one line.
 - ``USER_MISTAKES`` and ``run_command``: a recipe or the ``align-kit`` command prints a user's mistake (a bad
   setting, bad data, a run folder that cannot take the run) or a divergence as one line, without a
@@ -70,6 +72,10 @@ class NonFiniteGuard(TrainerCallback):
         for key, value in (logs or {}).items():
             if watched(key) and isinstance(value, (int, float)) and not math.isfinite(value):
                 self.stop(args, state, key, value, state.global_step)
+        if (
+            state.log_history
+        ):  # a statistic that may be NaN is kept as null and flagged: strict trainer_state.json
+            state.log_history[-1] = files.json_safe(state.log_history[-1])
 
     def stop(self, args, state, what: str, value: float, step: int) -> NoReturn:
         output_dir = Path(args.output_dir)

@@ -82,7 +82,12 @@ def test_the_guard_reads_losses_in_the_logs_and_ignores_other_statistics(tmp_pat
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / runs.TRAINER_STATE_NAME).write_text("{}")
     guard, args, state = guards.NonFiniteGuard(), guard_args(tmp_path), TrainerState(global_step=4)
-    guard.on_log(args, state, None, logs={"loss": 0.5, "grad_norm": 1.0, "val/ratio_var": math.nan})
+    logs = {"loss": 0.5, "grad_norm": 1.0, "val/ratio_var": math.nan}
+    state.log_history.append({**logs, "step": 4})  # what Trainer.log does before calling the callbacks
+    guard.on_log(args, state, None, logs=logs)
+    assert state.log_history == [
+        {"loss": 0.5, "grad_norm": 1.0, "val/ratio_var": None, "step": 4, "non_finite": ["val/ratio_var"]}
+    ]  # kept, and strict JSON in trainer_state.json
     for key in ("loss", "eval_loss", "loss/policy_avg", "objective/kl", "grad_norm"):
         with pytest.raises(guards.TrainingDiverged, match=f"{key} is nan at step 4 .last good checkpoint"):
             guard.on_log(args, state, None, logs={key: math.nan})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,3 +256,21 @@ def test_resumed_best_of_n_equals_an_uninterrupted_run(best_of_n_killed_and_resu
         assert {k: reports[0][k] for k in keys} == {k: reports[1][k] for k in keys}
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (whole, resumed)]
     assert metrics[0]["report"] == metrics[1]["report"]  # greedy reward and KL of the final policy
+
+
+def test_best_of_n_killed_after_its_last_round_only_saves_and_reports(best_of_n_killed_and_resumed, tmp_path):
+    """What a kill between the last round's report and run_complete.json leaves: no round is trained again,
+    the last round's policy becomes the run's, and the final report equals the uninterrupted run's."""
+    whole, out = best_of_n_killed_and_resumed["whole"], tmp_path / "bon"
+    shutil.copytree(whole, out)
+    for name in (runs.COMPLETE, "metrics.json", "samples.json", "model.safetensors", "config.json"):
+        (out / name).unlink()
+    rounds_before = {p: p.stat().st_mtime_ns for p in out.glob("round_*/**/*")}
+    reward_dir = Path(json.loads((out / runs.RUN_CONFIG).read_text())["reward_models"][0])
+    metrics = load_recipe("best_of_n").main(best_of_n_command(out, reward_dir)[2:])
+    assert {p: p.stat().st_mtime_ns for p in out.glob("round_*/**/*")} == rounds_before  # no round redone
+    assert [r["round"] for r in metrics["rounds"]] == list(range(1, ROUNDS + 1))
+    assert metrics["report"] == json.loads((whole / "metrics.json").read_text())["report"]
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert [e["loss"] for e in metrics["log_history"] if "loss" in e]  # the last round's SFT history
