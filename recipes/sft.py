@@ -10,21 +10,21 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from align_kit import adapters, runs
+from align_kit import adapters, guards, runs
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs, parse
 from align_kit.data import load_sft
 from align_kit.models import load_policy, load_tokenizer, tokenizer_source
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, SFTConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, SFTConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, stopping, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, stopping, run_args, args = parse(CONFIG, argv)
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, stopping)
+    run = runs.start(args, data_args, model_args, adapter_args, stopping, run_args)
 
     # 3. data
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=trainer_callbacks(stopping, tokenizer, [row["prompt"] for row in splits["test"]]),
+        callbacks=[
+            *trainer_callbacks(stopping, tokenizer, [row["prompt"] for row in splits["test"]]),
+            *guards.watch(run),
+        ],
     )
 
     # 6. train
@@ -54,8 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
 
     # 8. report
-    return runs.finish(run, trainer, {"train": result.metrics})
+    return runs.finish(run, trainer, {"train": runs.train_summary(run, trainer, result)})
 
 
 if __name__ == "__main__":
-    main()
+    guards.run_command(main)
