@@ -368,6 +368,7 @@ def test_the_evaluation_renders_a_runs_prompts_as_its_training_did(tmp_path):
     prompts = [r["prompt"] for r in rows]
     run = tmp_path / "run"
     templated_tokenizer().save_pretrained(run)
+    (run / "run_complete.json").write_text("{}")  # an evaluated run is a finished one
     loads = []
 
     def loader(path):
