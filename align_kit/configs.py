@@ -29,7 +29,8 @@ class DataArgs:
         default="hh-rlhf",
         metadata={
             "help": "'hh-rlhf': full transcripts in `chosen`/`rejected`, split at the last Assistant turn; "
-            "'preference': separate prompt/chosen/rejected columns (see *_column)."
+            "'preference': separate prompt/chosen/rejected columns (see *_column); 'unpaired' (KTO only): "
+            "prompt_column, `completion` and a boolean or 0/1 `label` (True: a desirable answer)."
         },
     )
     prompt_column: str = field(

@@ -225,18 +225,33 @@ def clean(
         seen.add(key)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "source_row": index})
     if args.max_pair_tokens is not None and rows:
-        if tokenizer is None:
-            raise ValueError("max_pair_tokens needs a tokenizer")
         texts = [r["prompt"] + max(r["chosen"], r["rejected"], key=len) for r in rows]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        kept = []
-        for row, length in zip(rows, lengths, strict=True):
-            if length + 1 > args.max_pair_tokens:  # +1 for the EOS the trainers append
-                counts.drop(split, "too_long", source, row["source_row"], "chosen")
-            else:
-                kept.append(row)
-        rows = kept
+        rows = _drop_too_long(rows, texts, "chosen", split, source, args, counts, tokenizer)
     return rows
+
+
+def _drop_too_long(
+    rows: list[dict],
+    texts: list[str],
+    field_name: str,
+    split: str,
+    source: str,
+    args: DataArgs,
+    counts: DropCounts,
+    tokenizer,
+) -> list[dict]:
+    """The rows whose text (plus the EOS the trainers append) fits in ``max_pair_tokens``; the others
+    are counted as too_long under ``field_name``."""
+    if tokenizer is None:
+        raise ValueError("max_pair_tokens needs a tokenizer")
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    kept = []
+    for row, length in zip(rows, lengths, strict=True):
+        if length + 1 > args.max_pair_tokens:
+            counts.drop(split, "too_long", source, row["source_row"], field_name)
+        else:
+            kept.append(row)
+    return kept
 
 
 def split_by_prompt(rows: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -257,7 +272,14 @@ def load_preferences(args: DataArgs, tokenizer=None) -> tuple[dict[str, list[dic
     splits = {}
     for split, (source, dataset) in raw.items():
         splits[split] = clean(dataset, source, split, args, counts, tokenizer)
-    train_source = raw[args.train_split][0]
+    return _split_and_cap(splits, raw[args.train_split][0], args, counts), counts
+
+
+def _split_and_cap(
+    splits: dict[str, list[dict]], train_source: str, args: DataArgs, counts: DropCounts
+) -> dict[str, list[dict]]:
+    """{'train', 'test'} rows: an empty training split is an error; a missing test split is held out of
+    train by prompt; both are capped; the kept rows are counted."""
     if not splits[args.train_split]:
         reasons = dict(counts.dropped.get(args.train_split, {}))
         raise DataError(f"{train_source}: no usable rows; dropped by reason: {reasons or 'file is empty'}")
@@ -271,7 +293,7 @@ def load_preferences(args: DataArgs, tokenizer=None) -> tuple[dict[str, list[dic
     out = {"train": splits[args.train_split], "test": splits[args.test_split]}
     for split, rows in out.items():
         counts.kept[split] = len(rows)
-    return out, counts
+    return out
 
 
 def to_sft(rows: list[dict], target: str, seed: int) -> list[dict[str, str]]:
@@ -288,4 +310,84 @@ def to_sft(rows: list[dict], target: str, seed: int) -> list[dict[str, str]]:
         else:
             raise ValueError(f"sft_target must be chosen, rejected or mix, got {target!r}")
         out.append({"prompt": row["prompt"], "completion": row[pick]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unpaired rows (KTO): one answer per row, labelled desirable or not
+
+UNPAIRED_COLUMNS = ("completion", "label")  # with DataArgs.prompt_column
+
+
+def parse_unpaired_row(row: dict[str, Any], args: DataArgs) -> tuple[str, str, bool]:
+    """One raw unpaired row -> (prompt, completion, label), raising RowError for unusable rows.
+
+    ``label`` must be a boolean or 0/1 (True: a desirable answer). Prompt and completion are normalised
+    as in ``dataset_format: preference``.
+    """
+    prompt, completion, label = row.get(args.prompt_column), row.get("completion"), row.get("label")
+    for name, value in ((args.prompt_column, prompt), ("completion", completion)):
+        if not isinstance(value, str):
+            raise RowError("not_text", name)
+    if isinstance(label, int) and label in (0, 1):  # bool is an int: True/False pass here too
+        label = bool(label)
+    else:
+        raise RowError("bad_label", "label")
+    if not prompt.lstrip().startswith(HUMAN.strip()):
+        prompt = format_prompt(prompt)
+    completion = completion if completion.startswith((" ", "\n")) else " " + completion
+    if not completion.strip():
+        raise RowError("empty_answer", "completion")
+    return prompt, completion, label
+
+
+def clean_unpaired(
+    raw, source: str, split: str, args: DataArgs, counts: DropCounts, tokenizer=None
+) -> list[dict[str, Any]]:
+    """Parse and filter one split of unpaired rows; every dropped row is counted by reason."""
+    missing = [c for c in (args.prompt_column, *UNPAIRED_COLUMNS) if c not in raw.column_names]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; the file has {raw.column_names}")
+    rows, seen = [], set()
+    for index, row in enumerate(raw):
+        try:
+            prompt, completion, label = parse_unpaired_row(row, args)
+        except RowError as error:
+            counts.drop(split, error.reason, source, index, error.field)
+            continue
+        if args.single_turn and count_turns(prompt) != (1, 1):
+            counts.drop(split, "multi_turn", source, index, args.prompt_column)
+            continue
+        if args.deduplicate and (prompt, completion, label) in seen:
+            counts.drop(split, "duplicate", source, index, "completion")
+            continue
+        seen.add((prompt, completion, label))
+        rows.append({"prompt": prompt, "completion": completion, "label": label, "source_row": index})
+    if args.max_pair_tokens is not None and rows:
+        texts = [r["prompt"] + r["completion"] for r in rows]
+        rows = _drop_too_long(rows, texts, "completion", split, source, args, counts, tokenizer)
+    return rows
+
+
+def load_unpaired(args: DataArgs, tokenizer=None) -> tuple[dict[str, list[dict]], DropCounts]:
+    """Clean train and test rows of an unpaired source (``prompt``, ``completion``, ``label``,
+    ``source_row``), from files or the Hub as ``load_preferences`` reads them."""
+    counts = DropCounts()
+    raw = load_raw(args)
+    splits = {
+        split: clean_unpaired(data, source, split, args, counts, tokenizer)
+        for split, (source, data) in raw.items()
+    }
+    return _split_and_cap(splits, raw[args.train_split][0], args, counts), counts
+
+
+def to_unpaired(rows: list[dict], seed: int) -> list[dict[str, Any]]:
+    """Preference rows -> unpaired rows: the chosen answer desirable, the rejected one undesirable, in a
+    seeded shuffle (so that an answer's batch neighbour is rarely the other answer to its prompt)."""
+    out = [
+        {"prompt": row["prompt"], "completion": row[key], "label": key == "chosen"}
+        for row in rows
+        for key in ("chosen", "rejected")
+    ]
+    random.Random(seed).shuffle(out)
     return out
