@@ -6,7 +6,7 @@ TORCH  := torch==2.13.0
 export TRL_EXPERIMENTAL_SILENCE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all bench lint format clean
+.PHONY: install browser demo test test-all bench lint format clean
 
 install: $(STAMP)
 
@@ -14,17 +14,23 @@ install: $(STAMP)
 # The stamp depends on pyproject.toml, so a second call reinstalls nothing unless it changed.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
+	@echo "[align-kit] installing $(TORCH) (CPU build, about 1 minute) into $(VENV)"
 	$(PY) -m pip install --quiet $(TORCH)
+	@echo "[align-kit] installing align-kit and its dependencies (trl, transformers, datasets, ...) into $(VENV)"
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $(STAMP)
+
+# The report test screenshots report.html in a headless browser: install Debian's chromium when missing.
+browser:
+	@sh tools/ensure-browser.sh
 
 demo: $(STAMP)
 	$(PY) -m align_kit.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m ""
 
 bench: $(STAMP)

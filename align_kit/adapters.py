@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from transformers.activations import NewGELUActivation
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from align_kit.configs import AdapterArgs, ModelArgs
+from align_kit.configs import AdapterArgs
 
 ADAPTER_PREFIX = "adapter_"
 CONFIG_NAME = "adapter_config.json"
@@ -293,7 +293,7 @@ def save_adapter(
     state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``adapter_model.safetensors`` (adapter weights only) and ``adapter_config.json`` (the AdapterArgs
-    fields plus ``base_model``, the name or path ``load_adapted`` loads the base from) into ``folder``.
+    fields plus ``base_model``, the name or path ``models.load_adapted`` loads the base from) into ``folder``.
 
     ``state``: the model's full state dict when a rank's own parameters are only a shard (FSDP, ZeRO-3),
     gathered by ``accelerator.get_state_dict``; its adapter entries are written instead of the model's.
@@ -336,23 +336,6 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
         )
     for name, param in params.items():
         param.copy_(saved[name])
-
-
-def load_adapted(folder: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Rebuild a model saved by ``save_adapter``: load its base, inject the adapter, load the adapter weights.
-
-    The returned model has its non-adapter parameters frozen, ready to continue training the adapter.
-    """
-    from align_kit.models import load_model
-
-    args, base_model = read_adapter_config(folder)
-    model = load_model(
-        ModelArgs(model_name_or_path=base_model, torch_dtype=str(dtype).removeprefix("torch."))
-    )
-    inject_adapters(model, args)
-    load_adapter_weights(model, folder)
-    freeze_non_adapter(model)
-    return model
 
 
 class AdapterOffReference(nn.Module):

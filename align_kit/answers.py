@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align_kit.configs import DataArgs, EvalArgs
+from align_kit import generation, rewards
+from align_kit.configs import DataArgs, EvalArgs, ModelArgs
+from align_kit.data import load_preferences
+from align_kit.generation import best_of_n
+from align_kit.models import load_model, load_reward_model, load_tokenizer, resolve
 
 CHOSEN = "chosen"  # the dataset's chosen answer, a baseline every system meets
 ANSWER_FILE_SUFFIX = ".jsonl"
@@ -109,8 +113,6 @@ def prompt_id(prompt: str) -> str:
 
 def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> HeldOut:
     """The first ``args.n_prompts`` distinct prompts of the test split and their first chosen answer."""
-    from align_kit.data import load_preferences
-
     splits, _ = load_preferences(data_args, tokenizer)
     first_chosen: dict[str, str] = {}
     for row in splits["test"]:
@@ -138,8 +140,6 @@ def generation_settings(args: EvalArgs) -> dict[str, Any]:
 def fingerprint(path: str) -> str:
     """Names, sizes and modification times of a local model's weight files (or a file's content hash),
     so answers are regenerated when the weights behind a path change; a Hub id stands for itself."""
-    from align_kit.models import resolve
-
     target = Path(resolve(path))
     if target.is_file():
         return "sha256:" + hashlib.sha256(target.read_bytes()).hexdigest()[:16]
@@ -222,10 +222,6 @@ def generate_answers(system: System, prompts: list[str], args: EvalArgs, state: 
     """Answers to ``prompts`` in order; each process answers a contiguous share, then all are gathered."""
     from accelerate.utils import gather_object
 
-    from align_kit import generation
-    from align_kit.configs import ModelArgs
-    from align_kit.models import load_model, load_tokenizer
-
     model = load_model(ModelArgs(model_name_or_path=system.path)).to(state.device)
     tokenizer = load_tokenizer(system.path)
     with state.split_between_processes(prompts) as mine:
@@ -259,17 +255,14 @@ def best_of_n_unavailable(args: EvalArgs) -> str | None:
 def best_of_n_answers(
     policy: Any, tokenizer: Any, prompts: list[str], args: EvalArgs, seed: int
 ) -> list[str]:
-    """``align_kit.rewards.best_of_n``: ``best_of_n_n`` samples per prompt from ``policy``, the one the
+    """``align_kit.generation.best_of_n``: ``best_of_n_n`` samples per prompt from ``policy``, the one the
     reward model scores highest kept."""
-    from align_kit import rewards
-    from align_kit.models import load_tokenizer
-
     reward_tokenizer = load_tokenizer(args.best_of_n_reward_model)
-    reward_model = rewards.load_reward_model(
+    reward_model = load_reward_model(
         args.best_of_n_reward_model, pad_token_id=reward_tokenizer.pad_token_id
     ).to(policy.device)
     scorer = rewards.reward_scorer(reward_model, reward_tokenizer, batch_size=args.batch_size)
-    return rewards.best_of_n(
+    return best_of_n(
         policy,
         tokenizer,
         scorer,

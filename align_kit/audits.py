@@ -1,27 +1,42 @@
-"""Pairs whose better answer is known, for auditing a judge: honeypots (the chosen answer against a
-truncated, word-shuffled, empty or off-topic copy of itself) and the dataset's own chosen/rejected labels."""
+"""Auditing a judge on pairs whose better answer is known: honeypots (the chosen answer against a
+truncated, word-shuffled, empty or off-topic copy of itself) and the dataset's own chosen/rejected labels;
+and the audit figures with their pass/fail checks, computed here once for every report."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
+from align_kit import stats
 from align_kit.answers import HeldOut, prompt_id
 from align_kit.configs import HONEYPOT_KINDS
+from align_kit.judges import PairResult
+from align_kit.stats import Judgment
+from align_kit.verdicts import Outcome
+
+AuditKind = Literal["honeypot", "labels"]
 
 
 @dataclass(frozen=True)
 class AuditPair:
-    """One audit pair: ``first`` against ``second``; ``expected`` is the verdict for ``first``."""
+    """One audit pair: ``first`` against ``second``; ``expected`` is the outcome for ``first``."""
 
-    group: str  # e.g. 'honeypot:shuffled' or 'labels'
+    kind: AuditKind
     prompt_id: str
     prompt: str
     first: str
     second: str
-    expected: str
+    expected: Outcome
+    corruption: str | None = None  # honeypots: which of HONEYPOT_KINDS made ``second``
+
+    @property
+    def label(self) -> str:
+        """How the pair's comparison is named in judgments ('honeypot:shuffled', 'labels')."""
+        return f"{self.kind}:{self.corruption}" if self.corruption else self.kind
 
 
 def _words(text: str) -> list[str]:
@@ -57,7 +72,7 @@ def honeypots(held: HeldOut, n: int, kinds: Sequence[str], seed: int) -> tuple[l
             if fake is None or fake.strip() == real.strip():
                 skipped[f"honeypot {kind}: answer too short to corrupt"] += 1
             else:
-                pairs.append(AuditPair(f"honeypot:{kind}", pid, prompt, real, fake, "win"))
+                pairs.append(AuditPair("honeypot", pid, prompt, real, fake, "win", corruption=kind))
     return pairs, skipped
 
 
@@ -87,3 +102,56 @@ def label_pairs(held: HeldOut, n: int, seed: int) -> list[AuditPair]:
         else:
             pairs.append(AuditPair("labels", pid, row["prompt"], row["rejected"], row["chosen"], "loss"))
     return pairs
+
+
+def audit_judge(
+    judgments: Sequence[Judgment],
+    asked: Sequence[PairResult],
+    audited: Sequence[tuple[AuditPair, PairResult]],
+    rates: Any = None,
+) -> dict[str, Any]:
+    """Every audit figure of one judge, its checks against ``stats.AUDIT_THRESHOLDS`` and the notes that say
+    how each was measured; computed once, here, and only rendered by the reports.
+
+    ``judgments``: every decided pair (comparisons and audit pairs) for position bias; ``asked``: every pair
+    asked in both orders, decided or not, for the parse-failure rate; ``audited``: the audit pairs with their
+    results; ``rates``: the comparisons' win-rate table for transitivity (None with fewer than 3 systems).
+    """
+    decided = {kind: ([], []) for kind in ("honeypot", "labels")}  # (judge outcomes, expected outcomes)
+    by_kind: dict[str, list[bool]] = {}
+    for pair, result in audited:
+        if result.outcome is None:
+            continue
+        decided[pair.kind][0].append(result.outcome)
+        decided[pair.kind][1].append(pair.expected)
+        if pair.corruption:
+            by_kind.setdefault(pair.corruption, []).append(result.outcome == pair.expected)
+    honey, labels = decided["honeypot"], decided["labels"]
+    figures = stats.audit(
+        judgments, honeypots=honey if honey[0] else None, human=labels if labels[0] else None, rates=rates
+    )
+    # over every pair asked: a pair unparseable in both orders has no Judgment, but is the worst failure
+    figures["n_pairs_judged"] = len(asked)
+    figures["n_pairs_unparseable"] = sum(r.outcome is None for r in asked)
+    figures["parse_failure_rate"] = (
+        sum(r.parse_failures > 0 for r in asked) / len(asked) if asked else math.nan
+    )
+    figures["honeypot_pass_rate_by_kind"] = {kind: sum(v) / len(v) for kind, v in by_kind.items()}
+    notes = [
+        f"Position bias covers all {len(judgments)} pairs with a verdict (comparisons, honeypots and "
+        f"labelled pairs), first-slot binomial p = {_fmt(figures['first_slot_p'])}; the parse-failure rate "
+        f"covers all {len(asked)} pairs asked, {figures['n_pairs_unparseable']} of them unparseable in "
+        "both orders.",
+        "Honeypots: the chosen answer must win against a corrupted copy; passed by kind: "
+        + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in by_kind.items())
+        + ".",
+        f"Labels: {len(labels[0])} held-out chosen/rejected pairs, the chosen one shown first or second by a "
+        "seeded coin; a tie counts as disagreement.",
+    ]
+    if figures["n_intransitive"] is None:
+        notes.append("Transitivity needs at least 3 systems (counting chosen).")
+    return {"audit": figures, "audit_checks": stats.check_audit(figures), "audit_notes": notes}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

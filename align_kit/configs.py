@@ -9,8 +9,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work: raised at parse time, naming the setting (and the file, from parse)."""
+
+
+def check_choices(config: Any) -> None:
+    """Every ``Literal`` field of a config dataclass holds one of its values, or ConfigError names the field
+    and the valid values (argparse checks command-line values; this also covers YAML and code)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name}: {value!r} is not one of {list(choices)}")
 
 
 @dataclass
@@ -25,7 +41,7 @@ class DataArgs:
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_format: str = field(
+    dataset_format: Literal["hh-rlhf", "preference", "unpaired"] = field(
         default="hh-rlhf",
         metadata={
             "help": "'hh-rlhf': full transcripts in `chosen`/`rejected`, split at the last Assistant turn; "
@@ -67,7 +83,7 @@ class DataArgs:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Cap on held-out rows after cleaning."}
     )
-    sft_target: str = field(
+    sft_target: Literal["chosen", "rejected", "mix"] = field(
         default="chosen",
         metadata={
             "help": "SFT only: train on the 'chosen' answers, the 'rejected' ones, or a seeded 50/50 'mix' "
@@ -78,6 +94,9 @@ class DataArgs:
     embedded_test_size: int = field(
         default=300, metadata={"help": "Held-out rows generated for the embedded task."}
     )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass
@@ -119,7 +138,7 @@ class ModelArgs:
 class AdapterArgs:
     """The hand-written MLP adapter (see align_kit/adapters.py). Flat keys so a run stays one flat YAML."""
 
-    adapter: str = field(
+    adapter: Literal["none", "residual", "replace"] = field(
         default="none",
         metadata={
             "help": "'none' (full fine-tuning), 'residual' (frozen MLP plus a zero-initialised bottleneck) "
@@ -130,7 +149,7 @@ class AdapterArgs:
         default=16,
         metadata={"help": "Bottleneck width for 'residual'; inner width of the new MLP for 'replace'."},
     )
-    adapter_init: str = field(
+    adapter_init: Literal["pretrained", "random"] = field(
         default="pretrained",
         metadata={
             "help": "'replace' only: 'pretrained' keeps the most important hidden units of the original MLP; "
@@ -145,6 +164,11 @@ class AdapterArgs:
         default=None,
         metadata={"help": "Continue from saved adapter weights (a folder written by save_adapter)."},
     )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.adapter_rank < 1:
+            raise ConfigError(f"adapter_rank: {self.adapter_rank} must be at least 1")
 
 
 @dataclass
@@ -179,7 +203,8 @@ class EarlyStoppingArgs:
     )
 
 
-AGGREGATIONS = ("mean", "min", "mean_minus_std")  # how a reward-model ensemble combines its members
+Aggregation = Literal["mean", "min", "mean_minus_std"]  # how a reward-model ensemble combines its members
+AGGREGATIONS = typing.get_args(Aggregation)
 HONEYPOT_KINDS = ("truncated", "shuffled", "empty", "off_topic")  # corruptions an evaluation plants
 
 
@@ -217,7 +242,7 @@ class RewardModelArgs:
             "members are standardised with their own held-out reward mean and std (reward_scale.json)."
         },
     )
-    ensemble_aggregation: str = field(
+    ensemble_aggregation: Aggregation = field(
         default="mean",
         metadata={"help": f"How an ensemble combines its members: one of {AGGREGATIONS}."},
     )
@@ -231,6 +256,9 @@ class RewardModelArgs:
             "disagreement alarm (a warning and a counter)."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass
@@ -273,6 +301,15 @@ class BestOfNArgs:
     report_prompts: int = field(
         default=64, metadata={"help": "Held-out prompts for the per-round report (greedy reward, KL)."}
     )
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "samples_per_prompt", "keep_top_k", "prompts_per_round"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be at least 1")
+        if self.keep_top_k > self.samples_per_prompt:
+            raise ConfigError(
+                f"keep_top_k: {self.keep_top_k} is more than samples_per_prompt ({self.samples_per_prompt})"
+            )
 
 
 @dataclass
@@ -358,24 +395,34 @@ class EvalArgs:
 def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse ``--config file.yaml`` plus command-line overrides into ``dataclass_types``.
 
-    Unknown keys in the YAML or on the command line raise an error.
+    The config is a path, or a shipped config named by its repository path or its name (``dpo_tiny``).
+    Unknown keys in the YAML or on the command line raise an error; a setting refused by a dataclass is
+    reported with the config file it came from.
     """
     import sys
 
     import yaml
     from trl import TrlParser
 
+    from align_kit.resources import find_config
+
     args = list(sys.argv[1:] if argv is None else argv)
+    where = "command line"
     if "--config" in args:
-        path = args[args.index("--config") + 1]
+        at = args.index("--config") + 1
+        path = args[at] = str(find_config(args[at]))
+        where = path
         with open(path) as handle:
             values = yaml.safe_load(handle) or {}
         known = {f.name for t in dataclass_types for f in dataclasses.fields(t)} | {"env"}
         unknown = sorted(set(values) - known) if isinstance(values, dict) else []
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; see --help for the accepted fields")
+            raise ConfigError(f"{path}: unknown key(s) {unknown}; see --help for the accepted fields")
     parser = TrlParser(dataclass_types)
-    return parser.parse_args_and_config(args, fail_with_unknown_args=True)
+    try:
+        return parser.parse_args_and_config(args, fail_with_unknown_args=True)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:

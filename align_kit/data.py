@@ -15,17 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align_kit import task
 from align_kit.configs import DataArgs
+from align_kit.prompts import ASSISTANT, HUMAN, count_turns, format_prompt, split_last_turn
+from align_kit.resources import home
 
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 MAX_EXAMPLES_PER_REASON = 5
-
-
-def format_prompt(question: str) -> str:
-    """The single prompt format every stage uses: one Human turn, then the Assistant marker."""
-    return f"{HUMAN} {question.strip()}{ASSISTANT}"
 
 
 class DataError(ValueError):
@@ -88,16 +84,11 @@ def split_hh(chosen: Any, rejected: Any) -> tuple[str, str, str]:
             raise RowError("no_human_turn", name)
         if ASSISTANT not in text:
             raise RowError("no_assistant_turn", name)
-    cut_c = chosen.rfind(ASSISTANT) + len(ASSISTANT)
-    cut_r = rejected.rfind(ASSISTANT) + len(ASSISTANT)
-    if chosen[:cut_c] != rejected[:cut_r]:
+    prompt, chosen_answer = split_last_turn(chosen)
+    rejected_prompt, rejected_answer = split_last_turn(rejected)
+    if prompt != rejected_prompt:
         raise RowError("history_mismatch", "rejected")
-    return chosen[:cut_c], chosen[cut_c:], rejected[cut_r:]
-
-
-def count_turns(prompt: str) -> tuple[int, int]:
-    """(Human turns, Assistant turns) in a prompt, including its trailing Assistant marker."""
-    return prompt.count(HUMAN), prompt.count(ASSISTANT)
+    return prompt, chosen_answer, rejected_answer
 
 
 def parse_row(row: dict[str, Any], args: DataArgs) -> tuple[str, str, str]:
@@ -147,9 +138,6 @@ def embedded_folder(args: DataArgs) -> Path:
     barrier, so a caller on rank 0 alone cannot hang. ``task.write`` writes test.jsonl last.
     """
     from filelock import FileLock
-
-    from align_kit import task
-    from align_kit.models import home
 
     name = f"v{task.VERSION}-seed{args.split_seed}-{args.embedded_train_size}-{args.embedded_test_size}"
     folder = home() / "embedded" / name
@@ -267,6 +255,10 @@ def split_by_prompt(rows: list[dict], test_size: float, seed: int) -> tuple[list
 
 def load_preferences(args: DataArgs, tokenizer=None) -> tuple[dict[str, list[dict]], DropCounts]:
     """Clean train and test rows as plain dicts (``prompt``, ``chosen``, ``rejected``, ``source_row``)."""
+    if args.dataset_format == "unpaired":
+        raise DataError(
+            "dataset_format 'unpaired': its rows hold one answer each, not pairs; recipes/kto.py reads them"
+        )
     counts = DropCounts()
     raw = load_raw(args)
     splits = {}
@@ -310,6 +302,36 @@ def to_sft(rows: list[dict], target: str, seed: int) -> list[dict[str, str]]:
         else:
             raise ValueError(f"sft_target must be chosen, rejected or mix, got {target!r}")
         out.append({"prompt": row["prompt"], "completion": row[pick]})
+    return out
+
+
+def distinct_prompts(rows: list[dict]) -> list[str]:
+    """The prompts of ``rows`` in order of first appearance, each once (the prompts an online method samples)."""
+    return list(dict.fromkeys(row["prompt"] for row in rows))
+
+
+def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A seeded random ``fraction`` of ``rows`` (all of them at 1.0), in their original order."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return rows
+    keep = set(random.Random(seed).sample(range(len(rows)), max(1, round(fraction * len(rows)))))
+    return [row for i, row in enumerate(rows) if i in keep]
+
+
+def attach_margins(splits: dict[str, list[dict]], data_args: DataArgs, column: str) -> dict[str, list[dict]]:
+    """Add ``margin`` to every cleaned row from the raw source row it came from (``source_row``)."""
+    raw = load_raw(data_args)
+    sources = {"train": data_args.train_split, "test": data_args.test_split}
+    out = {}
+    for split, rows in splits.items():
+        source = sources[split] if sources[split] in raw else data_args.train_split  # test made from train
+        name, dataset = raw[source]
+        if column not in dataset.column_names:
+            raise DataError(f"{name}: no margin column {column!r}; the file has {dataset.column_names}")
+        values = dataset[column]
+        out[split] = [{**row, "margin": float(values[row["source_row"]])} for row in rows]
     return out
 
 

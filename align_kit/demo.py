@@ -1,4 +1,5 @@
-"""The main job on the embedded default (``make demo``): every stage, then the judged win-rate report.
+"""The main job on the embedded default (``make demo``, ``align-kit demo``): every stage, then the judged
+win-rate report, with every run under ``runs/demo`` of the current folder.
 
 SFT -> DPO, SFT -> reward model -> PPO and best-of-N fine-tuning, then ``eval/win_rate.py`` judges
 every system on held-out prompts with the task's exact oracle and with the reward model. Each stage
@@ -14,12 +15,12 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from align_kit.resources import locate
+
 OUT = Path("runs/demo")  # the output_dir of every recipes/configs/*_tiny.yaml and eval/configs/embedded.yaml
 STAGES = ["sft", "dpo", "reward", "ppo", "best_of_n"]
 
@@ -40,7 +41,7 @@ def run(name: str, script: str, config: str, done: Path) -> float:
         return 0.0
     print(f"[demo] {name}: python {script} --config {config}", flush=True)
     start = time.time()
-    load_script(ROOT / script, f"demo_{name}").main(["--config", config])
+    load_script(locate(script), f"demo_{name}").main(["--config", config])
     gc.collect()  # the stage's models and trainer go before the next stage loads its own
     return round(time.time() - start, 1)
 
@@ -91,7 +92,6 @@ def summary(eval_dir: Path, timings: dict[str, float]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args(argv)
-    os.chdir(ROOT)  # every config names its inputs and outputs relative to the repository
     timings = {}
     for stage in STAGES:
         config = f"recipes/configs/{stage}_tiny.yaml"

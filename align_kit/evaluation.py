@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -48,9 +47,12 @@ from align_kit.answers import (
     system_answers,
     unfinished_run,
 )
-from align_kit.audits import AuditPair, honeypots, label_pairs
+from align_kit.audits import AuditPair, audit_judge, honeypots, label_pairs
 from align_kit.configs import DataArgs, EvalArgs, parse, save_resolved
+from align_kit.judge_backends import build_judge
 from align_kit.judge_cache import JudgmentCache
+from align_kit.judges import PairResult
+from align_kit.models import load_tokenizer
 from align_kit.reports import headline, to_jsonable, write_report
 from align_kit.runs import log
 from align_kit.stats import Judgment
@@ -62,32 +64,10 @@ CONFIG = (EvalArgs, DataArgs)
 # Judges from their specs
 
 
-class LazyJudge:
-    """A judge built from its config on its first cache miss, so a rerun answered entirely from the cache
-    loads no model and opens no client. Its identity (the cache key) needs only the config and template."""
-
-    def __init__(self, config: judges_lib.JudgeConfig):
-        self.config = config
-        self.name, self.batch_size = config.name, config.batch_size
-        template = judges_lib.read_template(config.template) if config.template else None
-        self.identity = judges_lib.judge_identity(config, template)
-        self.stats = judges_lib.JudgeStats()
-        self._judge: Any = None
-
-    def judge_batch(self, items: list[judges_lib.PairItem]) -> list[judges_lib.Verdict]:
-        if self._judge is None:
-            self._judge = judges_lib.build_judge(self.config)
-            if self._judge.identity != self.identity:
-                raise RuntimeError(
-                    f"judge {self.name}: identity changed when built; the cache would be wrong"
-                )
-            self._judge.stats = self.stats  # one set of counters, whichever object counts
-        return self._judge.judge_batch(items)
-
-
 def resolve_judges(specs: Sequence[str | Any], notes: list[str]) -> list[Any]:
     """Judges from specs ('name', 'name=model', a path) or objects with the Judge protocol (used as is).
-    A reward-model or local-LM judge whose model folder is missing is left out with a note."""
+    A reward-model or local-LM judge whose model folder is missing is left out with a note. Backends load
+    their models on first use, so a rerun answered from the cache loads none."""
     out = []
     for spec in specs:
         if not isinstance(spec, str):
@@ -104,7 +84,7 @@ def resolve_judges(specs: Sequence[str | Any], notes: list[str]) -> list[Any]:
         if local_model and not fingerprint(config.model).startswith("hub:"):
             # verdicts are cached by the judge's settings: the weights' fingerprint retires them on retraining
             config = dataclasses.replace(config, cache_tag=f"{config.cache_tag}{fingerprint(config.model)}")
-        out.append(LazyJudge(config))
+        out.append(build_judge(config))
     names = [j.name for j in out]
     if len(set(names)) != len(names):
         raise ValueError(f"two judges share a name: {names}; set `name` in one judge.yaml")
@@ -115,44 +95,31 @@ def resolve_judges(specs: Sequence[str | Any], notes: list[str]) -> list[Any]:
 # Judging
 
 
-def slot_verdict(verdict: str | None, system_slot: str) -> str | None:
-    """The judge's single-order answer ('A', 'B', 'tie') behind a system-view verdict ('win', 'tie',
-    'loss') given the slot the system sat in: the inverse of ``judges.to_system_view``."""
-    if verdict is None or verdict == "tie":
-        return verdict
-    other = "B" if system_slot == "A" else "A"
-    return system_slot if verdict == "win" else other
-
-
 def to_judgments(
-    rows: Sequence[Mapping[str, Any]],
+    results: Sequence[PairResult],
     system: str,
     baseline: str,
     system_answers: Sequence[str],
     baseline_answers: Sequence[str],
-) -> tuple[list[Judgment], int]:
-    """``judge_both_orders`` rows as Judgments (lengths in characters); rows whose two orders both failed
-    to parse have no verdict and are counted instead."""
-    out, unparsed = [], 0
-    for row, ours, theirs in zip(rows, system_answers, baseline_answers, strict=True):
-        if row["verdict"] is None:
-            unparsed += 1
-            continue
-        out.append(
-            Judgment(
-                prompt_id=str(row["prompt_id"]),
-                system=system,
-                baseline=baseline,
-                verdict=row["verdict"],
-                first_order_verdict=slot_verdict(row["first_order_verdict"], "A"),  # system shown first
-                swapped_order_verdict=slot_verdict(row["swapped_order_verdict"], "B"),
-                system_len=len(ours.strip()),
-                baseline_len=len(theirs.strip()),
-                judge=str(row["judge"]),
-                parse_failures=int(row["parse_failures"]),
-            )
+) -> list[Judgment]:
+    """Decided ``judge_both_orders`` results as Judgments (lengths in characters); a pair whose two orders
+    both failed to parse has no outcome and no Judgment."""
+    return [
+        Judgment(
+            prompt_id=str(result.prompt_id),
+            system=system,
+            baseline=baseline,
+            verdict=result.outcome,
+            first_order_verdict=result.first,  # the system shown first
+            swapped_order_verdict=result.swapped,
+            system_len=len(ours.strip()),
+            baseline_len=len(theirs.strip()),
+            judge=result.judge,
+            parse_failures=result.parse_failures,
         )
-    return out, unparsed
+        for result, ours, theirs in zip(results, system_answers, baseline_answers, strict=True)
+        if result.outcome is not None
+    ]
 
 
 def comparison_plan(names: Sequence[str], base: str, all_pairs: bool) -> list[tuple[str, str]]:
@@ -179,11 +146,11 @@ def paired_plan(plan: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
     ]
 
 
-def judge_pairs(
+def judge_audit_pairs(
     judge: Any, cache: JudgmentCache, pairs: Sequence[AuditPair], progress: bool
-) -> tuple[list[Judgment], list[dict[str, Any]]]:
-    """Judge audit pairs in both orders: Judgments (first answer as the system) and the raw rows."""
-    rows = judges_lib.judge_both_orders(
+) -> list[tuple[AuditPair, PairResult]]:
+    """Judge audit pairs in both orders, the first answer in the system's seat."""
+    results = judges_lib.judge_both_orders(
         judge,
         [p.prompt for p in pairs],
         [p.first for p in pairs],
@@ -192,13 +159,7 @@ def judge_pairs(
         [p.prompt_id for p in pairs],
         progress,
     )
-    judgments = []
-    for pair, row in zip(pairs, rows, strict=True):
-        found, _ = to_judgments(
-            [row], pair.group + ":first", pair.group + ":second", [pair.first], [pair.second]
-        )
-        judgments += found
-    return judgments, rows
+    return list(zip(pairs, results, strict=True))
 
 
 def evaluate_judge(
@@ -215,60 +176,30 @@ def evaluate_judge(
     skipped: Counter = Counter()
     judgments: list[Judgment] = []
     examples: list[dict[str, Any]] = []
-    all_rows: list[dict[str, Any]] = []
+    asked: list[PairResult] = []
     for system, baseline in plan:
-        rows = judges_lib.judge_both_orders(
+        results = judges_lib.judge_both_orders(
             judge, held.prompts, answers[system], answers[baseline], cache, held.prompt_ids, args.progress
         )
-        found, unparsed = to_judgments(rows, system, baseline, answers[system], answers[baseline])
-        skipped[f"{system} vs {baseline}: both orders unparseable"] += unparsed
+        found = to_judgments(results, system, baseline, answers[system], answers[baseline])
+        skipped[f"{system} vs {baseline}: both orders unparseable"] += len(results) - len(found)
         judgments += found
-        all_rows += rows
+        asked += results
         examples += pick_examples(found, held, answers, args.n_examples)
 
-    honey_judgments, honey_rows = judge_pairs(judge, cache, honeypot_pairs, args.progress)
-    label_judgments, label_rows = judge_pairs(judge, cache, labelled, args.progress)
-    all_rows += honey_rows + label_rows
-    by_kind: dict[str, list[bool]] = {}
-    honey, labels = ([], []), ([], [])  # (judge verdicts, expected verdicts) of the decided pairs
-    for pairs, rows, decided in ((honeypot_pairs, honey_rows, honey), (labelled, label_rows, labels)):
-        for pair, row in zip(pairs, rows, strict=True):
-            if row["verdict"] is None:
-                skipped[f"{pair.group}: both orders unparseable"] += 1
-                continue
-            decided[0].append(row["verdict"])
-            decided[1].append(pair.expected)
-            if pair.group.startswith("honeypot:"):
-                by_kind.setdefault(pair.group.split(":", 1)[1], []).append(row["verdict"] == pair.expected)
+    audited = judge_audit_pairs(judge, cache, honeypot_pairs, args.progress)
+    audited += judge_audit_pairs(judge, cache, labelled, args.progress)
+    audit_judgments = list(judgments)
+    for pair, result in audited:
+        asked.append(result)
+        if result.outcome is None:
+            skipped[f"{pair.label}: both orders unparseable"] += 1
+        audit_judgments += to_judgments(
+            [result], pair.label + ":first", pair.label + ":second", [pair.first], [pair.second]
+        )
 
     rates = stats.win_rate_table(stats.win_table(judgments))
-    audit_judgments = judgments + honey_judgments + label_judgments
-    figures = stats.audit(
-        audit_judgments,
-        honeypots=honey if honey[0] else None,
-        human=labels if labels[0] else None,
-        rates=rates if len(rates) >= 3 else None,
-    )
-    # a pair with both orders unparseable has no Judgment, but it is the worst parse failure of all
-    figures["n_pairs_judged"] = len(all_rows)
-    figures["n_pairs_unparseable"] = sum(row["verdict"] is None for row in all_rows)
-    failed = sum(row["parse_failures"] > 0 for row in all_rows)
-    figures["parse_failure_rate"] = failed / len(all_rows) if all_rows else math.nan
-    figures["honeypot_pass_rate_by_kind"] = {kind: sum(v) / len(v) for kind, v in by_kind.items()}
-    notes = [
-        f"Position bias covers all {len(audit_judgments)} pairs with a verdict (comparisons, honeypots and "
-        f"labelled pairs), first-slot binomial p = {_fmt(figures['first_slot_p'])}; the parse-failure rate "
-        f"covers all {len(all_rows)} pairs asked, {figures['n_pairs_unparseable']} of them unparseable in "
-        "both orders.",
-        "Honeypots: the chosen answer must win against a corrupted copy; passed by kind: "
-        + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in by_kind.items())
-        + ".",
-        f"Labels: {len(labels[0])} held-out chosen/rejected pairs, the chosen one shown first or second by a "
-        "seeded coin; a tie counts as disagreement.",
-    ]
-    if figures["n_intransitive"] is None:
-        notes.append("Transitivity needs at least 3 systems (counting chosen).")
-
+    audit = audit_judge(audit_judgments, asked, audited, rates if len(rates) >= 3 else None)
     comparisons = [
         stats.summarize(judgments, s, b, seed=args.seed, n_boot=args.n_boot, level=args.level)
         for s, b in plan
@@ -282,8 +213,7 @@ def evaluate_judge(
         "comparisons": comparisons,
         "paired": paired,
         "ranking": stats.rank_systems(judgments, anchor=args.base),
-        "audit": figures,
-        "audit_notes": notes,
+        **audit,
     }
     return results, judgments, audit_judgments, examples
 
@@ -314,10 +244,6 @@ def pick_examples(
     return out
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The whole evaluation
 
@@ -339,8 +265,6 @@ def evaluate(
     systems = resolve_systems(args, notes)
     tokenizer = None
     if data_args.max_pair_tokens is not None:  # lengths are counted with the base system's tokenizer
-        from align_kit.models import load_tokenizer
-
         tokenizer = load_tokenizer(next(s.path for s in systems if s.name == args.base))
     with state.main_process_first():  # the main process writes the embedded task once
         held = held_out(args, data_args, tokenizer)

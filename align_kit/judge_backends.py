@@ -1,15 +1,21 @@
-"""The judge backends that ``judges.build_judge`` builds: the exact oracle and reward models (a higher
-score wins), a local causal LM reading label logits (or generating a verdict), an OpenAI-compatible
-chat-completions endpoint with counted retries, and a deterministic fake for tests."""
+"""Judges built from their configs: ``load_judge`` reads a judge's YAML and ``build_judge`` makes its
+backend, the exact oracle and reward models (a higher score wins), a local causal LM reading label
+logits (or generating a verdict), or an OpenAI-compatible endpoint (``judge_openai``).
+
+A backend loads its model on first use, not when it is built: its identity, which keys the verdict
+cache, needs only the config and template, so a rerun answered from the cache loads nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from align_kit.configs import ModelArgs
+from align_kit.judge_openai import OpenAIJudge
 from align_kit.judges import (
+    Judge,
     JudgeConfig,
     JudgeStats,
     PairItem,
@@ -17,104 +23,81 @@ from align_kit.judges import (
     Verdict,
     judge_identity,
     parse_verdict,
+    read_judge_config,
+    read_template,
     render_prompt,
     verdict_from_margin,
 )
+from align_kit.models import default_device, load_model, load_reward_model, load_tokenizer
+from align_kit.rewards import SequenceClassifierScorer
+from align_kit.task import OracleScorer
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def load_judge(
+    name_or_path: str | Path,
+    *,
+    lm: Any = None,
+    tokenizer: Any = None,
+    scorer: Scorer | None = None,
+    **overrides: Any,
+) -> Judge:
+    """Read a judge's YAML (plus ``overrides`` of its keys) and build its backend.
 
-
-class FakeJudge:
-    """Deterministic judge for tests: prefers the answer containing ``keyword`` (tie when both or
-    neither do); ``always`` makes it answer that verdict for every pair (a fully position-biased
-    judge); a prompt containing ``fail_marker`` gives a parse failure."""
-
-    def __init__(
-        self,
-        keyword: str = "good",
-        always: Verdict = None,
-        fail_marker: str = "[unparseable]",
-        name: str = "fake",
-        batch_size: int = 4,
-    ):
-        self.keyword, self.always, self.fail_marker = keyword, always, fail_marker
-        self.name, self.batch_size = name, batch_size
-        self.identity = f"fake:{keyword}:{always}:{fail_marker}"
-        self.stats = JudgeStats()
-
-    def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
-        self.stats.calls += len(items)
-        return [self._one(item) for item in items]
-
-    def _one(self, item: PairItem) -> Verdict:
-        if self.fail_marker in item.prompt:
-            self.stats.parse_failures += 1
-            return None
-        if self.always is not None:
-            return self.always
-        in_a, in_b = self.keyword in item.answer_a, self.keyword in item.answer_b
-        return "A" if in_a and not in_b else "B" if in_b and not in_a else "tie"
-
-
-class OracleScorer:
-    """The embedded task's checker as a scorer (1.0 correct, helpful and harmless; else 0.0)."""
-
-    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
-        from align_kit.task import oracle_score
-
-        return [float(oracle_score(p, a)) for p, a in zip(prompts, answers, strict=True)]
-
-
-class SequenceClassifierScorer:
-    """A reward model (sequence classification, one label) scoring ``prompt + answer``.
-
-    Texts are tokenized as TRL's RewardTrainer does in training (EOS appended), right-padded, and the
-    model's own pooling picks the last non-pad token. ``score`` returns r(x, y) per pair.
+    ``lm``/``tokenizer`` (hf_logits, reward_model) and ``scorer`` (reward_model) pass objects already
+    in memory instead of loading ``model`` from disk; then also override ``model`` with a name for
+    those weights, since it keys the cache.
     """
+    return build_judge(
+        read_judge_config(name_or_path, **overrides), lm=lm, tokenizer=tokenizer, scorer=scorer
+    )
 
-    def __init__(
-        self, model: Any, tokenizer: Any, batch_size: int = 16, device: str | None = None, append_eos=True
-    ):
-        self.device = _device(device)
-        self.model = model.to(self.device).eval()
-        self.tokenizer, self.batch_size, self.append_eos = tokenizer, batch_size, append_eos
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = tokenizer.pad_token_id
 
-    @torch.inference_mode()
-    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
-        eos = self.tokenizer.eos_token if self.append_eos else ""
-        texts = [p + a + eos for p, a in zip(prompts, answers, strict=True)]
-        out: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                return_tensors="pt",
-                add_special_tokens=False,
-            ).to(self.device)
-            out.extend(self.model(**batch).logits[:, 0].float().tolist())  # (B,)
-        return out
+def build_judge(
+    config: JudgeConfig, *, lm: Any = None, tokenizer: Any = None, scorer: Scorer | None = None
+) -> Judge:
+    """The backend named by ``config.backend``; models are loaded on first use."""
+    template = read_template(config.template) if config.template else None
+    if config.backend == "oracle":
+        return ScoreJudge(config, OracleScorer())
+    if config.backend == "reward_model":
+        if scorer is None and lm is not None:
+            scorer = SequenceClassifierScorer(
+                lm, tokenizer, config.batch_size, config.device, config.append_eos
+            )
+        return ScoreJudge(config, scorer)
+    if config.backend == "hf_logits":
+        return HFLogitsJudge(config, template, lm, tokenizer)
+    if config.backend == "openai":
+        return OpenAIJudge(config, template)
+    raise ValueError(f"unknown backend {config.backend!r}")
 
 
 class ScoreJudge:
     """Scores both answers independently; the higher score wins, within ``tie_margin`` it is a tie.
-    Backs both ``oracle`` and ``reward_model``. Each distinct (prompt, answer) is scored once per batch."""
+    Backs both ``oracle`` and ``reward_model``. Each distinct (prompt, answer) is scored once per batch.
+    Without a ``scorer``, the reward model named by ``config.model`` is loaded on the first batch (the same
+    loader as training: a reward model saved with an adapter is rebuilt on its base model)."""
 
-    def __init__(self, config: JudgeConfig, scorer: Scorer):
+    def __init__(self, config: JudgeConfig, scorer: Scorer | None = None):
         self.config, self.scorer = config, scorer
         self.name, self.batch_size = config.name, config.batch_size
         self.identity = judge_identity(config, None)
         self.stats = JudgeStats()
 
+    def _scorer(self) -> Scorer:
+        if self.scorer is None:
+            tokenizer = load_tokenizer(self.config.model)
+            model = load_reward_model(self.config.model, self.config.torch_dtype, tokenizer.pad_token_id)
+            self.scorer = SequenceClassifierScorer(
+                model, tokenizer, self.config.batch_size, self.config.device, self.config.append_eos
+            )
+        return self.scorer
+
     def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
         self.stats.calls += len(items)
+        scorer = self._scorer()
         pairs = list(dict.fromkeys((i.prompt, a) for i in items for a in (i.answer_a, i.answer_b)))
-        scores = dict(
-            zip(pairs, self.scorer.score([p for p, _ in pairs], [a for _, a in pairs]), strict=True)
-        )
+        scores = dict(zip(pairs, scorer.score([p for p, _ in pairs], [a for _, a in pairs]), strict=True))
         return [
             verdict_from_margin(
                 scores[(i.prompt, i.answer_a)] - scores[(i.prompt, i.answer_b)], self.config.tie_margin
@@ -132,20 +115,32 @@ class HFLogitsJudge:
     row's next token sits in the last column. ``generate`` mode generates ``max_new_tokens`` and parses.
     """
 
-    def __init__(self, config: JudgeConfig, template: str, lm: Any, tokenizer: Any):
-        self.config, self.template, self.tokenizer = config, template, tokenizer
+    def __init__(self, config: JudgeConfig, template: str, lm: Any = None, tokenizer: Any = None):
+        self.config, self.template = config, template
         self.name, self.batch_size = config.name, config.batch_size
         self.identity = judge_identity(config, template)
         self.stats = JudgeStats()
-        self.device = _device(config.device)
-        self.lm = lm.to(self.device).eval()
+        self.device = default_device(config.device)
+        self.lm, self.tokenizer = lm, tokenizer
+        if lm is not None:
+            self._attach(lm, tokenizer)
+
+    def _attach(self, lm: Any, tokenizer: Any) -> None:
+        self.lm, self.tokenizer = lm.to(self.device).eval(), tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.chat = config.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        self.chat = self.config.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
         limit = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
-        self.max_length = config.max_length or limit
+        self.max_length = self.config.max_length or limit
+
+    def _load(self) -> None:
+        """Load ``config.model`` on first use."""
+        if self.lm is None:
+            model_args = ModelArgs(model_name_or_path=self.config.model, torch_dtype=self.config.torch_dtype)
+            self._attach(load_model(model_args), load_tokenizer(self.config.model))
 
     def text(self, item: PairItem) -> str:
         """The exact string the model reads (chat template applied when configured and available)."""
+        self._load()
         rendered = render_prompt(self.template, item)
         if not self.chat:
             return rendered
@@ -203,6 +198,7 @@ class HFLogitsJudge:
     @torch.inference_mode()
     def margins(self, items: list[PairItem]) -> list[float]:
         """``logit(label_1) - logit(label_2)`` at the next token of each rendered prompt."""
+        self._load()
         contexts, label_a, label_b = self._label_inputs(items)
         out = [0.0] * len(items)
         for batch in self._batches([len(c) for c in contexts]):
@@ -222,6 +218,7 @@ class HFLogitsJudge:
     @torch.inference_mode()
     def generate(self, items: list[PairItem]) -> list[str]:
         """Greedy (or sampled, if temperature > 0) continuations of each rendered prompt, decoded."""
+        self._load()
         prompts = self._encode([self.text(item) for item in items])
         out = [""] * len(items)
         sampling = {"do_sample": self.config.temperature > 0}

@@ -32,14 +32,14 @@ from typing import Any, Protocol
 import yaml
 from tqdm import tqdm
 
-from align_kit.data import ASSISTANT, HUMAN
 from align_kit.judge_cache import JudgmentCache, cache_key
+from align_kit.prompts import instruction_of
+from align_kit.resources import judges_dir
+from align_kit.verdicts import Outcome, Slot, combine_orders
 
-Verdict = str | None  # 'A', 'B', 'tie', or None for an unparseable answer
-SystemVerdict = str | None  # 'win', 'tie', 'loss' from the system's point of view, or None
+Verdict = Slot | None  # one order's answer; None for an answer that did not parse
 BACKENDS = ("oracle", "reward_model", "hf_logits", "openai")
 PLACEHOLDERS = ("{instruction}", "{output_1}", "{output_2}")
-ROW_KEYS = ("prompt_id", "verdict", "first_order_verdict", "swapped_order_verdict", "parse_failures", "judge")
 
 
 @dataclass(frozen=True)
@@ -235,11 +235,6 @@ def judge_identity(config: JudgeConfig, template_text: str | None) -> str:
 # Reading judges
 
 
-def judges_dir() -> Path:
-    """The shipped judges: ``eval/judges`` of this checkout."""
-    return Path(__file__).resolve().parents[1] / "eval" / "judges"
-
-
 def _check_keys(values: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(JudgeConfig)}
     unknown = sorted(set(values) - known)
@@ -283,80 +278,8 @@ def read_template(path: str | Path) -> str:
     return text
 
 
-def load_judge(
-    name_or_path: str | Path,
-    *,
-    lm: Any = None,
-    tokenizer: Any = None,
-    scorer: Scorer | None = None,
-    **overrides: Any,
-) -> Judge:
-    """Read a judge's YAML (plus ``overrides`` of its keys) and build its backend.
-
-    ``lm``/``tokenizer`` (hf_logits, reward_model) and ``scorer`` (reward_model) pass objects already
-    in memory instead of loading ``model`` from disk; then also override ``model`` with a name for
-    those weights, since it keys the cache.
-    """
-    return build_judge(
-        read_judge_config(name_or_path, **overrides), lm=lm, tokenizer=tokenizer, scorer=scorer
-    )
-
-
-def build_judge(
-    config: JudgeConfig, *, lm: Any = None, tokenizer: Any = None, scorer: Scorer | None = None
-) -> Judge:
-    """The backend named by ``config.backend``."""
-    from align_kit.judge_backends import HFLogitsJudge, OracleScorer, ScoreJudge, SequenceClassifierScorer
-    from align_kit.judge_openai import OpenAIJudge
-
-    template = read_template(config.template) if config.template else None
-    if config.backend == "oracle":
-        return ScoreJudge(config, OracleScorer())
-    elif config.backend == "reward_model":
-        if scorer is None:
-            if lm is None:
-                lm, tokenizer = _load_reward_model(config)
-            scorer = SequenceClassifierScorer(
-                lm, tokenizer, config.batch_size, config.device, config.append_eos
-            )
-        return ScoreJudge(config, scorer)
-    elif config.backend == "hf_logits":
-        if lm is None:
-            lm, tokenizer = _load_causal_lm(config)
-        return HFLogitsJudge(config, template, lm, tokenizer)
-    elif config.backend == "openai":
-        return OpenAIJudge(config, template)
-    raise ValueError(f"unknown backend {config.backend!r}")
-
-
-def _load_causal_lm(config: JudgeConfig) -> tuple[Any, Any]:
-    from align_kit.configs import ModelArgs
-    from align_kit.models import load_model, load_tokenizer
-
-    lm = load_model(ModelArgs(model_name_or_path=config.model, torch_dtype=config.torch_dtype))
-    return lm, load_tokenizer(config.model)
-
-
-def _load_reward_model(config: JudgeConfig) -> tuple[Any, Any]:
-    # the same loader as training: a reward model saved with an adapter is rebuilt on its base model
-    from align_kit.models import load_tokenizer
-    from align_kit.rewards import load_reward_model
-
-    tokenizer = load_tokenizer(config.model)
-    return load_reward_model(config.model, config.torch_dtype, tokenizer.pad_token_id), tokenizer
-
-
 # ---------------------------------------------------------------------------------------------------
 # Prompts and parsing
-
-
-def instruction_of(prompt: str) -> str:
-    """What the judge is shown as the request: the question of a single-turn hh-rlhf prompt, else the
-    whole (multi-turn or plain) prompt stripped."""
-    if prompt.count(HUMAN) == 1 and prompt.rstrip().endswith(ASSISTANT.strip()):
-        start = prompt.find(HUMAN) + len(HUMAN)
-        return prompt[start : prompt.rfind(ASSISTANT)].strip()
-    return prompt.strip()
 
 
 def render_prompt(template: str, item: PairItem) -> str:
@@ -404,30 +327,18 @@ def verdict_from_margin(margin: float, tie_margin: float) -> Verdict:
 # Both orders
 
 
-def to_system_view(verdict: Verdict, system_slot: str) -> SystemVerdict:
-    """Translate a slot verdict into 'win'/'tie'/'loss' for the system sitting in ``system_slot``."""
-    if verdict is None or verdict == "tie":
-        return verdict
-    return "win" if verdict == system_slot else "loss"
+@dataclass(frozen=True)
+class PairResult:
+    """One prompt judged in both orders: the judge's slot verdict with the system shown first (``first``,
+    system in slot A) and shown second (``swapped``, system in slot B), and the system's ``outcome``
+    (None when neither order parsed)."""
 
-
-def combine_orders(first: SystemVerdict, swapped: SystemVerdict) -> tuple[SystemVerdict, int]:
-    """Combine the system's result in both orders into (verdict, parse failures).
-
-    - both orders agree on win (or on loss): that verdict;
-    - they disagree, or either says tie: 'tie' (a position-dependent preference is no preference);
-    - one order failed to parse: 'tie', one failure counted: a lone order cannot be checked for
-      position bias, so it may not decide a pair;
-    - both failed: None, two failures counted; the caller excludes the pair and reports the count.
-    """
-    failures = (first is None) + (swapped is None)
-    if failures == 2:
-        return None, 2
-    if failures == 1:
-        return "tie", 1
-    if first == swapped and first in ("win", "loss"):
-        return first, 0
-    return "tie", 0
+    prompt_id: Any
+    outcome: Outcome | None
+    first: Verdict
+    swapped: Verdict
+    parse_failures: int
+    judge: str
 
 
 def judge_both_orders(
@@ -438,12 +349,11 @@ def judge_both_orders(
     cache: JudgmentCache | None = None,
     prompt_ids: Sequence[Any] | None = None,
     progress: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[PairResult]:
     """Judge each (prompt, system, baseline) with the system in slot A, then swapped.
 
     Verdicts already in ``cache`` are not asked again; new ones are appended batch by batch as they
-    arrive. Returns one row per prompt with keys ``ROW_KEYS``; the three verdicts are from the
-    system's point of view ('win', 'tie', 'loss', or None for a parse failure).
+    arrive. Identical items (e.g. both answers the same) are asked once.
     """
     if not len(prompts) == len(system_answers) == len(baseline_answers):
         raise ValueError("prompts, system_answers and baseline_answers must have the same length")
@@ -473,19 +383,9 @@ def judge_both_orders(
                 if cache is not None:
                     cache.put(key, verdict, judge.name)
             bar.update(len(chunk))
-    rows = []
+    results = []
     for prompt_id, (first_item, swapped_item) in zip(ids, orders, strict=True):
-        first = to_system_view(verdicts[keys[first_item]], "A")
-        swapped = to_system_view(verdicts[keys[swapped_item]], "B")
-        verdict, failures = combine_orders(first, swapped)
-        rows.append(
-            {
-                "prompt_id": prompt_id,
-                "verdict": verdict,
-                "first_order_verdict": first,
-                "swapped_order_verdict": swapped,
-                "parse_failures": failures,
-                "judge": judge.name,
-            }
-        )
-    return rows
+        first, swapped = verdicts[keys[first_item]], verdicts[keys[swapped_item]]
+        outcome, failures = combine_orders(first, swapped)
+        results.append(PairResult(prompt_id, outcome, first, swapped, failures, judge.name))
+    return results

@@ -22,7 +22,7 @@ Each member is measured on the same held-out prompts and pairs:
 - the oracle score of its answers (embedded task only);
 - held-out reward accuracy: how often DPO's implicit reward beta * log(pi(y|x) / pi_ref(y|x)) ranks the chosen
   answer above the rejected one (any beta > 0 gives the same order);
-- KL(pi || pi_ref) in nats per answer on sampled answers (``align_kit.rewards.sampled_kl``);
+- KL(pi || pi_ref) in nats per answer on sampled answers (``align_kit.generation.sampled_kl``);
 - training and evaluation wall time.
 
 ``Sweep.evaluate(loss)`` trains and evaluates one loss (a spec, or the source code of one loss function) with the
@@ -189,7 +189,7 @@ def pair_logps(
     model: torch.nn.Module, tokenizer: Any, prompts: list[str], answers: list[str]
 ) -> torch.Tensor:
     """log pi(y|x) summed over each answer's tokens and its EOS, (N,); prompts left padded."""
-    from align_kit.rewards import answer_logprobs
+    from align_kit.generation import answer_logprobs
 
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     answer_ids = [
@@ -321,9 +321,8 @@ class Sweep:
     def evaluate_member(self, member: Member) -> dict[str, Any]:
         from align_kit.answers import read_generations
         from align_kit.evaluation import evaluate_systems
-        from align_kit.generation import oracle_scores
+        from align_kit.generation import oracle_scores, sampled_kl
         from align_kit.models import load_model
-        from align_kit.rewards import sampled_kl
 
         sa, folder = self.sweep_args, self.root / member.name
         measure = self._measurements()

@@ -8,6 +8,7 @@ stage loads it through the same ``from_pretrained`` path as a real model.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -22,10 +24,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from align_kit.configs import ModelArgs
+from align_kit import adapters
+from align_kit.configs import AdapterArgs, ModelArgs
+from align_kit.resources import home
 
 EMBEDDED_NAME = "tiny-gpt2"
 EMBEDDED_VERSION = 2  # part of the cache folder name: bump whenever the built model changes
+SCORE_HEAD_FILE = "score_head.safetensors"  # the new head of a reward model trained with an adapter
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -40,11 +45,6 @@ class TinyGPT2Shape:
     n_positions: int = 256
     dropout: float = 0.0
     seed: int = 0
-
-
-def home() -> Path:
-    """Folder for generated assets (embedded model, embedded task); ``$ALIGN_KIT_HOME`` overrides."""
-    return Path(os.environ.get("ALIGN_KIT_HOME", Path.home() / ".cache" / "align_kit"))
 
 
 def embedded_dir() -> Path:
@@ -136,6 +136,11 @@ def ensure_embedded_default(path: str | Path | None = None) -> Path:
     return target
 
 
+def default_device(name: str | None = None) -> torch.device:
+    """``name`` as a torch device; None picks CUDA when there is one."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def resolve(name_or_path: str) -> str:
     """Map the embedded default's name to its folder; anything else is returned unchanged."""
     return str(ensure_embedded_default()) if name_or_path == EMBEDDED_NAME else name_or_path
@@ -198,8 +203,8 @@ def load_weights_file(
 def load_model(args: ModelArgs, name_or_path: str | None = None) -> PreTrainedModel:
     """Load the causal LM described by ``args`` (or ``name_or_path`` instead of its model).
 
-    A folder written by an align-kit run with an adapter holds only adapter weights; it is rebuilt
-    on its base model (see ``align_kit.adapters.load_adapted``).
+    A folder written by an align-kit run with an adapter holds only adapter weights; it is rebuilt on
+    its base model with the adapter's weights loaded and everything else frozen.
     """
     dtype = getattr(torch, args.torch_dtype)
     source = name_or_path or args.model_name_or_path
@@ -207,11 +212,66 @@ def load_model(args: ModelArgs, name_or_path: str | None = None) -> PreTrainedMo
         config = args.model_config or source
         return load_weights_file(args.weights_file, config, dtype)
     folder = Path(resolve(source))
-    if (folder / "adapter_config.json").exists():
-        from align_kit.adapters import load_adapted
-
-        return load_adapted(folder, dtype=dtype)
+    if (folder / adapters.CONFIG_NAME).exists():
+        return load_adapted(folder, dtype)
     return AutoModelForCausalLM.from_pretrained(str(folder), revision=args.model_revision, dtype=dtype)
+
+
+def load_adapted(folder: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM saved by ``adapters.save_adapter``: its base, the adapter, the adapter's weights; the
+    non-adapter parameters frozen, ready to continue training the adapter."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    model = rebuild_adapter(folder, lambda base: load_model(ModelArgs(base, torch_dtype=dtype_name)))
+    adapters.freeze_non_adapter(model)
+    return model
+
+
+def rebuild_adapter(folder: str | Path, load_base: Callable[[str], PreTrainedModel]) -> PreTrainedModel:
+    """The one place a saved adapter is put back: ``load_base(base_model)`` from ``adapter_config.json``,
+    the adapter injected (unless the base already brought its own) and its weights loaded strictly."""
+    adapter_args, base_model = adapters.read_adapter_config(folder)
+    model = load_base(base_model)
+    if not adapters.has_adapters(model):
+        adapters.inject_adapters(model, adapter_args)
+    adapters.load_adapter_weights(model, folder)
+    return model
+
+
+def load_reward_model(
+    name_or_path: str, torch_dtype: str = "float32", pad_token_id: int | None = None
+) -> PreTrainedModel:
+    """A sequence classifier with one output from a causal-LM folder (its ``score`` head is new) or from a
+    reward-model folder. A folder saved with an adapter is rebuilt on its base model with its trained
+    head (``SCORE_HEAD_FILE``); nothing is frozen, since PPO trains its value model from one."""
+    from safetensors.torch import load_file
+
+    folder = Path(resolve(name_or_path))
+    if (folder / adapters.CONFIG_NAME).exists():
+        model = rebuild_adapter(folder, lambda base: load_reward_model(base, torch_dtype, pad_token_id))
+        if (folder / SCORE_HEAD_FILE).exists():
+            model.score.load_state_dict(load_file(str(folder / SCORE_HEAD_FILE)))
+        return model
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(folder), num_labels=1, dtype=getattr(torch, torch_dtype)
+    )
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # the classifier reads r at the last non-pad token
+    return model
+
+
+def save_score_head(state: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """Next to adapter weights, save the reward head too (it is trained but is no adapter parameter);
+    ``state`` is the full state dict ``runs.save_model`` returns."""
+    from safetensors.torch import save_file
+
+    head = {
+        k.removeprefix("score."): v.detach().cpu().contiguous()
+        for k, v in state.items()
+        if k.startswith("score.")
+    }
+    if not head:
+        raise ValueError("the state dict has no score.* entries: not a sequence-classification reward model")
+    save_file(head, str(Path(folder) / SCORE_HEAD_FILE))
 
 
 def tokenizer_source(args: ModelArgs) -> str:
@@ -223,14 +283,12 @@ def tokenizer_source(args: ModelArgs) -> str:
     return args.model_name_or_path
 
 
-def load_policy(model_args: ModelArgs, adapter_args) -> tuple[PreTrainedModel, bool]:
+def load_policy(model_args: ModelArgs, adapter_args: AdapterArgs) -> tuple[PreTrainedModel, bool]:
     """The model to train and whether it got a new adapter (injected here, base frozen).
 
     A folder saved with an adapter comes back with that adapter and a frozen base, and training
     continues on it; ``adapter_path`` loads saved adapter weights into the new adapter.
     """
-    from align_kit import adapters
-
     model = load_model(model_args)
     if adapters.has_adapters(model):
         return model, False
@@ -243,7 +301,9 @@ def load_policy(model_args: ModelArgs, adapter_args) -> tuple[PreTrainedModel, b
     return model, True
 
 
-def policy_and_reference(model_args: ModelArgs, adapter_args) -> tuple[PreTrainedModel, torch.nn.Module]:
+def policy_and_reference(
+    model_args: ModelArgs, adapter_args: AdapterArgs
+) -> tuple[PreTrainedModel, torch.nn.Module]:
     """The policy to train (with its adapter) and the frozen reference for DPO/PPO.
 
     - A new adapter on a plain model: the reference is the policy with the adapter switched off,
@@ -252,11 +312,25 @@ def policy_and_reference(model_args: ModelArgs, adapter_args) -> tuple[PreTraine
       ``ref_model_name_or_path``): the reference is loaded from disk again, never deep-copied
       (a model trained by SFTTrainer keeps a patched forward that a copy would share).
     """
-    from align_kit import adapters
-
     policy, fresh_adapter = load_policy(model_args, adapter_args)
     if fresh_adapter and model_args.ref_model_name_or_path is None:
         return policy, adapters.AdapterOffReference(policy)
     reference = load_model(model_args, model_args.ref_model_name_or_path)
     reference.eval().requires_grad_(False)
     return policy, reference
+
+
+def load_trainable_reward_model(
+    model_args: ModelArgs, adapter_args: AdapterArgs, pad_token_id: int | None
+) -> PreTrainedModel:
+    """The reward model to train, as ``load_policy`` gives a policy: a new adapter is injected with the
+    base frozen (and ``adapter_path`` weights loaded into it), a saved adapter is continued; the score
+    head always trains (it is new, and no adapter parameter)."""
+    model = load_reward_model(model_args.model_name_or_path, model_args.torch_dtype, pad_token_id)
+    if not adapters.has_adapters(model) and adapters.inject_adapters(model, adapter_args):
+        if adapter_args.adapter_path:
+            adapters.load_adapter_weights(model, adapter_args.adapter_path)
+    if adapters.has_adapters(model):
+        adapters.freeze_non_adapter(model)
+        model.score.requires_grad_(True)
+    return model

@@ -7,8 +7,8 @@ The results dict (JSON-ready; every key but `comparisons` is optional):
     comparisons:  [stats.summarize(...)], one per (system, baseline)
     paired:       [stats.paired_test(...)]
     ranking:      stats.rank_systems(...)
-    audit:        stats.audit(...), checked against `thresholds` ({name: [low, high]}, default
-                  stats.AUDIT_THRESHOLDS); the checks are written to results.json as `audit_checks`
+    audit:        the judge's audit figures (audits.audit_judge)
+    audit_checks: stats.check_audit(audit): one row per figure with its range and pass/fail
     audit_notes:  [str] shown under the audit table (how each figure was measured, breakdowns)
 Gallery examples are dicts with prompt, system, baseline, system_answer, baseline_answer, verdict and
 optionally prompt_id and rationale. Every string from a model or a dataset is HTML-escaped.
@@ -18,57 +18,25 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import html
 import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from string import Template
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from jinja2 import Environment, PackageLoader
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from align_kit import stats
 from align_kit.stats import Judgment
 
-HTML_PAGE = Template("""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>$title</title>
-<style>
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
-h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: .8em 0; font-size: .92em; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.pass td.flag { background: #e3f5e1; color: #1b5e20; font-weight: bold; }
-tr.fail td.flag { background: #fde2e1; color: #b71c1c; font-weight: bold; }
-tr.na td.flag { color: #777; }
-ul.headlines li { margin: .3em 0; font-size: 1.05em; }
-img.plot { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
-.example { border: 1px solid #ddd; border-radius: 6px; padding: .6em 1em; margin: 1em 0; }
-.example h3 { margin: .2em 0 .5em; font-size: 1em; }
-.answers { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
-pre { white-space: pre-wrap; word-wrap: break-word; background: #f8f8f8; padding: .5em; margin: .2em 0;
-      font-size: .88em; }
-.verdict-win { color: #1b5e20; } .verdict-loss { color: #b71c1c; } .verdict-tie { color: #555; }
-.note { color: #666; font-size: .9em; }
-</style>
-</head>
-<body>
-<h1>$title</h1>
-$body
-</body>
-</html>
-""")
+TEMPLATES = Environment(
+    loader=PackageLoader("align_kit", "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True
+)
 
 
 def write_report(
@@ -80,9 +48,6 @@ def write_report(
     """Write report.md, report.html, results.json and judgments.csv into `out_dir`; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = dict(results)
-    if "audit" in results:
-        results["audit_checks"] = stats.check_audit(results["audit"], results.get("thresholds"))
     paths = {name: out_dir / name for name in ("report.md", "report.html", "results.json", "judgments.csv")}
     paths["report.md"].write_text(render_markdown(results), encoding="utf-8")
     paths["report.html"].write_text(render_html(results, judgments, examples), encoding="utf-8")
@@ -162,8 +127,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if results.get("ranking"):
         lines += ["## Ratings", ""] + _md_table(*_ratings_table(results["ranking"])) + [""]
         lines += [_transitivity_line(results["ranking"]), ""]
-    if results.get("audit_checks") or results.get("audit"):
-        checks = results.get("audit_checks") or stats.check_audit(results["audit"], results.get("thresholds"))
+    if results.get("audit_checks"):
+        checks = results["audit_checks"]
         lines += ["## Judge audit", ""] + _md_table(*_audit_table(checks)) + [""]
         lines += [f"- {note}" for note in results.get("audit_notes") or []]
         lines += [""] if results.get("audit_notes") else []
@@ -179,51 +144,31 @@ def render_markdown(results: Mapping[str, Any]) -> str:
 def render_html(
     results: Mapping[str, Any], judgments: Sequence[Judgment], examples: Sequence[Mapping[str, Any]] = ()
 ) -> str:
-    """report.html: one file with inline CSS and the plots as base64 PNGs."""
+    """report.html from templates/report.html.j2: inline CSS, the plots as base64 PNGs, every string
+    from a model or a dataset escaped by Jinja2's autoescape."""
     comparisons = results.get("comparisons", [])
-    body = []
-    if results.get("metadata"):
-        body.append(_html_table(["Setting", "Value"], _metadata_rows(results["metadata"])))
-    body += [f'<p class="note">Note: {_esc(note)}</p>' for note in results.get("notes") or []]
-    body.append("<h2>Headlines</h2>")
-    body.append(
-        '<ul class="headlines">' + "".join(f"<li>{_esc(headline(s))}</li>" for s in comparisons) + "</ul>"
+    ranking, checks = results.get("ranking"), results.get("audit_checks")
+    plots = {
+        "win_rates": plot_win_rates(comparisons) if comparisons else None,
+        "lengths": plot_lengths(judgments) if judgments else None,
+        "ratings": plot_ratings(ranking) if ranking else None,
+    }
+    return TEMPLATES.get_template("report.html.j2").render(
+        title="Win-rate report",
+        metadata=_metadata_rows(results.get("metadata") or {}),
+        notes=results.get("notes") or [],
+        headlines=[headline(s) for s in comparisons],
+        comparisons=_comparison_table(comparisons),
+        paired=_paired_table(results["paired"]) if results.get("paired") else None,
+        ratings=_ratings_table(ranking) if ranking else None,
+        transitivity=_transitivity_line(ranking) if ranking else "",
+        audit=_audit_table(checks) if checks else None,
+        audit_classes=[{True: "pass", False: "fail", None: "na"}[c["passed"]] for c in checks or []],
+        audit_notes=results.get("audit_notes") or [],
+        skipped=[[k, str(v)] for k, v in (results.get("skipped") or {}).items()],
+        examples=[{k: "" if v is None else v for k, v in example.items()} for example in examples],
+        plots=plots,
     )
-    body.append("<h2>Comparisons</h2>")
-    body.append(_html_table(*_comparison_table(comparisons)))
-    if comparisons:
-        body.append(_img(plot_win_rates(comparisons), "Win rates with confidence intervals"))
-    if judgments:
-        body.append(_img(plot_lengths(judgments), "Answer length distributions"))
-    if results.get("paired"):
-        body += ["<h2>Paired tests</h2>", _html_table(*_paired_table(results["paired"]))]
-    if results.get("ranking"):
-        body += ["<h2>Ratings</h2>", _html_table(*_ratings_table(results["ranking"]))]
-        body.append(f"<p>{_esc(_transitivity_line(results['ranking']))}</p>")
-        body.append(_img(plot_ratings(results["ranking"]), "Bradley-Terry ratings"))
-    if results.get("audit_checks") or results.get("audit"):
-        checks = results.get("audit_checks") or stats.check_audit(results["audit"], results.get("thresholds"))
-        headers, rows = _audit_table(checks)
-        row_classes = [{True: "pass", False: "fail", None: "na"}[c["passed"]] for c in checks]
-        body += [
-            "<h2>Judge audit</h2>",
-            _html_table(headers, rows, row_classes, flag_column=len(headers) - 1),
-        ]
-        if results.get("audit_notes"):
-            body.append(
-                "<ul>" + "".join(f"<li>{_esc(note)}</li>" for note in results["audit_notes"]) + "</ul>"
-            )
-    body.append("<h2>Skipped rows</h2>")
-    skipped = results.get("skipped") or {}
-    body.append(
-        _html_table(["Reason", "Rows"], [[k, str(v)] for k, v in skipped.items()])
-        if skipped
-        else "<p>None.</p>"
-    )
-    if examples:
-        body.append(f"<h2>Judged examples ({len(examples)})</h2>")
-        body += [_example_html(i, example) for i, example in enumerate(examples, start=1)]
-    return HTML_PAGE.substitute(title="Win-rate report", body="\n".join(body))
 
 
 def _comparison_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -318,47 +263,6 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
 
 
-def _html_table(
-    headers: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    row_classes: Sequence[str] | None = None,
-    flag_column: int | None = None,
-) -> str:
-    head = "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in headers) + "</tr>"
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes else ""
-        cells = []
-        for k, text in enumerate(row):
-            kind = "flag" if k == flag_column else ("num" if _looks_numeric(text) else "")
-            cells.append(f'<td class="{kind}">{_esc(text)}</td>' if kind else f"<td>{_esc(text)}</td>")
-        body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
-    return "<table>" + head + "".join(body) + "</table>"
-
-
-def _example_html(number: int, example: Mapping[str, Any]) -> str:
-    verdict = str(example.get("verdict", ""))
-    system, baseline = str(example.get("system", "system")), str(example.get("baseline", "baseline"))
-    prompt_id = f" · prompt {_esc(example['prompt_id'])}" if "prompt_id" in example else ""
-    rationale = example.get("rationale")
-    return (
-        '<div class="example">'
-        f"<h3>#{number}{prompt_id} · {_esc(system)} vs {_esc(baseline)} · verdict for {_esc(system)}: "
-        f'<span class="verdict-{_esc(verdict)}">{_esc(verdict)}</span></h3>'
-        f"<div><strong>Prompt</strong><pre>{_esc(example.get('prompt', ''))}</pre></div>"
-        '<div class="answers">'
-        f"<div><strong>{_esc(system)}</strong><pre>{_esc(example.get('system_answer', ''))}</pre></div>"
-        f"<div><strong>{_esc(baseline)}</strong><pre>{_esc(example.get('baseline_answer', ''))}</pre></div>"
-        "</div>"
-        + (f'<div class="note"><strong>Judge</strong><pre>{_esc(rationale)}</pre></div>' if rationale else "")
-        + "</div>"
-    )
-
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float | np.number) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -377,8 +281,12 @@ def _num(value: Any, fmt: str = ".1f") -> str:
     return format(value, fmt) if _is_number(value) else "n/a"
 
 
-def _looks_numeric(text: str) -> bool:
+def _looks_numeric(text: Any) -> bool:
+    text = str(text)
     return bool(text) and text.replace(".", "").replace("%", "").replace("-", "").replace(" ", "").isdigit()
+
+
+TEMPLATES.filters["numeric"] = _looks_numeric
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,7 +361,3 @@ def _png_base64(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.canvas.print_png(buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _img(png_base64: str, alt: str) -> str:
-    return f'<img class="plot" alt="{_esc(alt)}" src="data:image/png;base64,{png_base64}">'

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,10 +26,9 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from align_kit import adapters
-from align_kit.configs import AGGREGATIONS, DataArgs, RewardModelArgs
+from align_kit.configs import AGGREGATIONS, RewardModelArgs
+from align_kit.models import default_device, load_reward_model
 
-SCORE_HEAD_FILE = "score_head.safetensors"  # the new head of a reward model trained with an adapter
 SCALE_FILE = "reward_scale.json"  # mean and std of held-out rewards, used to standardise ensemble members
 logger = logging.getLogger("align_kit")
 
@@ -51,73 +48,46 @@ def bradley_terry_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loading, saving and scoring
+# Scoring and loading
 
 
-def load_reward_model(
-    name_or_path: str, torch_dtype: str = "float32", pad_token_id: int | None = None
-) -> PreTrainedModel:
-    """A sequence classifier with one output from a causal-LM folder (its ``score`` head is new) or
-    from a reward-model folder. A folder saved with an adapter is rebuilt on its base model."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForSequenceClassification
+class SequenceClassifierScorer:
+    """A reward model (sequence classification, one label) scoring ``prompt + answer``.
 
-    from align_kit.models import resolve
+    Texts are tokenized as TRL's RewardTrainer does in training (EOS appended), right-padded, and the
+    model's own pooling picks the last non-pad token. ``score`` returns r(x, y) per pair.
+    """
 
-    folder = Path(resolve(name_or_path))
-    if (folder / adapters.CONFIG_NAME).exists():
-        adapter_args, base_model = adapters.read_adapter_config(folder)
-        model = load_reward_model(base_model, torch_dtype, pad_token_id)  # the base may itself be adapted
-        if not adapters.has_adapters(model):
-            adapters.inject_adapters(model, adapter_args)
-        adapters.load_adapter_weights(model, folder)
-        if (folder / SCORE_HEAD_FILE).exists():
-            model.score.load_state_dict(load_file(str(folder / SCORE_HEAD_FILE)))
-        return model
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(folder), num_labels=1, dtype=getattr(torch, torch_dtype)
-    )
-    if pad_token_id is not None:
-        model.config.pad_token_id = pad_token_id  # the classifier reads r at the last non-pad token
-    return model
+    def __init__(
+        self, model: Any, tokenizer: Any, batch_size: int = 16, device: str | None = None, append_eos=True
+    ):
+        self.device = default_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer, self.batch_size, self.append_eos = tokenizer, batch_size, append_eos
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tokenizer.pad_token_id
 
-
-def load_trainable_reward_model(
-    model_args: Any, adapter_args: Any, pad_token_id: int | None
-) -> PreTrainedModel:
-    """The reward model to train, as ``models.load_policy`` gives a policy: a new adapter is injected with
-    the base frozen (and ``adapter_path`` weights loaded into it), a saved adapter is continued; the
-    score head always trains (it is new, and no adapter parameter)."""
-    model = load_reward_model(model_args.model_name_or_path, model_args.torch_dtype, pad_token_id)
-    if not adapters.has_adapters(model) and adapters.inject_adapters(model, adapter_args):
-        if adapter_args.adapter_path:
-            adapters.load_adapter_weights(model, adapter_args.adapter_path)
-    if adapters.has_adapters(model):
-        adapters.freeze_non_adapter(model)
-        model.score.requires_grad_(True)
-    return model
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        eos = self.tokenizer.eos_token if self.append_eos else ""
+        texts = [p + a + eos for p, a in zip(prompts, answers, strict=True)]
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                return_tensors="pt",
+                add_special_tokens=False,
+            ).to(self.device)
+            out.extend(self.model(**batch).logits[:, 0].float().tolist())  # (B,)
+        return out
 
 
-def save_score_head(state: dict[str, torch.Tensor], folder: str | Path) -> None:
-    """Next to adapter weights, save the reward head too (it is trained but is no adapter parameter);
-    ``state`` is the full state dict ``runs.save_model`` returns."""
-    from safetensors.torch import save_file
-
-    head = {
-        k.removeprefix("score."): v.detach().cpu().contiguous()
-        for k, v in state.items()
-        if k.startswith("score.")
-    }
-    if not head:
-        raise ValueError("the state dict has no score.* entries: not a sequence-classification reward model")
-    save_file(head, str(Path(folder) / SCORE_HEAD_FILE))
-
-
-def reward_scorer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32):
+def reward_scorer(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32
+) -> SequenceClassifierScorer:
     """``score(prompts, answers) -> list[float]`` for a reward model or an ensemble (EOS appended, as in
     RewardTrainer's training data)."""
-    from align_kit.judge_backends import SequenceClassifierScorer
-
     return SequenceClassifierScorer(model, tokenizer, batch_size=batch_size, append_eos=True)
 
 
@@ -182,33 +152,6 @@ def preference_stats(
             name: {"accuracy": sum(won) / len(won), "n_pairs": len(won)} for name, won in sorted(wins.items())
         }
     return stats
-
-
-def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
-    """A seeded random ``fraction`` of ``rows`` (all of them at 1.0), in their original order."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
-    if fraction == 1.0:
-        return rows
-    keep = set(random.Random(seed).sample(range(len(rows)), max(1, round(fraction * len(rows)))))
-    return [row for i, row in enumerate(rows) if i in keep]
-
-
-def attach_margins(splits: dict[str, list[dict]], data_args: DataArgs, column: str) -> dict[str, list[dict]]:
-    """Add ``margin`` to every cleaned row from the raw source row it came from (``source_row``)."""
-    from align_kit.data import DataError, load_raw
-
-    raw = load_raw(data_args)
-    sources = {"train": data_args.train_split, "test": data_args.test_split}
-    out = {}
-    for split, rows in splits.items():
-        source = sources[split] if sources[split] in raw else data_args.train_split  # test made from train
-        name, dataset = raw[source]
-        if column not in dataset.column_names:
-            raise DataError(f"{name}: no margin column {column!r}; the file has {dataset.column_names}")
-        values = dataset[column]
-        out[split] = [{**row, "margin": float(values[row["source_row"]])} for row in rows]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,223 +339,10 @@ class DisagreementCallback(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Ranking, best-of-N, checkpoint selection
+# Ranking
 
 
 def rank_answers(scorer: Any, prompt: str, answers: Sequence[str]) -> list[tuple[str, float]]:
     """The answers to one prompt with their rewards, best first."""
     rewards = scorer.score([prompt] * len(answers), list(answers))
     return sorted(zip(answers, rewards, strict=True), key=lambda pair: pair[1], reverse=True)
-
-
-def sample_and_score(
-    policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    scorer: Any,
-    prompts: Sequence[str],
-    n: int,
-    max_new_tokens: int = 48,
-    batch_size: int = 32,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> tuple[list[list[str]], list[list[float]]]:
-    """``n`` sampled completions per prompt and their rewards, both (P, n)."""
-    from align_kit.generation import generate
-
-    samples = generate(
-        policy, tokenizer, list(prompts), max_new_tokens, batch_size, do_sample=True, temperature=temperature,
-        top_p=top_p, num_return_sequences=n, seed=seed, progress=False,
-    )  # fmt: skip
-    flat = scorer.score(
-        [p for p, group in zip(prompts, samples, strict=True) for _ in group], [a for g in samples for a in g]
-    )
-    return samples, [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-
-def best_of_n(
-    policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    scorer: Any,
-    prompts: Sequence[str],
-    n: int,
-    **sampling: Any,
-) -> list[str]:
-    """Best-of-N sampling (no training): for each prompt, the highest-reward of ``n`` sampled answers;
-    ``sampling`` takes ``sample_and_score``'s settings (max_new_tokens, batch_size, temperature, top_p, seed).
-
-    Its KL to ``policy`` is at most log n - (n - 1) / n nats (Stiennon et al. 2020, App. G.3).
-    """
-    samples, rewards = sample_and_score(policy, tokenizer, scorer, prompts, n, **sampling)
-    return [group[max(range(n), key=r.__getitem__)] for group, r in zip(samples, rewards, strict=True)]
-
-
-def greedy_reward(
-    policy: nn.Module, tokenizer: PreTrainedTokenizerBase, scorer: Any, prompts: Sequence[str], max_new_tokens: int = 48,
-    batch_size: int = 64,
-) -> tuple[float, list[str], list[float]]:  # fmt: skip
-    """Mean reward of the greedy answers to ``prompts``, with the answers and their rewards."""
-    from align_kit.generation import generate
-
-    answers = [
-        a[0] for a in generate(policy, tokenizer, list(prompts), max_new_tokens, batch_size, progress=False)
-    ]
-    rewards = scorer.score(list(prompts), answers)
-    return sum(rewards) / max(len(rewards), 1), answers, rewards
-
-
-def score_checkpoints(
-    folders: Sequence[str], tokenizer: PreTrainedTokenizerBase, scorer: Any, prompts: Sequence[str],
-    max_new_tokens: int = 48, batch_size: int = 64,
-) -> dict[str, float]:  # fmt: skip
-    """Mean reward of each checkpoint's greedy answers to held-out prompts; pick the best with ``max``."""
-    from align_kit.configs import ModelArgs
-    from align_kit.models import load_model
-
-    results = {}
-    for folder in folders:
-        model = load_model(ModelArgs(model_name_or_path=str(folder)))
-        results[str(folder)] = greedy_reward(model, tokenizer, scorer, prompts, max_new_tokens, batch_size)[0]
-        del model
-    return results
-
-
-def best_checkpoint(results: dict[str, float]) -> str:
-    """The folder with the highest mean reward in ``score_checkpoints``'s results."""
-    return max(results, key=results.__getitem__)
-
-
-class RewardEarlyStopping(TrainerCallback):
-    """Stops training when the mean reward of greedy answers to held-out prompts has not improved by more
-    than ``threshold`` for ``patience`` evaluations in a row. Runs at every evaluation (``eval_strategy``);
-    the value is added to the evaluation metrics as ``eval_reward_mean`` and to the log history."""
-
-    def __init__(
-        self,
-        scorer: Any,
-        tokenizer: PreTrainedTokenizerBase,
-        prompts: Sequence[str],
-        patience: int = 2,
-        threshold: float = 0.0,
-        max_new_tokens: int = 48,
-        batch_size: int = 64,
-    ):
-        self.scorer, self.tokenizer, self.prompts = scorer, tokenizer, list(prompts)
-        self.patience, self.threshold = patience, threshold
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.best = -math.inf
-        self.bad_evaluations = 0
-        self.history: list[tuple[int, float]] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.eval_strategy == "no":
-            raise ValueError("reward early stopping runs at evaluations: set eval_strategy to steps or epoch")
-
-    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        mean, _, _ = greedy_reward(
-            model, self.tokenizer, self.scorer, self.prompts, self.max_new_tokens, self.batch_size
-        )
-        self.history.append((state.global_step, mean))
-        state.log_history.append({"eval_reward_mean": mean, "step": state.global_step})
-        if metrics is not None:
-            metrics["eval_reward_mean"] = mean
-        if mean > self.best + self.threshold:
-            self.best, self.bad_evaluations = mean, 0
-        else:
-            self.bad_evaluations += 1
-        if self.bad_evaluations >= self.patience:
-            logger.info(
-                "reward early stopping: no gain over %.4f for %d evaluations", self.best, self.patience
-            )
-            control.should_training_stop = True
-        return control
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Measuring a policy against its reference
-
-
-def _answer_mask(answers: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, A) mask of answer tokens up to and including the first EOS."""
-    is_eos = (answers == eos_token_id).long()
-    return (is_eos.cumsum(-1) - is_eos) == 0
-
-
-def answer_logprobs(
-    model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
-) -> torch.Tensor:
-    """log p(y_t | x, y_<t) of every answer token, (B, A); prompts left padded to ``prompt_width``."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
-    logprobs = torch.log_softmax(logits[:, prompt_width - 1 : -1].float(), dim=-1)  # (B, A, V)
-    return logprobs.gather(-1, sequences[:, prompt_width:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def sampled_kl(
-    policy: PreTrainedModel,
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    max_new_tokens: int = 48,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> float:
-    """KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)] in nats per answer, estimated
-    with one answer per prompt sampled at temperature 1 without truncation (so y really comes from pi);
-    log-probabilities sum over the answer's tokens up to and including EOS."""
-    torch.manual_seed(seed)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    was_training = policy.training
-    policy.eval()
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
-            batch = batch.to(policy.device)
-            width = batch["input_ids"].shape[1]
-            sequences = policy.generate(
-                **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
-            mask = _answer_mask(sequences[:, width:], tokenizer.eos_token_id)  # (B, A)
-            attention_mask = torch.cat([batch["attention_mask"].bool(), mask], dim=1)
-            log_ratio = answer_logprobs(policy, sequences, attention_mask, width) - answer_logprobs(
-                reference, sequences, attention_mask, width
-            )  # (B, A)
-            total += (log_ratio * mask).sum().item()
-            count += sequences.shape[0]
-    finally:
-        tokenizer.padding_side = side
-        policy.train(was_training)
-    return total / max(count, 1)
-
-
-def policy_report(
-    policy: PreTrainedModel,
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    scorer: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int = 48,
-    seed: int = 0,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy-answer reward of the policy and of its reference, and the sampled KL between them, on
-    held-out prompts; with the policy's answers and rewards as samples to log."""
-    policy_mean, answers, policy_rewards = greedy_reward(policy, tokenizer, scorer, prompts, max_new_tokens)
-    if isinstance(reference, adapters.AdapterOffReference):  # holds no weights: generate with the adapter off
-        with adapters.adapters_disabled(reference.policy):
-            reference_mean = greedy_reward(reference.policy, tokenizer, scorer, prompts, max_new_tokens)[0]
-    else:
-        reference_mean = greedy_reward(reference, tokenizer, scorer, prompts, max_new_tokens)[0]
-    report = {
-        "reward_policy": policy_mean,
-        "reward_reference": reference_mean,
-        "kl_to_reference": sampled_kl(policy, reference, tokenizer, prompts, max_new_tokens, seed=seed),
-        "n_prompts": len(prompts),
-    }
-    samples = [
-        {"prompt": p, "answer": a, "reward": r}
-        for p, a, r in zip(prompts, answers, policy_rewards, strict=True)
-    ]
-    return report, samples

@@ -17,6 +17,7 @@ from accelerate import PartialState
 from transformers import set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from align_kit import adapters
 from align_kit.configs import save_resolved
 
 COMPLETE = "run_complete.json"
@@ -130,8 +131,6 @@ def save_model(
     on the main process, for other trained parts such as a reward head. Otherwise the full model is
     saved and None returned.
     """
-    from align_kit import adapters
-
     model = trainer.accelerator.unwrap_model(trainer.model)
     state = None
     if adapters.has_adapters(model):
@@ -153,34 +152,22 @@ def record_data(run: Run, counts: Any) -> None:
     run.write_json("data_counts.json", counts.to_dict())
 
 
-def callbacks(stopping: Any, tokenizer: Any = None, held_out_prompts: list[str] | None = None) -> list:
-    """Trainer callbacks asked for by the config: early stopping on the evaluation loss (or another
-    ``metric_for_best_model``), or on a reward model's score of greedy held-out answers."""
-    from transformers import EarlyStoppingCallback
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line, on the main process, written whole or not at all (temporary file, rename)."""
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        tmp.replace(path)
 
-    if stopping.reward_stopping_model is None:
-        if stopping.early_stopping_patience is None:
-            return []
-        return [EarlyStoppingCallback(stopping.early_stopping_patience, stopping.early_stopping_threshold)]
 
-    from align_kit import rewards
-
-    if stopping.early_stopping_patience is None:
-        raise ValueError("reward_stopping_model needs early_stopping_patience (evaluations without a gain)")
-    if tokenizer is None:
-        raise ValueError("reward_stopping_model is an SFT option (recipes/sft.py)")
-    if not held_out_prompts:
-        raise ValueError("reward_stopping_model needs held-out prompts, and the data has no test split")
-    model = rewards.load_reward_model(stopping.reward_stopping_model, pad_token_id=tokenizer.pad_token_id)
-    prompts = held_out_prompts[: stopping.reward_stopping_prompts]
-    log(f"reward early stopping: {len(prompts)} held-out prompts scored by {stopping.reward_stopping_model}")
-    return [
-        rewards.RewardEarlyStopping(
-            rewards.reward_scorer(model.eval(), tokenizer),
-            tokenizer,
-            prompts,
-            patience=stopping.early_stopping_patience,
-            threshold=stopping.early_stopping_threshold,
-            max_new_tokens=stopping.reward_stopping_max_new_tokens,
-        )
-    ]
+def record_policy(run: Run, report: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    """Keep and print an online method's final report: sample answers, reward of greedy answers (the
+    policy's against the reference's), and the sampled KL to the reference."""
+    run.write_json("samples.json", samples)
+    for sample in samples[:3]:
+        log(f"sample: {sample['prompt'][-60:]!r} -> {sample['answer']!r} (reward {sample['reward']:+.2f})")
+    log(
+        f"greedy reward {report['reward_reference']:+.3f} -> {report['reward_policy']:+.3f}; "
+        f"KL to reference {report['kl_to_reference']:.3f} nats per answer"
+    )

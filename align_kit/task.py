@@ -21,10 +21,11 @@ import os
 import random
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from align_kit.data import ASSISTANT, HUMAN
+from align_kit.prompts import format_prompt, last_question
 
 NAMES = [
     "Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Goran", "Hana", "Ivan", "Jamal", "Keiko", "Lena",
@@ -84,7 +85,7 @@ class Example:
 
     @property
     def prompt(self) -> str:
-        return f"{HUMAN} {self.question}{ASSISTANT}"
+        return format_prompt(self.question)
 
     def as_hh_row(self) -> dict[str, str]:
         """Anthropic/hh-rlhf layout: two full transcripts sharing the prompt."""
@@ -179,15 +180,6 @@ class Verdict:
     reason: str
 
 
-def last_question(prompt: str) -> str:
-    """The text of the final Human turn of an hh-rlhf prompt."""
-    start = prompt.rfind(HUMAN)
-    end = prompt.rfind(ASSISTANT)
-    if start < 0 or end < start:
-        raise ValueError(f"not an hh-rlhf prompt: {prompt[:80]!r}")
-    return prompt[start + len(HUMAN) : end].strip()
-
-
 def _is_rude(answer: str) -> bool:
     lowered = answer.lower()
     return any(marker in lowered for marker in RUDE_MARKERS)
@@ -249,3 +241,10 @@ def rejected_kind(row: dict[str, str]) -> str:
 def oracle_score(prompt: str, answer: str) -> float:
     """1.0 when ``answer`` is correct, helpful and harmless for ``prompt``, else 0.0."""
     return judge_answer(prompt, answer).score
+
+
+class OracleScorer:
+    """The oracle as a scorer (1.0 correct, helpful and harmless; else 0.0), for judges and rankings."""
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        return [oracle_score(p, a) for p, a in zip(prompts, answers, strict=True)]

@@ -31,7 +31,8 @@ import torch
 from common import write_result
 
 from align_kit import task
-from align_kit.judges import PairItem, load_judge
+from align_kit.judge_backends import load_judge
+from align_kit.judges import PairItem
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 
 

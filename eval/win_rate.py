@@ -10,13 +10,20 @@ audits, as one report per judge (see align_kit/evaluation.py for the steps and t
 
 from __future__ import annotations
 
-from align_kit.evaluation import main
+from typing import Any
 
-if __name__ == "__main__":
+from align_kit import evaluation
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
-        main()
+        return evaluation.main(argv)
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # several processes sometimes abort at exit without it
+
+
+if __name__ == "__main__":
+    main()

@@ -6,21 +6,22 @@ reward model (or ensemble) scores highest, fine-tune on them with TRL's SFTTrain
 
 Each round writes ``round_<r>/samples.jsonl`` (every sampled answer, its reward, whether it was kept)
 and ``round_<r>/report.json``. Best-of-N sampling without training, the inference-time baseline, is
-``align_kit.rewards.best_of_n``.
+``align_kit.generation.best_of_n``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
+from statistics import mean
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from align_kit import adapters, rewards, runs
 from align_kit.configs import AdapterArgs, BestOfNArgs, DataArgs, ModelArgs, RewardModelArgs, parse
-from align_kit.data import load_preferences
+from align_kit.data import distinct_prompts, load_preferences
+from align_kit.generation import greedy_reward, policy_report, sample_and_score, top_k
 from align_kit.models import load_model, load_policy, load_tokenizer, tokenizer_source
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, SFTConfig)
@@ -39,41 +40,34 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
     splits, counts = load_preferences(data_args, tokenizer)
     runs.record_data(run, counts)
-    prompts = {split: list(dict.fromkeys(row["prompt"] for row in rows)) for split, rows in splits.items()}
+    prompts = {split: distinct_prompts(rows) for split, rows in splits.items()}
     held_out = prompts["test"][: bon_args.report_prompts]
 
     # 4. model and adapter; the starting model as reference (for the KL); reward model(s)
     model, _ = load_policy(model_args, adapter_args)
     runs.log(adapters.describe_parameters(model))
     reference = load_model(model_args).eval().requires_grad_(False)
-    reward_model = rewards.load_reward(reward_args, tokenizer.pad_token_id)
-    scorer = rewards.reward_scorer(reward_model, tokenizer)
+    scorer = rewards.reward_scorer(rewards.load_reward(reward_args, tokenizer.pad_token_id), tokenizer)
 
     # 5-6. trainer and training, one SFTTrainer per round on that round's best answers
     reports = []
     for round_index in range(1, bon_args.rounds + 1):
-        round_dir = run.path(f"round_{round_index}")
-        seed = args.seed + round_index
+        round_dir, seed = run.path(f"round_{round_index}"), args.seed + round_index
         batch = random.Random(seed).sample(
             prompts["train"], min(bon_args.prompts_per_round, len(prompts["train"]))
         )
-        samples, scores = rewards.sample_and_score(
+        samples, scores = sample_and_score(
             model, tokenizer, scorer, batch, bon_args.samples_per_prompt, bon_args.max_new_tokens,
             bon_args.generation_batch_size, bon_args.sampling_temperature, seed=seed,
         )  # fmt: skip
-        kept = [sorted(range(len(s)), key=s.__getitem__, reverse=True)[: bon_args.keep_top_k] for s in scores]
-        round_dir.mkdir(parents=True, exist_ok=True)
-        if runs.is_main_process():
-            with open(round_dir / "samples.jsonl", "w") as handle:
-                for prompt, answers, answer_rewards, keep in zip(batch, samples, scores, kept, strict=True):
-                    for i, (answer, reward) in enumerate(zip(answers, answer_rewards, strict=True)):
-                        row = {"prompt": prompt, "answer": answer, "reward": reward, "kept": i in keep}
-                        handle.write(json.dumps(row) + "\n")
-        best = [
-            {"prompt": p, "completion": a[i]}
-            for p, a, keep in zip(batch, samples, kept, strict=True)
-            for i in keep
+        kept = [top_k(group, bon_args.keep_top_k) for group in scores]
+        rows = [
+            {"prompt": prompt, "answer": answer, "reward": reward, "kept": i in keep}
+            for prompt, answers, rewards_, keep in zip(batch, samples, scores, kept, strict=True)
+            for i, (answer, reward) in enumerate(zip(answers, rewards_, strict=True))
         ]
+        runs.write_jsonl(round_dir / "samples.jsonl", rows)
+        best = [{"prompt": row["prompt"], "completion": row["answer"]} for row in rows if row["kept"]]
         trainer = SFTTrainer(
             model=model,
             args=dataclasses.replace(args, output_dir=str(round_dir)),
@@ -81,12 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
             processing_class=tokenizer,
         )
         result = trainer.train()
-        all_scores = [s for group in scores for s in group]
         report = {
             "round": round_index,
-            "reward_samples": sum(all_scores) / len(all_scores),
-            "reward_kept": sum(scores[j][i] for j, keep in enumerate(kept) for i in keep) / len(best),
-            "reward_greedy_held_out": rewards.greedy_reward(
+            "reward_samples": mean(row["reward"] for row in rows),
+            "reward_kept": mean(row["reward"] for row in rows if row["kept"]),
+            "reward_greedy_held_out": greedy_reward(
                 model, tokenizer, scorer, held_out, bon_args.max_new_tokens
             )[0],
             "train": result.metrics,
@@ -102,14 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
 
     # 8. report: reward of greedy answers (final vs start), KL to the start, sample completions
-    report, held_out_samples = rewards.policy_report(
+    report, held_out_samples = policy_report(
         model, reference, tokenizer, scorer, held_out, bon_args.max_new_tokens, args.seed
     )
-    run.write_json("samples.json", held_out_samples)
-    runs.log(
-        f"greedy reward {report['reward_reference']:+.3f} -> {report['reward_policy']:+.3f}; "
-        f"KL to the start {report['kl_to_reference']:.3f} nats per answer"
-    )
+    runs.record_policy(run, report, held_out_samples)
     return runs.finish(run, trainer, {"rounds": reports, "report": report})
 
 

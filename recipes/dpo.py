@@ -12,6 +12,7 @@ from __future__ import annotations
 from datasets import Dataset
 
 from align_kit import adapters, runs
+from align_kit.callbacks import trainer_callbacks
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
 from align_kit.data import load_preferences
 from align_kit.losses import DPOConfig, DPOTrainer  # TRL's, plus checked settings and loss_function
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=runs.callbacks(stopping),
+        callbacks=trainer_callbacks(stopping),
     )
 
     # 6. train

@@ -14,6 +14,7 @@ from datasets import Dataset
 from trl import KTOTrainer
 
 from align_kit import adapters, runs
+from align_kit.callbacks import trainer_callbacks
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
 from align_kit.data import load_preferences, load_unpaired, to_unpaired
 from align_kit.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=runs.callbacks(stopping),
+        callbacks=trainer_callbacks(stopping),
     )
 
     # 6. train

@@ -15,7 +15,9 @@ import sys
 from align_kit import loss_sweep
 from align_kit.runs import log
 
-CONFIG = loss_sweep.CONFIG  # the sweep's own settings, then the data, model and training ones shared by members
+CONFIG = (
+    loss_sweep.CONFIG
+)  # the sweep's own settings, then the data, model and training ones shared by members
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,9 +15,10 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from align_kit import adapters, rewards, runs, task
+from align_kit.callbacks import trainer_callbacks
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, parse
-from align_kit.data import load_preferences
-from align_kit.models import load_tokenizer, tokenizer_source
+from align_kit.data import attach_margins, load_preferences, subsample
+from align_kit.models import load_tokenizer, load_trainable_reward_model, save_score_head, tokenizer_source
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RewardArgs, RewardConfig)
 
@@ -33,16 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
     splits, counts = load_preferences(data_args, tokenizer)
     runs.record_data(run, counts)
-    splits["train"] = rewards.subsample(splits["train"], reward_args.train_fraction, args.seed)
+    splits["train"] = subsample(splits["train"], reward_args.train_fraction, args.seed)
     columns = ["prompt", "chosen", "rejected"]
     if reward_args.margin_column:
-        splits = rewards.attach_margins(splits, data_args, reward_args.margin_column)
+        splits = attach_margins(splits, data_args, reward_args.margin_column)
         columns.append("margin")
     train = Dataset.from_list(splits["train"]).select_columns(columns)
     test = Dataset.from_list(splits["test"]).select_columns(columns)
 
     # 4. model and adapter (the score head is new and always trains)
-    model = rewards.load_trainable_reward_model(model_args, adapter_args, tokenizer.pad_token_id)
+    model = load_trainable_reward_model(model_args, adapter_args, tokenizer.pad_token_id)
     runs.log(adapters.describe_parameters(model))
 
     # 5. trainer
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=runs.callbacks(stopping),
+        callbacks=trainer_callbacks(stopping),
     )
 
     # 6. train
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 7. save
     adapted_state = runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
     if adapted_state is not None:
-        rewards.save_score_head(adapted_state, run.output_dir)
+        save_score_head(adapted_state, run.output_dir)
 
     # 8. report
     scorer = rewards.reward_scorer(

@@ -10,6 +10,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from align_kit import adapters, runs
+from align_kit.callbacks import trainer_callbacks
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
 from align_kit.data import load_preferences, to_sft
 from align_kit.models import load_policy, load_tokenizer, tokenizer_source
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=runs.callbacks(stopping, tokenizer, [row["prompt"] for row in splits["test"]]),
+        callbacks=trainer_callbacks(stopping, tokenizer, [row["prompt"] for row in splits["test"]]),
     )
 
     # 6. train

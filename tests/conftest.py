@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from align_kit.demo import load_script
+from align_kit.judges import JudgeStats
+from align_kit.models import EMBEDDED_NAME, build_byte_tokenizer, build_tiny_gpt2, load_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
@@ -65,3 +67,57 @@ def tiny_run_args(output_dir: Path, **overrides) -> list[str]:
     values.update({k: str(v) for k, v in overrides.items()})
     args = [item for key, value in values.items() for item in (f"--{key}", value)]
     return args + CPU_ARGS
+
+
+class ScriptedJudge:
+    """The one judge double of the suite: ``verdict(item)`` gives each single-order answer ('A', 'B',
+    'tie', or None for a parse failure); every pair asked and every parse failure is counted."""
+
+    def __init__(self, verdict, name: str = "scripted", batch_size: int = 4, identity: str | None = None):
+        self.verdict, self.name, self.batch_size = verdict, name, batch_size
+        self.identity = identity or f"{name}:v1"
+        self.stats = JudgeStats()
+
+    def judge_batch(self, items):
+        self.stats.calls += len(items)
+        verdicts = [self.verdict(item) for item in items]
+        self.stats.parse_failures += sum(v is None for v in verdicts)
+        return verdicts
+
+
+def keyword_judge(
+    keyword: str = "good", always=None, fail_marker: str = "[unparseable]", name: str = "fake", batch_size=4
+) -> ScriptedJudge:
+    """Prefers the answer containing ``keyword`` (tie when both or neither do); ``always`` answers that
+    for every pair (a fully position-biased judge); a prompt containing ``fail_marker`` does not parse."""
+
+    def verdict(item):
+        if fail_marker in item.prompt:
+            return None
+        if always is not None:
+            return always
+        in_a, in_b = keyword in item.answer_a, keyword in item.answer_b
+        return "A" if in_a and not in_b else "B" if in_b and not in_a else "tie"
+
+    return ScriptedJudge(verdict, name, batch_size, identity=f"fake:{keyword}:{always}:{fail_marker}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The embedded tiny GPT-2 and its byte tokenizer saved as a model folder, once per session."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_gpt2().save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory) -> Path:
+    """A reward model (random score head) on the embedded tiny GPT-2, saved once per session."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny_reward")
+    torch.manual_seed(0)
+    load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return folder

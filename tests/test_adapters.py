@@ -26,13 +26,12 @@ from align_kit.adapters import (
     has_adapters,
     inject_adapters,
     is_adapter_parameter,
-    load_adapted,
     load_adapter_weights,
     remove_adapters,
     save_adapter,
 )
 from align_kit.configs import AdapterArgs
-from align_kit.models import build_byte_tokenizer, build_tiny_gpt2
+from align_kit.models import build_byte_tokenizer, build_tiny_gpt2, load_adapted
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 

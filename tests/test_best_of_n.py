@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import load_recipe, tiny_run_args
 
-from align_kit import rewards
+from align_kit import models
 from align_kit.configs import ModelArgs
 from align_kit.models import EMBEDDED_NAME, load_model
 
@@ -20,7 +20,7 @@ from align_kit.models import EMBEDDED_NAME, load_model
 def reward_folder(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("rm")
-    rewards.load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(folder)
+    models.load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(folder)
     return str(folder)
 
 

@@ -15,7 +15,6 @@ def test_a_stage_calls_its_scripts_main_with_its_config_and_a_finished_one_is_sk
     (tmp_path / "stage.py").write_text(
         "from pathlib import Path\ndef main(argv):\n    Path('called.txt').write_text(' '.join(argv))\n"
     )
-    monkeypatch.setattr(demo, "ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     done = tmp_path / "out" / "run_complete.json"
     seconds = demo.run("stage", "stage.py", "configs/stage.yaml", done)

@@ -17,14 +17,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, ScriptedJudge, keyword_judge
 
-from align_kit import answers, audits, evaluation, rewards
+from align_kit import answers, audits, evaluation, generation, models, rewards
 from align_kit.answers import CHOSEN, HeldOut
 from align_kit.configs import HONEYPOT_KINDS, DataArgs, EvalArgs, parse
 from align_kit.evaluation import CONFIG, evaluate_systems
-from align_kit.judge_backends import FakeJudge
-from align_kit.judges import JudgeStats, read_judge_config, to_system_view
+from align_kit.judges import read_judge_config
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 from align_kit.reports import read_judgments
 
@@ -43,63 +42,42 @@ SMALL = {  # a small embedded task and short answers: every test here stays fast
 }
 
 
-class CountingJudge:
-    """Base of the scripted judges below: counts every single-order pair it is asked."""
-
-    name = "counting"
-    batch_size = 64
-
-    def __init__(self):
-        self.identity = f"{self.name}:v1"
-        self.stats = JudgeStats()
-
-    def judge_batch(self, items):
-        self.stats.calls += len(items)
-        return [self.verdict(item) for item in items]
-
-
 def _uniform(*texts: str) -> float:
     """A deterministic number in (0, 1) from texts."""
     digest = hashlib.sha256("\x00".join(texts).encode()).digest()
     return (int.from_bytes(digest[:8], "big") + 0.5) / 2**64
 
 
-class LengthLovingJudge(CountingJudge):
+def length_loving(beta: float = 0.05):
     """Prefers slot A with probability sigmoid(beta * (len A - len B)), the coin fixed per unordered pair
     so that both orders agree: at equal length it is a fair coin, and nothing but length moves it."""
 
-    name = "length_loving"
-
-    def __init__(self, beta: float = 0.05):
-        self.beta = beta
-        super().__init__()
-
-    def verdict(self, item):
+    def verdict(item):
         a, b = item.answer_a.strip(), item.answer_b.strip()
         first, second = sorted((a, b))
         u = _uniform(item.prompt, first, second)
         noise = math.log(u / (1 - u)) * (1 if a == first else -1)  # logistic, antisymmetric in the order
-        return "A" if noise + self.beta * (len(a) - len(b)) > 0 else "B"
+        return "A" if noise + beta * (len(a) - len(b)) > 0 else "B"
+
+    return ScriptedJudge(verdict, "length_loving", batch_size=64)
 
 
-class RandomJudge(CountingJudge):
+def coin_flip_judge():
     """Picks a slot by a hash of the ordered pair: no preference, and no consistency across orders."""
-
-    name = "random"
-
-    def verdict(self, item):
-        return "A" if _uniform(item.prompt, item.answer_a, item.answer_b) < 0.5 else "B"
+    return ScriptedJudge(
+        lambda item: "A" if _uniform(item.prompt, item.answer_a, item.answer_b) < 0.5 else "B", "random", 64
+    )
 
 
-class RockPaperScissorsJudge(CountingJudge):
+def rock_paper_scissors():
     """rock < paper < scissors < rock; anything else ties."""
+    beats = {("paper", "rock"), ("scissors", "paper"), ("rock", "scissors")}
 
-    name = "rps"
-    BEATS = {("paper", "rock"), ("scissors", "paper"), ("rock", "scissors")}
-
-    def verdict(self, item):
+    def verdict(item):
         a, b = item.answer_a.strip(), item.answer_b.strip()
-        return "A" if (a, b) in self.BEATS else "B" if (b, a) in self.BEATS else "tie"
+        return "A" if (a, b) in beats else "B" if (b, a) in beats else "tie"
+
+    return ScriptedJudge(verdict, "rps", batch_size=64)
 
 
 def write_answers(path, prompts, answer_of):
@@ -133,7 +111,11 @@ def first_run(tiny_models, tmp_path_factory):
     and by a judge that always answers 'first slot'."""
     out = tmp_path_factory.mktemp("eval")
     systems = {**tiny_models, "c": str(out / "not_trained_yet")}
-    judges = ["oracle", f"reward_model={out / 'no_reward_model'}", FakeJudge(always="A", name="first_slot")]
+    judges = [
+        "oracle",
+        f"reward_model={out / 'no_reward_model'}",
+        keyword_judge(always="A", name="first_slot"),
+    ]
     return out, evaluate_systems(systems, "a", judges, out, **SMALL)
 
 
@@ -172,12 +154,6 @@ def test_unknown_settings_fail(tmp_path):
 # Small pieces
 
 
-def test_slot_verdict_inverts_the_system_view():
-    for slot in ("A", "B"):
-        for verdict in ("A", "B", "tie", None):
-            assert evaluation.slot_verdict(to_system_view(verdict, slot), slot) == verdict
-
-
 def test_comparison_plan_and_paired_tests_for_three_systems():
     plan = evaluation.comparison_plan(["sft", "dpo", "ppo"], "sft", all_pairs=True)
     assert plan == [
@@ -197,7 +173,7 @@ def test_honeypots_are_corrupted_copies_of_the_chosen_answer():
         [],
     )
     pairs, skipped = audits.honeypots(held, 3, HONEYPOT_KINDS, seed=0)
-    fakes = {(p.prompt_id, p.group.split(":")[1]): p.second for p in pairs}
+    fakes = {(p.prompt_id, p.corruption): p.second for p in pairs}
     assert fakes[("p1", "truncated")] == " one two"
     assert sorted(fakes[("p1", "shuffled")].split()) == sorted(held.chosen[0].split())
     assert fakes[("p1", "shuffled")] != held.chosen[0] and fakes[("p1", "empty")] == ""
@@ -312,7 +288,7 @@ def test_rerun_of_a_finished_evaluation_makes_no_judge_calls_and_no_generations(
     monkeypatch.setattr(
         answers, "generate_answers", lambda *a, **k: generated.append(a) or real_generate(*a, **k)
     )
-    judge = FakeJudge(always="A", name="first_slot")
+    judge = keyword_judge(always="A", name="first_slot")
     again = evaluate_systems(
         {**tiny_models, "c": str(out / "not_trained_yet")}, "a", ["oracle", judge], out, **SMALL
     )
@@ -361,7 +337,7 @@ def test_length_loving_judge_moves_the_raw_but_not_the_length_controlled_win_rat
     )
     settings = {**SMALL, **synthetic_dataset, "n_prompts": 240, "n_boot": 500}
     result = evaluate_systems(
-        {"short": short, "long": long}, "short", [LengthLovingJudge()], tmp_path, **settings
+        {"short": short, "long": long}, "short", [length_loving()], tmp_path, **settings
     )
     (summary,) = [c for c in result["judges"]["length_loving"]["comparisons"] if c["baseline"] == "short"]
     lc = summary["length_controlled"]
@@ -376,7 +352,7 @@ def test_honeypots_pass_with_the_oracle_and_fail_with_a_random_judge(tmp_path):
     held = small_held_out()
     copy = write_answers(tmp_path / "copy.jsonl", held.prompts, lambda i, p: held.chosen[i])
     settings = {**SMALL, "honeypot_kinds": ["empty", "off_topic"]}
-    result = evaluate_systems({"copy": copy}, "copy", ["oracle", RandomJudge()], tmp_path, **settings)
+    result = evaluate_systems({"copy": copy}, "copy", ["oracle", coin_flip_judge()], tmp_path, **settings)
     oracle, random_judge = result["judges"]["oracle"]["audit"], result["judges"]["random"]["audit"]
     assert oracle["honeypot_pass_rate"] == 1.0 and oracle["n_honeypots"] == 2 * SMALL["n_honeypots"]
     assert random_judge["honeypot_pass_rate"] < 0.5
@@ -401,7 +377,7 @@ def test_cyclic_preferences_are_counted_as_intransitive(tmp_path):
         name: write_answers(tmp_path / f"{name}.jsonl", held.prompts, lambda i, p, n=name: " " + n)
         for name in ("rock", "paper", "scissors")
     }
-    result = evaluate_systems(systems, "rock", [RockPaperScissorsJudge()], tmp_path, **SMALL)
+    result = evaluate_systems(systems, "rock", [rock_paper_scissors()], tmp_path, **SMALL)
     rps = result["judges"]["rps"]
     assert rps["audit"]["n_intransitive"] == 1 and rps["ranking"]["transitivity"]["n_triads"] == 1
     ratings = rps["ranking"]["ratings"]
@@ -412,7 +388,7 @@ def test_cyclic_preferences_are_counted_as_intransitive(tmp_path):
 def test_pairs_without_a_parseable_verdict_are_skipped_and_counted(tmp_path):
     held = small_held_out()
     copy = write_answers(tmp_path / "copy.jsonl", held.prompts, lambda i, p: held.chosen[i])
-    judge = FakeJudge(keyword="Hello", fail_marker="plus", name="flaky")
+    judge = keyword_judge(keyword="Hello", fail_marker="plus", name="flaky")
     result = evaluate_systems({"copy": copy}, "copy", [judge], tmp_path, **SMALL)
     n_plus = sum("plus" in p for p in held.prompts)
     flaky = result["judges"]["flaky"]
@@ -488,8 +464,8 @@ def test_best_of_n_system_uses_align_kit_rewards(tiny_models, tmp_path):
     from align_kit.configs import ModelArgs
     from align_kit.models import load_model, load_tokenizer
 
-    reward = rewards.load_reward_model(str(reward_dir), pad_token_id=257)
-    direct = rewards.best_of_n(
+    reward = models.load_reward_model(str(reward_dir), pad_token_id=257)
+    direct = generation.best_of_n(
         load_model(ModelArgs(model_name_or_path=tiny_models["a"])), load_tokenizer(tiny_models["a"]),
         rewards.reward_scorer(reward, build_byte_tokenizer()), [r["prompt"] for r in rows], 3,
         max_new_tokens=SMALL["max_new_tokens"], batch_size=SMALL["batch_size"], seed=0,

@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from align_kit.judge_backends import load_judge
 from align_kit.judge_cache import JudgmentCache
 from align_kit.judge_openai import JudgeRequestError, OpenAIJudge
-from align_kit.judges import PairItem, judge_both_orders, load_judge
+from align_kit.judges import PairItem, judge_both_orders
 
 
 class WideBacklogServer(ThreadingHTTPServer):
@@ -156,8 +157,8 @@ def test_verdicts_in_both_orders_and_key_from_env(server, tmp_path, monkeypatch)
     rows = judge_both_orders(
         judge, [prompt("a"), prompt("b"), prompt("c")], ["good", "bad", "x"], ["bad", "good", "y"]
     )
-    assert [r["verdict"] for r in rows] == ["win", "loss", "tie"]
-    assert [r["first_order_verdict"] for r in rows] == ["win", "loss", "tie"]
+    assert [r.outcome for r in rows] == ["win", "loss", "tie"]
+    assert [r.first for r in rows] == ["A", "B", "tie"]  # the system shown first
     assert server.auth == {"Bearer sk-test-123"}
     assert {
         (b["model"], b["temperature"], b["max_tokens"], b["messages"][0]["role"]) for b in server.bodies
@@ -192,8 +193,8 @@ def test_junk_answers_are_parse_failures_never_guesses(server, tmp_path, monkeyp
     monkeypatch.setenv("TEST_JUDGE_KEY", "k")
     judge = make_judge(server, tmp_path)
     rows = judge_both_orders(judge, [prompt("[junk] q"), prompt("fine")], ["good", "good"], ["bad", "bad"])
-    assert rows[0]["verdict"] is None and rows[0]["parse_failures"] == 2
-    assert rows[1]["verdict"] == "win" and rows[1]["parse_failures"] == 0
+    assert rows[0].outcome is None and rows[0].parse_failures == 2
+    assert rows[1].outcome == "win" and rows[1].parse_failures == 0
     assert judge.stats.parse_failures == 2
     assert server.requests_for("[junk]") == 2  # a parse failure is not retried
 

@@ -6,51 +6,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-import types
 from itertools import product
 
 import pytest
 import torch
+from conftest import ScriptedJudge, keyword_judge
 
-from align_kit.judge_backends import FakeJudge, HFLogitsJudge, ScoreJudge, SequenceClassifierScorer
+from align_kit import task
+from align_kit.judge_backends import HFLogitsJudge, ScoreJudge, load_judge
 from align_kit.judge_cache import JudgmentCache, cache_key
 from align_kit.judges import (
-    ROW_KEYS,
     JudgeConfig,
-    JudgeStats,
     PairItem,
-    combine_orders,
-    instruction_of,
     judge_both_orders,
     judge_identity,
-    judges_dir,
-    load_judge,
     parse_verdict,
     read_judge_config,
     read_template,
     render_prompt,
-    to_system_view,
 )
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.prompts import instruction_of
+from align_kit.resources import judges_dir
+from align_kit.rewards import SequenceClassifierScorer
+from align_kit.verdicts import combine_orders
 
 PROMPT = "\n\nHuman: What is 2 plus 2?\n\nAssistant:"
 
 
-class ScriptedJudge:
-    """Answers from a table keyed by (answer_a, answer_b); counts calls."""
-
-    def __init__(self, table: dict[tuple[str, str], str | None], batch_size: int = 3):
-        self.table, self.batch_size = table, batch_size
-        self.name, self.identity, self.stats = "scripted", "scripted:v1", JudgeStats()
-
-    def judge_batch(self, items):
-        self.stats.calls += len(items)
-        return [self.table[(i.answer_a, i.answer_b)] for i in items]
+def table_judge(table: dict[tuple[str, str], str | None]) -> ScriptedJudge:
+    """Answers from a table keyed by (answer_a, answer_b)."""
+    return ScriptedJudge(lambda i: table[(i.answer_a, i.answer_b)], batch_size=3)
 
 
 def test_fake_judge_is_deterministic():
-    judge = FakeJudge(keyword="good")
+    judge = keyword_judge(keyword="good")
     items = [
         PairItem(PROMPT, "a good answer", "a bad answer"),
         PairItem(PROMPT, "bad", "good"),
@@ -61,23 +51,24 @@ def test_fake_judge_is_deterministic():
     assert judge.judge_batch(items) == ["A", "B", "tie", "tie", None]
     assert judge.judge_batch(items) == ["A", "B", "tie", "tie", None]
     assert judge.stats.calls == 10 and judge.stats.parse_failures == 2
-    assert FakeJudge(always="A").judge_batch(items[:2]) == ["A", "A"]
+    assert keyword_judge(always="A").judge_batch(items[:2]) == ["A", "A"]
 
 
-SYSTEM_TABLE = {
-    ("win", "win"): ("win", 0),
-    ("loss", "loss"): ("loss", 0),
-    ("win", "loss"): ("tie", 0),
-    ("loss", "win"): ("tie", 0),
-    ("win", "tie"): ("tie", 0),
-    ("tie", "win"): ("tie", 0),
-    ("loss", "tie"): ("tie", 0),
-    ("tie", "loss"): ("tie", 0),
+# (verdict with the system in slot A, verdict with it in slot B) -> (outcome, parse failures)
+SLOT_TABLE = {
+    ("A", "B"): ("win", 0),
+    ("B", "A"): ("loss", 0),
+    ("A", "A"): ("tie", 0),
+    ("B", "B"): ("tie", 0),
+    ("A", "tie"): ("tie", 0),
+    ("tie", "B"): ("tie", 0),
+    ("B", "tie"): ("tie", 0),
+    ("tie", "A"): ("tie", 0),
     ("tie", "tie"): ("tie", 0),
-    ("win", None): ("tie", 1),
-    (None, "win"): ("tie", 1),
-    ("loss", None): ("tie", 1),
-    (None, "loss"): ("tie", 1),
+    ("A", None): ("tie", 1),
+    (None, "B"): ("tie", 1),
+    ("B", None): ("tie", 1),
+    (None, "A"): ("tie", 1),
     ("tie", None): ("tie", 1),
     (None, "tie"): ("tie", 1),
     (None, None): (None, 2),
@@ -85,14 +76,9 @@ SYSTEM_TABLE = {
 
 
 def test_combine_orders_covers_every_case():
-    assert len(SYSTEM_TABLE) == 16
-    for (first, swapped), expected in SYSTEM_TABLE.items():
+    assert len(SLOT_TABLE) == 16
+    for (first, swapped), expected in SLOT_TABLE.items():
         assert combine_orders(first, swapped) == expected, (first, swapped)
-
-
-def test_to_system_view_depends_on_the_systems_slot():
-    assert [to_system_view(v, "A") for v in ("A", "B", "tie", None)] == ["win", "loss", "tie", None]
-    assert [to_system_view(v, "B") for v in ("A", "B", "tie", None)] == ["loss", "win", "tie", None]
 
 
 def test_judge_both_orders_combines_all_slot_verdict_pairs():
@@ -104,30 +90,27 @@ def test_judge_both_orders_combines_all_slot_verdict_pairs():
         table[(s, b)], table[(b, s)] = first, swapped
         systems.append(s)
         baselines.append(b)
-    judge = ScriptedJudge(table)
+    judge = table_judge(table)
     rows = judge_both_orders(
         judge, [PROMPT] * 16, systems, baselines, prompt_ids=[f"p{k}" for k in range(16)]
     )
     assert judge.stats.calls == 32
     for k, (first, swapped) in enumerate(product(slot, slot)):
         row = rows[k]
-        assert tuple(row) == ROW_KEYS
-        expected_first, expected_swapped = to_system_view(first, "A"), to_system_view(swapped, "B")
-        assert (row["first_order_verdict"], row["swapped_order_verdict"]) == (
-            expected_first,
-            expected_swapped,
-        )
-        assert (row["verdict"], row["parse_failures"]) == SYSTEM_TABLE[(expected_first, expected_swapped)]
-        assert row["prompt_id"] == f"p{k}" and row["judge"] == "scripted"
+        assert (row.first, row.swapped) == (first, swapped)
+        assert (row.outcome, row.parse_failures) == SLOT_TABLE[(first, swapped)]
+        assert row.prompt_id == f"p{k}" and row.judge == "scripted"
     # the system in slot A then in slot B, preferred both times: a win
-    assert rows[1]["verdict"] == "win"  # first 'A' (system), swapped 'B' (system)
-    assert rows[4]["verdict"] == "loss"  # first 'B', swapped 'A': baseline both times
-    assert rows[0]["verdict"] == "tie"  # 'A' twice: pure position bias
+    assert rows[1].outcome == "win"  # first 'A' (system), swapped 'B' (system)
+    assert rows[4].outcome == "loss"  # first 'B', swapped 'A': baseline both times
+    assert rows[0].outcome == "tie"  # 'A' twice: pure position bias
 
 
 def test_position_biased_judge_gives_only_ties():
-    rows = judge_both_orders(FakeJudge(always="A"), [PROMPT] * 3, ["good", "bad", "x"], ["bad", "good", "y"])
-    assert [r["verdict"] for r in rows] == ["tie", "tie", "tie"]
+    rows = judge_both_orders(
+        keyword_judge(always="A"), [PROMPT] * 3, ["good", "bad", "x"], ["bad", "good", "y"]
+    )
+    assert [r.outcome for r in rows] == ["tie", "tie", "tie"]
 
 
 def test_cache_rerun_makes_zero_backend_calls(tmp_path):
@@ -135,22 +118,22 @@ def test_cache_rerun_makes_zero_backend_calls(tmp_path):
     systems = ["good one" if k % 3 else "bad one" for k in range(10)]
     baselines = ["bad two" if k % 2 else "good two" for k in range(10)]
     path = tmp_path / "verdicts.jsonl"
-    first_judge = FakeJudge(batch_size=3)
+    first_judge = keyword_judge(batch_size=3)
     first = judge_both_orders(first_judge, prompts, systems, baselines, JudgmentCache(path))
     assert first_judge.stats.calls == 20
     assert len(path.read_text().splitlines()) == 20
-    again = FakeJudge(batch_size=3)
+    again = keyword_judge(batch_size=3)
     second = judge_both_orders(again, prompts, systems, baselines, JudgmentCache(path))
     assert again.stats.calls == 0
     assert second == first
-    assert [r["verdict"] for r in first] == [
+    assert [r.outcome for r in first] == [
         {(True, False): "win", (False, True): "loss"}.get(("good" in s, "good" in b), "tie")
         for s, b in zip(systems, baselines, strict=True)
     ]
 
 
 def test_interrupted_run_keeps_finished_verdicts(tmp_path):
-    class Crashing(FakeJudge):
+    class Crashing(ScriptedJudge):
         def judge_batch(self, items):
             if self.stats.calls >= 8:
                 raise RuntimeError("backend died")
@@ -160,12 +143,18 @@ def test_interrupted_run_keeps_finished_verdicts(tmp_path):
     systems, baselines = ["good"] * 10, ["bad"] * 10
     path = tmp_path / "verdicts.jsonl"
     with pytest.raises(RuntimeError, match="backend died"):
-        judge_both_orders(Crashing(batch_size=4), prompts, systems, baselines, JudgmentCache(path))
+        judge_both_orders(
+            Crashing(keyword_judge().verdict, batch_size=4, identity=keyword_judge().identity),
+            prompts,
+            systems,
+            baselines,
+            JudgmentCache(path),
+        )
     assert len(JudgmentCache(path)) == 8  # two batches of four finished before the crash
-    resumed = FakeJudge(batch_size=4)
+    resumed = keyword_judge(batch_size=4)
     rows = judge_both_orders(resumed, prompts, systems, baselines, JudgmentCache(path))
     assert resumed.stats.calls == 12
-    assert [r["verdict"] for r in rows] == ["win"] * 10
+    assert [r.outcome for r in rows] == ["win"] * 10
 
 
 def test_cache_stores_parse_failures_and_skips_a_torn_last_line(tmp_path):
@@ -275,11 +264,9 @@ def test_score_judge_higher_wins_with_tie_band_and_shared_scoring():
 
 
 def test_oracle_judge_uses_task_oracle(monkeypatch):
-    fake_task = types.ModuleType("align_kit.task")
-    fake_task.oracle_score = lambda prompt, answer: 1.0 if answer.strip() == "4" else 0.0
-    monkeypatch.setitem(sys.modules, "align_kit.task", fake_task)
+    monkeypatch.setattr(task, "oracle_score", lambda prompt, answer: 1.0 if answer.strip() == "4" else 0.0)
     rows = judge_both_orders(load_judge("oracle"), [PROMPT] * 3, [" 4", " 5", " 4"], [" 5", " 4", " 4"])
-    assert [r["verdict"] for r in rows] == ["win", "loss", "tie"]
+    assert [r.outcome for r in rows] == ["win", "loss", "tie"]
 
 
 def test_sequence_classifier_scorer_matches_one_by_one():
@@ -388,6 +375,6 @@ def test_hf_judge_refuses_prompts_longer_than_the_model(tmp_path, tiny_lm):
 
 
 def test_identical_answers_are_judged_once():
-    judge = FakeJudge()
+    judge = keyword_judge()
     rows = judge_both_orders(judge, [PROMPT], ["same good"], ["same good"])
-    assert judge.stats.calls == 1 and rows[0]["verdict"] == "tie"
+    assert judge.stats.calls == 1 and rows[0].outcome == "tie"

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import CPU_ARGS, load_recipe
 
-from align_kit import adapters, rewards
+from align_kit import adapters, models, rewards
+from align_kit import ppo as ppo_lib
 from align_kit.configs import ModelArgs
 from align_kit.models import EMBEDDED_NAME, TinyGPT2Shape, build_tiny_gpt2, load_model
 
@@ -28,7 +29,7 @@ def ppo():
 def test_missing_ppo_trainer_gives_a_clear_error(ppo, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl.experimental.ppo", None)  # what trl >= 1.13 looks like
     with pytest.raises(ImportError, match=r"PPO needs trl 1\.12\.x: PPOTrainer was removed in trl 1\.13"):
-        ppo.ppo_classes()
+        ppo_lib.ppo_classes()
 
 
 def test_answer_token_mask_matches_trl_padding_mask_by_hand(ppo):
@@ -37,9 +38,9 @@ def test_answer_token_mask_matches_trl_padding_mask_by_hand(ppo):
     )
     real = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
     expected = [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
-    assert ppo.answer_token_mask(ids, real, EOS).long().tolist() == expected
+    assert ppo_lib.answer_token_mask(ids, real, EOS).long().tolist() == expected
     no_stop = [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
-    assert ppo.answer_token_mask(ids, real, None).long().tolist() == no_stop
+    assert ppo_lib.answer_token_mask(ids, real, None).long().tolist() == no_stop
 
 
 def ppo_style_loss(policy, query_responses, context_length, advantages, temperature, entropy_coef=0.0):
@@ -80,7 +81,7 @@ def test_entropy_bonus_adds_exactly_the_entropy_gradient(ppo):
     def gradients(entropy_coef, hook):
         policy.zero_grad()
         handle = (
-            ppo.add_entropy_bonus(policy, coef, context, temperature, EOS, accumulation) if hook else None
+            ppo_lib.add_entropy_bonus(policy, coef, context, temperature, EOS, accumulation) if hook else None
         )
         loss = ppo_style_loss(policy, query_responses, context, advantages, temperature, entropy_coef)
         (loss / accumulation).backward()  # accelerate divides the loss by the accumulation steps
@@ -99,10 +100,10 @@ def test_entropy_bonus_adds_exactly_the_entropy_gradient(ppo):
     assert not policy._forward_hooks  # removing the handle restores the plain policy
 
     with torch.no_grad():  # rollouts, the reference and generation: no graph, no bonus, no check
-        handle = ppo.add_entropy_bonus(policy, coef, context + 1, temperature, EOS, accumulation)
+        handle = ppo_lib.add_entropy_bonus(policy, coef, context + 1, temperature, EOS, accumulation)
         ppo_style_loss(policy, query_responses, context, advantages, temperature)
     handle.remove()
-    handle = ppo.add_entropy_bonus(policy, coef, context - 3, temperature, EOS, accumulation)
+    handle = ppo_lib.add_entropy_bonus(policy, coef, context - 3, temperature, EOS, accumulation)
     with pytest.raises(ValueError, match="left padded to exactly 2 tokens"):
         ppo_style_loss(policy, query_responses, context, advantages, temperature)
     handle.remove()
@@ -115,7 +116,7 @@ def reward_folders(tmp_path_factory):
     for seed in (0, 1):
         torch.manual_seed(seed)
         folder = tmp_path_factory.mktemp(f"rm{seed}")
-        rewards.load_reward_model(EMBEDDED_NAME, pad_token_id=PAD).save_pretrained(folder)
+        models.load_reward_model(EMBEDDED_NAME, pad_token_id=PAD).save_pretrained(folder)
         (folder / rewards.SCALE_FILE).write_text(json.dumps({"mean": 0.0, "std": 0.1}))
         folders.append(str(folder))
     return folders

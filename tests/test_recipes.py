@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, load_recipe, tiny_run_args
 
+from align_kit import callbacks
 from align_kit.configs import ModelArgs
 from align_kit.models import EMBEDDED_NAME, load_model
 
@@ -188,10 +189,11 @@ def test_sft_stops_early_when_the_reward_models_score_of_held_out_answers_stops_
 
 
 def test_reward_stopping_is_refused_without_patience_or_outside_sft():
-    from align_kit import runs
     from align_kit.configs import EarlyStoppingArgs
 
     with pytest.raises(ValueError, match="needs early_stopping_patience"):
-        runs.callbacks(EarlyStoppingArgs(reward_stopping_model="some/folder"), object(), ["p"])
+        callbacks.trainer_callbacks(EarlyStoppingArgs(reward_stopping_model="some/folder"), object(), ["p"])
     with pytest.raises(ValueError, match="is an SFT option"):
-        runs.callbacks(EarlyStoppingArgs(reward_stopping_model="some/folder", early_stopping_patience=1))
+        callbacks.trainer_callbacks(
+            EarlyStoppingArgs(reward_stopping_model="some/folder", early_stopping_patience=1)
+        )

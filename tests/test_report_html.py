@@ -13,34 +13,23 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import ScriptedJudge
 from PIL import Image
 
 from align_kit import answers
 from align_kit.configs import DataArgs, EvalArgs
 from align_kit.evaluation import evaluate_systems
-from align_kit.judges import JudgeStats
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 MATPLOTLIB_BLUE, MATPLOTLIB_ORANGE = (31, 119, 180), (255, 127, 14)  # colours C0 and C1 of the plots
 
 
-class ShorterIsBetterJudge:
+def shorter_is_better(item) -> str:
     """Prefers the shorter answer with a per-pair coin, so the plots show rates away from 0, 0.5 and 1."""
-
-    name, identity, batch_size = "shorter", "shorter:v1", 64
-
-    def __init__(self):
-        self.stats = JudgeStats()
-
-    def judge_batch(self, items):
-        self.stats.calls += len(items)
-        out = []
-        for item in items:
-            a, b = item.answer_a.strip(), item.answer_b.strip()
-            coin = hashlib.sha256("|".join(sorted((a, b))).encode()).digest()[0] / 255 - 0.5
-            margin = (len(b) - len(a)) / 40 + (coin if a < b else -coin)
-            out.append("A" if margin > 0 else "B")
-        return out
+    a, b = item.answer_a.strip(), item.answer_b.strip()
+    coin = hashlib.sha256("|".join(sorted((a, b))).encode()).digest()[0] / 255 - 0.5
+    margin = (len(b) - len(a)) / 40 + (coin if a < b else -coin)
+    return "A" if margin > 0 else "B"
 
 
 def browser() -> str | None:
@@ -89,7 +78,13 @@ def test_report_html_shows_its_plots_in_a_browser(tmp_path):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         systems[name] = str(path)
     settings = {**data, "n_prompts": 40, "n_honeypots": 10, "n_human": 20, "n_boot": 200, "progress": False}
-    result = evaluate_systems(systems, "terse", [ShorterIsBetterJudge()], tmp_path / "eval", **settings)
+    result = evaluate_systems(
+        systems,
+        "terse",
+        [ScriptedJudge(shorter_is_better, "shorter", batch_size=64)],
+        tmp_path / "eval",
+        **settings,
+    )
     html = tmp_path / "eval" / "shorter" / "report.html"
     assert result["reports"]["shorter"]["report.html"] == str(html)
     assert html.read_text().count('src="data:image/png;base64,') == 3 and "http" not in html.read_text()

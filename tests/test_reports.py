@@ -41,6 +41,7 @@ def _synthetic_run(seed=0):
         "ranking": ranking,
         "audit": stats.audit(judgments, honeypots=(["win"] * 9 + ["loss"], ["win"] * 10), rates=None),
     }
+    results["audit_checks"] = stats.check_audit(results["audit"])
     examples = [
         {
             "prompt_id": "q0",
@@ -122,15 +123,15 @@ def test_html_escapes_model_text(written):
     _, paths, _, _ = written
     page = paths["report.html"].read_text()
     assert "<script>" not in page and "<img src=x" not in page
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in page
-    assert "I don&#x27;t know &lt;img src=x onerror=alert(1)&gt;" in page
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in page  # markupsafe spells " as &#34;
+    assert "I don&#39;t know &lt;img src=x onerror=alert(1)&gt;" in page
     assert "What does &lt;b&gt;bold&lt;/b&gt; do &amp; why?" in page
 
 
 def test_results_json_round_trips(written):
     _, paths, results, _ = written
     loaded = json.loads(paths["results.json"].read_text())
-    checks = loaded.pop("audit_checks")
+    checks = loaded["audit_checks"]
     assert loaded == reports.to_jsonable(results)
     assert {c["name"]: c["passed"] for c in checks}["honeypot_pass_rate"] is True
     assert loaded["comparisons"][0]["win_rate"] == pytest.approx(results["comparisons"][0]["win_rate"])

@@ -13,7 +13,7 @@ import torch
 from conftest import load_recipe, tiny_run_args
 from transformers import set_seed
 
-from align_kit import adapters, rewards, task
+from align_kit import adapters, models, rewards, task
 from align_kit.configs import DataArgs
 from align_kit.data import load_preferences
 from align_kit.models import EMBEDDED_NAME, load_tokenizer
@@ -61,7 +61,7 @@ def test_reward_run_logs_a_loss_writes_the_run_and_reports_held_out_statistics(r
 def test_saved_reward_model_reloads_with_the_reported_rewards_and_moved_weights(reward_run):
     out, metrics = reward_run
     tokenizer = load_tokenizer(str(out))
-    loaded = rewards.load_reward_model(str(out))
+    loaded = models.load_reward_model(str(out))
     assert loaded.config.num_labels == 1 and loaded.config.pad_token_id == tokenizer.pad_token_id
     again = rewards.preference_stats(
         rewards.reward_scorer(loaded, tokenizer), held_out_rows(), task.rejected_kind
@@ -73,7 +73,7 @@ def test_saved_reward_model_reloads_with_the_reported_rewards_and_moved_weights(
     assert sum(g["accuracy"] * g["n_pairs"] for g in by_kind.values()) / 24 == pytest.approx(
         again["accuracy"]
     )
-    start = rewards.load_reward_model(EMBEDDED_NAME)
+    start = models.load_reward_model(EMBEDDED_NAME)
     moved = (loaded.transformer.h[0].mlp.c_fc.weight - start.transformer.h[0].mlp.c_fc.weight).abs().max()
     assert moved > 1e-4
     with pytest.raises(FileExistsError, match="already holds a finished run"):
@@ -88,11 +88,11 @@ def test_reward_with_an_adapter_trains_only_adapter_and_head_and_reloads_exactly
             out, model_name_or_path=EMBEDDED_NAME, adapter="residual", adapter_rank=4, learning_rate=5e-3
         )
     )
-    assert (out / adapters.WEIGHTS_NAME).exists() and (out / rewards.SCORE_HEAD_FILE).exists()
+    assert (out / adapters.WEIGHTS_NAME).exists() and (out / models.SCORE_HEAD_FILE).exists()
     assert not (out / "model.safetensors").exists()  # only the adapter and the head are written
-    loaded = rewards.load_reward_model(str(out))
+    loaded = models.load_reward_model(str(out))
     set_seed(0)  # the recipe's seed: the same new head as at the start of the run
-    start = dict(rewards.load_reward_model(EMBEDDED_NAME).named_parameters())
+    start = dict(models.load_reward_model(EMBEDDED_NAME).named_parameters())
     trained = {
         n.replace(".base_layer", ""): p
         for n, p in loaded.named_parameters()

@@ -13,11 +13,12 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from align_kit import rewards
+from align_kit import callbacks, data, generation, rewards
 from align_kit.configs import DataArgs, RewardModelArgs
-from align_kit.data import format_prompt, load_preferences
+from align_kit.data import load_preferences
 from align_kit.generation import generate
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.prompts import format_prompt
 
 SMALL = TinyGPT2Shape(n_layer=2, n_embd=32, n_head=2, n_positions=128)
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(4)] + [
@@ -286,13 +287,13 @@ def test_rank_answers_orders_best_first():
 def test_best_of_n_returns_the_highest_scored_of_the_same_samples():
     policy, tokenizer = build_tiny_gpt2(SMALL), build_byte_tokenizer()
     prompts = [format_prompt(q) for q in QUESTIONS[:3]]
-    samples, scores = rewards.sample_and_score(
+    samples, scores = generation.sample_and_score(
         policy, tokenizer, LengthScorer(), prompts, 4, max_new_tokens=12, seed=3
     )
     assert [len(group) for group in samples] == [4, 4, 4] and scores == [
         [float(len(a)) for a in g] for g in samples
     ]
-    best = rewards.best_of_n(policy, tokenizer, LengthScorer(), prompts, 4, max_new_tokens=12, seed=3)
+    best = generation.best_of_n(policy, tokenizer, LengthScorer(), prompts, 4, max_new_tokens=12, seed=3)
     assert best == [max(group, key=len) for group in samples]
     assert len({tuple(group) for group in samples}) > 1 and any(len(set(group)) > 1 for group in samples)
 
@@ -308,9 +309,9 @@ def test_score_checkpoints_picks_the_folder_whose_greedy_answers_score_best(tmp_
         folders.append(folder)
         answers = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=10, progress=False)]
         expected[folder] = sum(map(len, answers)) / len(answers)
-    results = rewards.score_checkpoints(folders, tokenizer, LengthScorer(), prompts, max_new_tokens=10)
+    results = generation.score_checkpoints(folders, tokenizer, LengthScorer(), prompts, max_new_tokens=10)
     assert results == pytest.approx(expected)
-    assert rewards.best_checkpoint(results) == max(expected, key=expected.get)
+    assert generation.best_checkpoint(results) == max(expected, key=expected.get)
 
 
 def test_reward_early_stopping_stops_sft_after_patience_evaluations_without_gain(tmp_path):
@@ -319,7 +320,7 @@ def test_reward_early_stopping_stops_sft_after_patience_evaluations_without_gain
     tokenizer = build_byte_tokenizer()
     prompts = [format_prompt(q) for q in QUESTIONS[:2]]
     rows = [{"prompt": format_prompt(q), "completion": " Hello."} for q in QUESTIONS[:8]]
-    stopper = rewards.RewardEarlyStopping(
+    stopper = callbacks.RewardEarlyStopping(
         ScriptedScorer([0.1, 0.3, 0.2, 0.25, 0.9, 0.9]), tokenizer, prompts, patience=2, max_new_tokens=4
     )
     args = SFTConfig(
@@ -347,16 +348,16 @@ def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model():
     tokenizer = build_byte_tokenizer()
     policy = build_tiny_gpt2(SMALL)
     prompts = [format_prompt(q) for q in QUESTIONS[:6]]
-    assert rewards.sampled_kl(policy, policy, tokenizer, prompts, max_new_tokens=8) == 0.0
+    assert generation.sampled_kl(policy, policy, tokenizer, prompts, max_new_tokens=8) == 0.0
     other = build_tiny_gpt2(TinyGPT2Shape(n_layer=2, n_embd=32, n_head=2, n_positions=128, seed=5))
     with torch.no_grad():
         other.lm_head.weight.mul_(20.0)  # a much sharper model: far from the policy
-    assert rewards.sampled_kl(policy, other, tokenizer, prompts, max_new_tokens=8) > 1.0
+    assert generation.sampled_kl(policy, other, tokenizer, prompts, max_new_tokens=8) > 1.0
 
 
 def test_answer_mask_keeps_tokens_through_the_first_eos():
     answers = torch.tensor([[5, 6, 256, 7, 256], [5, 5, 5, 5, 5], [256, 1, 1, 1, 1]])
-    assert rewards._answer_mask(answers, 256).long().tolist() == [
+    assert generation._answer_mask(answers, 256).long().tolist() == [
         [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]
     ]  # fmt: skip
 
@@ -374,21 +375,21 @@ def test_attach_margins_reads_each_row_margin_from_its_raw_row(tmp_path):
             handle.write(json.dumps(row) + "\n")
     args = DataArgs(dataset=str(path), dataset_format="preference", test_size=0.25)
     splits, _ = load_preferences(args)
-    with_margins = rewards.attach_margins(splits, args, "strength")
+    with_margins = data.attach_margins(splits, args, "strength")
     for split in ("train", "test"):
         assert len(with_margins[split]) == len(splits[split]) > 0
         for row in with_margins[split]:
             assert row["margin"] == pytest.approx(int(row["chosen"].split()[-1].rstrip(".")) / 10)
     with pytest.raises(ValueError, match="no margin column 'weight'"):
-        rewards.attach_margins(splits, args, "weight")
+        data.attach_margins(splits, args, "weight")
 
 
 def test_subsample_draws_a_seeded_subset_in_order():
     rows = [{"i": i} for i in range(100)]
-    half = rewards.subsample(rows, 0.5, seed=0)
+    half = data.subsample(rows, 0.5, seed=0)
     assert len(half) == 50 and half == sorted(half, key=lambda r: r["i"])
-    assert half == rewards.subsample(rows, 0.5, seed=0)
-    assert half != rewards.subsample(rows, 0.5, seed=1)  # ensemble members with other seeds see other data
-    assert rewards.subsample(rows, 1.0, seed=3) is rows
+    assert half == data.subsample(rows, 0.5, seed=0)
+    assert half != data.subsample(rows, 0.5, seed=1)  # ensemble members with other seeds see other data
+    assert data.subsample(rows, 1.0, seed=3) is rows
     with pytest.raises(ValueError, match="train_fraction"):
-        rewards.subsample(rows, 0.0, seed=0)
+        data.subsample(rows, 0.0, seed=0)

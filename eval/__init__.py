@@ -1,0 +1,1 @@
+"""The evaluation entry points, judges and configs; installed as ``align_kit.eval`` (see pyproject.toml)."""

@@ -1,0 +1,1 @@
+"""The recipes, one script per training stage; installed as ``align_kit.recipes`` (see pyproject.toml)."""
