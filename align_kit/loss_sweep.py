@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,6 +385,20 @@ class Sweep:
         gc.collect()
         return row
 
+    def base_scores(self) -> dict[str, Any]:
+        """The starting model's oracle score on the held-out prompts (embedded task only), for reference."""
+        if self.data_args.dataset != "embedded":
+            return {}
+        from align_kit.answers import read_generations
+        from align_kit.generation import oracle_scores
+
+        prompts = self._measurements()["held"].prompts
+        path = self.root / "eval" / "generations" / f"{self.sweep_args.base_name}.jsonl"
+        answers = {r["prompt"]: r["answer"] for r in read_generations(path)}
+        if not all(p in answers for p in prompts):
+            return {}
+        return {"oracle": oracle_scores(prompts, [answers[p] for p in prompts])["oracle"]}
+
     def evaluate(self, loss: str, beta: float | None = None) -> dict[str, Any]:
         """Train and evaluate one loss with the sweep's budget: a spec, or the Python source of one loss
         function (written to ``<output_dir>/losses/<hash>.py``); beta defaults to the first of ``betas``."""
@@ -410,19 +425,22 @@ class Sweep:
         start, load_start = time.time(), os.getloadavg()
         rows = [self.run_member(member) for member in members]
         ranking = rank(rows)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         payload = {
             "ranking": ranking,
-            "base": self.model_args.model_name_or_path,
+            "base": {"model": self.model_args.model_name_or_path, **self.base_scores()},
             "config": self.config_path,
             "overrides": self.overrides,
             "eval_settings": self.eval_settings(),
             "wall_s": round(time.time() - start, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # this process, imports included
+            "torch_threads": torch.get_num_threads(),
             "load_average_start": load_start,
             "load_average_end": os.getloadavg(),
         }
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "loss_sweep.json").write_text(json.dumps(payload, indent=2))
-        (self.root / "loss_sweep.md").write_text(markdown_table(ranking))
+        (self.root / "loss_sweep.md").write_text(markdown_table(ranking, payload["base"]))
         plot_frontier(ranking, self.root / "loss_sweep.png")
         return payload
 
@@ -440,7 +458,7 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"rank": i, **row} for i, row in enumerate(sorted(rows, key=key), start=1)]
 
 
-def markdown_table(ranking: list[dict[str, Any]]) -> str:
+def markdown_table(ranking: list[dict[str, Any]], base: dict[str, Any] | None = None) -> str:
     has_oracle = any("oracle" in row for row in ranking)
     headers = ["rank", "loss", "beta", "win rate vs base [95% CI]", "vs chosen [95% CI]"]
     headers += ["oracle"] * has_oracle + ["reward acc.", "KL (nats)", "train s", "eval s"]
@@ -465,6 +483,8 @@ def markdown_table(ranking: list[dict[str, Any]]) -> str:
     lines.append(
         f"\nWin rates by judge `{judge}` (ties count half), n = {ranking[0]['n'] if ranking else 0} prompts."
     )
+    if base and "oracle" in base:
+        lines.append(f"The starting model `{base['model']}` scores {base['oracle']:.3f} (oracle).")
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = sweep.run()
 
     # 8. report: loss_sweep.json, loss_sweep.md and loss_sweep.png in output_dir
-    log("ranking:\n" + loss_sweep.markdown_table(payload["ranking"]))
+    log("ranking:\n" + loss_sweep.markdown_table(payload["ranking"], payload["base"]))
     return payload
 
 
