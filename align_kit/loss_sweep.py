@@ -246,22 +246,24 @@ def comparison(results: dict, system: str, baseline: str) -> dict[str, Any]:
 class Sweep:
     """The members of one sweep config, trained, evaluated and tabled (see the module docstring)."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], extra: tuple[type, ...] = ()):
+        """Parse ``--config file.yaml`` plus overrides; ``extra`` config dataclasses (a caller's own settings
+        in the same YAML, such as DiscoveryArgs) are parsed first and kept in ``self.extra``."""
         self.argv = list(argv)
-        self.sweep_args, self.data_args, self.model_args, self.adapter_args, self.args = parse(
-            CONFIG, self.argv
+        *self.extra, self.sweep_args, self.data_args, self.model_args, self.adapter_args, self.args = parse(
+            extra + CONFIG, self.argv
         )
         config_path = self.argv[self.argv.index("--config") + 1]
         raw = yaml.safe_load(Path(config_path).read_text()) or {}
         self.overrides = override_groups(self.argv)
-        sweep_keys = {f.name for f in dataclasses.fields(SweepArgs)}
+        own_keys = {f.name for t in (SweepArgs, *extra) for f in dataclasses.fields(t)}
         per_member = sorted(set(PER_MEMBER_KEYS) & (set(raw) | {k for k, _ in self.overrides}))
         if per_member:
             raise ValueError(f"{config_path}: {per_member} are set per member, by `losses` and `betas`")
         self.config_path = config_path
-        self.shared = {k: v for k, v in raw.items() if k not in sweep_keys}
+        self.shared = {k: v for k, v in raw.items() if k not in own_keys}
         # the sweep's output_dir holds the members' folders; each member's is set in its own YAML
-        self.overrides = [(k, v) for k, v in self.overrides if k not in sweep_keys | {"output_dir"}]
+        self.overrides = [(k, v) for k, v in self.overrides if k not in own_keys | {"output_dir"}]
         self.root = Path(self.args.output_dir)
         self._measure: dict[str, Any] | None = None
 
@@ -514,3 +516,101 @@ def plot_frontier(ranking: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss discovery on the sweep's budget (recipes/discover_loss.py, align_kit.loss_discovery)
+
+ROW_SCORES = (
+    "win_rate",
+    "ci_low",
+    "ci_high",
+    "win_rate_vs_chosen",
+    "oracle",
+    "reward_accuracy",
+    "kl",
+    "wall_s",
+)
+
+
+@dataclass
+class DiscoveryArgs:
+    """An LLM-driven search for new losses, each trained and scored like a sweep member."""
+
+    generations: int = field(
+        default=10, metadata={"help": "Proposals to record (a rerun resumes up to this)."}
+    )
+    proposer_judge: str = field(
+        default="openai_pairwise",
+        metadata={
+            "help": "An OpenAI-backend judge (eval/judges name, folder or judge.yaml) whose endpoint the proposer "
+            "uses: model, base_url, api_key_env, timeout, max_retries."
+        },
+    )
+    proposer_model: str | None = field(
+        default=None, metadata={"help": "Served model name (None: the judge's)."}
+    )
+    proposer_base_url: str | None = field(
+        default=None, metadata={"help": "Endpoint root such as http://host:8000/v1 (None: the judge's)."}
+    )
+    proposer_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (a search wants a new proposal every time)."}
+    )
+    proposer_max_new_tokens: int = field(default=2048, metadata={"help": "Longest reply, in tokens."})
+    check_timeout: float = field(
+        default=10.0,
+        metadata={"help": "Seconds a proposal's unit checks may run before its worker is killed."},
+    )
+    seed_with_sweep: bool = field(
+        default=True,
+        metadata={
+            "help": "Train (or reuse) the sweep's `losses` first and show their scores to the proposer."
+        },
+    )
+    score_key: str = field(
+        default="win_rate", metadata={"help": "The row field that ranks losses (higher wins)."}
+    )
+
+
+def proposer_config(args: DiscoveryArgs):
+    """The proposer's ProposerConfig: the judge's endpoint, this search's decoding."""
+    from align_kit.judges import read_judge_config
+    from align_kit.loss_discovery import ProposerConfig
+
+    judge = read_judge_config(args.proposer_judge)
+    if judge.backend != "openai":
+        raise ValueError(
+            f"proposer_judge={args.proposer_judge!r}: backend {judge.backend!r}, not an OpenAI one"
+        )
+    endpoint = {"model": args.proposer_model, "base_url": args.proposer_base_url}
+    return ProposerConfig.from_judge(
+        judge,
+        **{k: v for k, v in endpoint.items() if v is not None},
+        temperature=args.proposer_temperature,
+        max_new_tokens=args.proposer_max_new_tokens,
+        system_prompt=None,  # the judge's system prompt asks for one character
+    )
+
+
+def seed_table(ranking: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sweep rows as the proposer's table of known losses."""
+    return [
+        {"name": f"{row['loss']} at beta {row['beta']:g}", **{k: row[k] for k in ROW_SCORES if k in row}}
+        for row in ranking
+    ]
+
+
+def discovery_evaluator(sweep: Sweep, beta: float):
+    """``evaluate("file.py:function") -> row`` for ``loss_discovery.discover``: the loss trained and scored as a
+    sweep member at ``beta``; a loss that breaks training (non-finite, wrong shape) raises LossFailed."""
+    from align_kit.loss_discovery import LossFailed
+    from align_kit.losses import LossFunctionError
+
+    def evaluate(loss_function: str) -> dict[str, Any]:
+        try:
+            row = sweep.evaluate(loss_function, beta)
+        except LossFunctionError as error:
+            raise LossFailed(str(error)) from error
+        return {k: row[k] for k in ("member", *ROW_SCORES) if k in row}
+
+    return evaluate

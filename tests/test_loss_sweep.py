@@ -181,7 +181,7 @@ def test_sweep_trains_each_member_with_its_recipe_and_writes_a_ranked_table(swee
         assert row["kl"] == row["kl"] and row["train_s"] > 0 and row["wall_s"] >= row["eval_s"]
         assert (out / row["member"] / "run_complete.json").exists()
     on_disk = json.loads((out / "loss_sweep.json").read_text())
-    assert on_disk["ranking"] == ranking
+    assert on_disk["ranking"] == ranking and 0.0 <= on_disk["base"]["oracle"] <= 1.0
     table = (out / "loss_sweep.md").read_text()
     assert "`sigmoid` (dpo)" in table and "`kto` (kto)" in table and "[95% CI]" in table
     assert (out / "loss_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
