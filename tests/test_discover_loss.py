@@ -14,7 +14,6 @@ from test_loss_discovery import DPO, HINGE, ScriptedChatServer, loss, reply
 from test_loss_sweep import SWEEP
 
 from align_kit.loss_discovery import read_log
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 
 pytestmark = pytest.mark.slow  # a checking worker starts (imports torch) and three tiny models train
 
@@ -38,12 +37,9 @@ def server(monkeypatch):
     scripted.httpd.server_close()
 
 
-def test_discovery_recipe_proposes_checks_trains_scores_and_resumes(server, tmp_path):
-    micro = tmp_path / "micro"
-    build_tiny_gpt2(TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=256)).save_pretrained(micro)
-    build_byte_tokenizer().save_pretrained(micro)
+def test_discovery_recipe_proposes_checks_trains_scores_and_resumes(server, tmp_path, micro_model_dir):
     config = tmp_path / "discover.yaml"
-    settings = {**SWEEP, "losses": ["sigmoid"], "model_name_or_path": str(micro), "generations": 3}
+    settings = {**SWEEP, "losses": ["sigmoid"], "model_name_or_path": str(micro_model_dir), "generations": 3}
     config.write_text(
         f"# accelerate launch recipes/discover_loss.py --config {config}\n" + yaml.safe_dump(settings)
     )

@@ -5,7 +5,6 @@ and evaluated as the discovery loop asks."""
 
 from __future__ import annotations
 
-import gc
 import json
 
 import pytest
@@ -14,7 +13,8 @@ import yaml
 from conftest import load_recipe
 
 from align_kit.loss_sweep import Sweep, implicit_reward_accuracy, override_groups, pair_logps, parse_member
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+
+pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
 DPO_SIGMOID = """
 import torch.nn.functional as F
@@ -24,17 +24,6 @@ def dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     margin = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
     return -F.logsigmoid(beta * margin)
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_and_a_frozen_heap():
-    """Tiny tensors run fastest on one intra-op thread; accelerate's gc.collect skips the frozen objects."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.freeze()
-    yield
-    gc.unfreeze()
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
@@ -103,20 +92,15 @@ def test_command_line_overrides_are_grouped_by_key():
     ]
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("micro")
-    build_tiny_gpt2(TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=256)).save_pretrained(folder)
-    build_byte_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @torch.no_grad()
-def test_pair_logps_of_a_left_padded_batch_equal_each_pair_alone(micro):
+def test_pair_logps_of_a_left_padded_batch_equal_each_pair_alone(micro_model_dir):
     from align_kit.configs import ModelArgs
     from align_kit.models import load_model, load_tokenizer
 
-    model, tokenizer = load_model(ModelArgs(model_name_or_path=str(micro))).eval(), load_tokenizer(str(micro))
+    model, tokenizer = (
+        load_model(ModelArgs(model_name_or_path=str(micro_model_dir))).eval(),
+        load_tokenizer(str(micro_model_dir)),
+    )
     prompts = ["\n\nHuman: Hi, I am Ann.\n\nAssistant:", "\n\nHuman: 2 + 2?\n\nAssistant:"]
     answers = [" Hello, Ann!", " It is 4, as two plus two makes four."]
     batched = pair_logps(model, tokenizer, prompts, answers)
@@ -159,11 +143,11 @@ SWEEP = {
 
 
 @pytest.fixture(scope="module")
-def sweep_run(micro, tmp_path_factory):
+def sweep_run(micro_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep")
     config = folder / "sweep.yaml"
     header = f"# accelerate launch recipes/loss_sweep.py --config {config}\n"
-    config.write_text(header + yaml.safe_dump({**SWEEP, "model_name_or_path": str(micro)}))
+    config.write_text(header + yaml.safe_dump({**SWEEP, "model_name_or_path": str(micro_model_dir)}))
     argv = ["--config", str(config), "--output_dir", str(folder / "out")]
     return folder / "out", argv, load_recipe("loss_sweep").main(argv)
 
@@ -226,10 +210,10 @@ def test_one_loss_given_as_source_code_is_trained_and_evaluated_with_the_sweeps_
     assert member_yaml["loss_function"] == f"{written[0]}:dpo" and "loss_type" not in member_yaml
 
 
-def test_per_member_settings_in_the_sweep_yaml_are_refused(tmp_path, micro):
+def test_per_member_settings_in_the_sweep_yaml_are_refused(tmp_path, micro_model_dir):
     config = tmp_path / "bad.yaml"
     config.write_text(
-        yaml.safe_dump({**SWEEP, "model_name_or_path": str(micro), "beta": 0.3, "output_dir": "x"})
+        yaml.safe_dump({**SWEEP, "model_name_or_path": str(micro_model_dir), "beta": 0.3, "output_dir": "x"})
     )
     with pytest.raises(ValueError, match=r"\['beta'\] are set per member"):
         Sweep(["--config", str(config)])

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 
@@ -24,7 +23,9 @@ from conftest import ROOT, load_recipe, tiny_run_args
 from align_kit.configs import DataArgs, ModelArgs, parse
 from align_kit.data import load_preferences, load_unpaired, to_unpaired
 from align_kit.losses import LossFunctionError, split_output
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2, load_model, load_tokenizer
+from align_kit.models import load_model, load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
 BETA = 0.25
 N_PAIRS = 6  # every training pair fits in the first batch, so its loss is over known rows
@@ -32,30 +33,9 @@ USER = str(ROOT / "tests" / "assets" / "user_losses.py")
 LN2 = math.log(2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_and_a_frozen_heap():
-    """Thirty recipe runs on tensors this small go fastest on one intra-op thread, and with the objects
-    alive now frozen out of the cyclic garbage collector that accelerate runs at every train()."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.freeze()
-    yield
-    gc.unfreeze()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    """A 1-layer, 32-wide GPT-2 with the byte tokenizer (25k parameters: a recipe step takes well under 1 s)."""
-    folder = tmp_path_factory.mktemp("micro")
-    build_tiny_gpt2(TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=256)).save_pretrained(folder)
-    build_byte_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def run_args(out, micro, *extra: str, **overrides) -> list[str]:
+def run_args(out, micro_model_dir, *extra: str, **overrides) -> list[str]:
     values = {
-        "model_name_or_path": micro,
+        "model_name_or_path": micro_model_dir,
         "max_steps": 1,
         "embedded_train_size": N_PAIRS,
         "embedded_test_size": 4,
@@ -77,9 +57,12 @@ def training_rows() -> list[dict]:
 
 
 @torch.no_grad()
-def chosen_token_nll(micro) -> float:
+def chosen_token_nll(micro_model_dir) -> float:
     """Mean cross-entropy of the chosen answers' tokens (answer + EOS) given their prompts: TRL's sft term."""
-    model, tokenizer = load_model(ModelArgs(model_name_or_path=str(micro))), load_tokenizer(str(micro))
+    model, tokenizer = (
+        load_model(ModelArgs(model_name_or_path=str(micro_model_dir))),
+        load_tokenizer(str(micro_model_dir)),
+    )
     total, count = 0.0, 0
     for row in training_rows():
         prompt = tokenizer(row["prompt"])["input_ids"]
@@ -123,8 +106,8 @@ def expected_step0(types: list[str], weights: list[float], beta: float, nll: flo
 
 
 @pytest.fixture(scope="module")
-def nll(micro) -> float:
-    return chosen_token_nll(micro)
+def nll(micro_model_dir) -> float:
+    return chosen_token_nll(micro_model_dir)
 
 
 def test_the_table_covers_every_trl_loss_type():
@@ -145,9 +128,9 @@ CASES = [pytest.param([name], None, settings, id=name) for name, settings, _ in 
 
 
 @pytest.mark.parametrize(("types", "weights", "settings"), CASES)
-def test_step0_loss_equals_its_analytic_value(micro, nll, tmp_path, types, weights, settings):
+def test_step0_loss_equals_its_analytic_value(micro_model_dir, nll, tmp_path, types, weights, settings):
     extra = ["--loss_type", *types] + (["--loss_weights", *map(str, weights)] if weights else [])
-    metrics = load_recipe("dpo").main(run_args(tmp_path / "run", micro, *extra, **settings))
+    metrics = load_recipe("dpo").main(run_args(tmp_path / "run", micro_model_dir, *extra, **settings))
     step = first_step(metrics)
     expected = expected_step0(types, weights or [1.0] * len(types), BETA, nll)
     assert step["loss"] == pytest.approx(expected, rel=1e-5)
@@ -239,7 +222,7 @@ def test_output_of_a_loss_function_is_split_and_checked():
 
 
 @pytest.fixture(scope="module")
-def sigmoid_three_ways(micro, tmp_path_factory):
+def sigmoid_three_ways(micro_model_dir, tmp_path_factory):
     """Two steps at a real learning rate: TRL's sigmoid, the same formula as a loss_function, and that
     formula returning its own rewards (twice DPO's)."""
     out = tmp_path_factory.mktemp("three")
@@ -250,7 +233,12 @@ def sigmoid_three_ways(micro, tmp_path_factory):
         ("rewards", ["--loss_function", f"{USER}:dpo_with_rewards"]),
     ]:
         args = run_args(
-            out / name, micro, *extra, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=4
+            out / name,
+            micro_model_dir,
+            *extra,
+            max_steps=2,
+            learning_rate=1e-2,
+            per_device_train_batch_size=4,
         )
         runs[name] = load_recipe("dpo").main(args)
     return out, runs
@@ -260,7 +248,7 @@ def weights(folder) -> dict[str, torch.Tensor]:
     return load_model(ModelArgs(model_name_or_path=str(folder))).state_dict()
 
 
-def test_dpo_formula_as_a_loss_function_reproduces_trls_sigmoid_exactly(sigmoid_three_ways, micro):
+def test_dpo_formula_as_a_loss_function_reproduces_trls_sigmoid_exactly(sigmoid_three_ways, micro_model_dir):
     out, runs = sigmoid_three_ways
     keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
     keys += ["logps/chosen", "logps/rejected"]
@@ -268,7 +256,7 @@ def test_dpo_formula_as_a_loss_function_reproduces_trls_sigmoid_exactly(sigmoid_
     user_steps = [{k: e[k] for k in keys} for e in runs["user"]["log_history"] if "loss" in e]
     assert len(trl_steps) == 2 and trl_steps == user_steps
     assert trl_steps[1]["loss"] != trl_steps[0]["loss"]  # the first step changed the policy
-    trained, user, start = weights(out / "trl"), weights(out / "user"), weights(micro)
+    trained, user, start = weights(out / "trl"), weights(out / "user"), weights(micro_model_dir)
     assert all(torch.equal(trained[k], user[k]) for k in trained)
     assert max((trained[k] - start[k]).abs().max().item() for k in trained) > 1e-3
 
@@ -282,9 +270,9 @@ def test_rewards_returned_by_a_loss_function_are_the_ones_logged(sigmoid_three_w
     assert abs(trl["rewards/margins"]) > 0
 
 
-def test_a_loss_function_against_the_adapter_off_reference(micro, tmp_path):
+def test_a_loss_function_against_the_adapter_off_reference(micro_model_dir, tmp_path):
     args = run_args(
-        tmp_path / "adapted", micro, "--loss_function", f"{USER}:dpo_sigmoid",
+        tmp_path / "adapted", micro_model_dir, "--loss_function", f"{USER}:dpo_sigmoid",
         max_steps=2, learning_rate=1e-2, per_device_train_batch_size=4, adapter="residual", adapter_rank=4,
     )  # fmt: skip
     metrics = load_recipe("dpo").main(args)
@@ -297,16 +285,18 @@ def test_a_loss_function_against_the_adapter_off_reference(micro, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_loss_function_on_two_processes_equals_one_process(micro, tmp_path, align_kit_home):
+def test_a_loss_function_on_two_processes_equals_one_process(micro_model_dir, tmp_path, align_kit_home):
     from test_multiprocess import launch_two_processes, losses
 
     # a full batch (all pairs) per step, so both runs see the same rows whatever the sampler and sharding
     common = {"learning_rate": 1e-2, "max_steps": 2}
     spec = ["--loss_function", f"{USER}:dpo_sigmoid"]
-    two = run_args(tmp_path / "two", micro, *spec, per_device_train_batch_size=N_PAIRS // 2, **common)
+    two = run_args(
+        tmp_path / "two", micro_model_dir, *spec, per_device_train_batch_size=N_PAIRS // 2, **common
+    )
     launch_two_processes("dpo", [*two, "--ddp_find_unused_parameters", "false"], tmp_path, align_kit_home)
     one = load_recipe("dpo").main(
-        run_args(tmp_path / "one", micro, *spec, per_device_train_batch_size=N_PAIRS, **common)
+        run_args(tmp_path / "one", micro_model_dir, *spec, per_device_train_batch_size=N_PAIRS, **common)
     )
     two_history = json.loads((tmp_path / "two" / "metrics.json").read_text())["log_history"]
     two_steps, one_steps = losses(two_history), losses(one["log_history"])
@@ -380,14 +370,16 @@ def test_preference_pairs_become_one_desirable_and_one_undesirable_row_each():
 @pytest.mark.parametrize(
     ("loss_type", "desirable_weight"), [("kto", 1.0), ("kto", 3.0), ("apo_zero_unpaired", 1.0)]
 )
-def test_kto_step0_loss_is_half_the_weight_of_each_answer(micro, tmp_path, loss_type, desirable_weight):
+def test_kto_step0_loss_is_half_the_weight_of_each_answer(
+    micro_model_dir, tmp_path, loss_type, desirable_weight
+):
     """KTO (Ethayarajh et al. 2024, Eq. 7, TRL's KTOTrainer): 1 - sigma(beta (h - z)) for a desirable answer and
     1 - sigma(beta (z - h)) for an undesirable one, h the log-ratio and z the KL estimate, both 0 at step 0;
     apo_zero_unpaired: 1 - sigma(beta h) and sigma(beta h). Either way 1/2 per answer, times its weight,
     averaged over the first batch (read in order: KTO samples sequentially)."""
     batch = 4
     args = run_args(
-        tmp_path / "kto", micro, max_steps=1, per_device_train_batch_size=batch, loss_type=loss_type,
+        tmp_path / "kto", micro_model_dir, max_steps=1, per_device_train_batch_size=batch, loss_type=loss_type,
         desirable_weight=desirable_weight, learning_rate=1e-2,
     )  # fmt: skip
     metrics = load_recipe("kto").main(args)
@@ -400,7 +392,7 @@ def test_kto_step0_loss_is_half_the_weight_of_each_answer(micro, tmp_path, loss_
     assert step["rewards/margins"] == 0.0
 
 
-def test_kto_recipe_trains_on_unpaired_rows_and_writes_the_run(micro, tmp_path):
+def test_kto_recipe_trains_on_unpaired_rows_and_writes_the_run(micro_model_dir, tmp_path):
     rows = [
         {"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
         for r in training_rows()
@@ -409,14 +401,14 @@ def test_kto_recipe_trains_on_unpaired_rows_and_writes_the_run(micro, tmp_path):
     write_unpaired(tmp_path / "train.jsonl", rows)
     out = tmp_path / "kto"
     args = run_args(
-        out, micro, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, dataset=tmp_path / "train.jsonl",
+        out, micro_model_dir, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, dataset=tmp_path / "train.jsonl",
         dataset_format="unpaired", test_size=0.25,
     )  # fmt: skip
     metrics = load_recipe("kto").main(args)
     steps = [e for e in metrics["log_history"] if "loss" in e]
     assert len(steps) == 3 and all(math.isfinite(s["loss"]) for s in steps)
     assert steps[-1]["rewards/margins"] != 0.0
-    start, trained = weights(micro), weights(out)
+    start, trained = weights(micro_model_dir), weights(out)
     assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-3
     for name in (
         "run_config.json",
