@@ -293,14 +293,14 @@ class Sweep:
         for member in members:
             parse(load_script_module(member.recipe).CONFIG, self.member_argv(member))
 
-    def train(self, member: Member) -> tuple[float, bool]:
-        """Train the member unless its folder holds a finished run; (seconds, reused)."""
+    def train(self, member: Member) -> dict[str, float] | None:
+        """Train the member unless its folder holds a finished run: its wall and CPU seconds, or None."""
         if (self.root / member.name / "run_complete.json").exists():
-            return 0.0, True
-        start = time.time()
+            return None
+        start, cpu = time.time(), time.process_time()
         load_script_module(member.recipe).main(self.member_argv(member))
         gc.collect()
-        return time.time() - start, False
+        return {"train_s": time.time() - start, "train_cpu_s": time.process_time() - cpu}
 
     def _measurements(self) -> dict[str, Any]:
         """The reference model, tokenizer and held-out pairs and prompts, loaded once."""
@@ -376,13 +376,17 @@ class Sweep:
             if saved.get("eval_settings") == settings:
                 return saved["row"]
         load = os.getloadavg()[0]
-        train_s, reused = self.train(member)
-        if reused and cached.exists():  # trained earlier: keep the training time measured then
-            train_s = json.loads(cached.read_text())["row"].get("train_s", train_s)
-        start = time.time()
+        times = self.train(member)
+        if times is None:  # trained earlier: keep the training times measured then (None if unknown)
+            earlier = json.loads(cached.read_text())["row"] if cached.exists() else {}
+            times = {k: earlier.get(k) for k in ("train_s", "train_cpu_s")}
+        start, cpu = time.time(), time.process_time()
         row = self.evaluate_member(member)
-        row |= {"train_s": round(train_s, 1), "eval_s": round(time.time() - start, 1), "load_at_start": load}
-        row["wall_s"] = round(row["train_s"] + row["eval_s"], 1)
+        times |= {"eval_s": time.time() - start, "eval_cpu_s": time.process_time() - cpu}
+        row |= {k: None if v is None else round(v, 1) for k, v in times.items()}
+        row["wall_s"] = _total(row["train_s"], row["eval_s"])
+        row["cpu_s"] = _total(row["train_cpu_s"], row["eval_cpu_s"])  # this process's CPU, all threads
+        row["load_at_start"] = load
         cached.write_text(json.dumps({"eval_settings": settings, "row": row}, indent=2))
         gc.collect()
         return row
@@ -434,8 +438,10 @@ class Sweep:
             "config": self.config_path,
             "overrides": self.overrides,
             "eval_settings": self.eval_settings(),
-            "wall_s": round(time.time() - start, 1),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # this process, imports included
+            "members_wall_s": _total(*(row.get("wall_s") for row in ranking)),  # as measured when each ran
+            "members_cpu_s": _total(*(row.get("cpu_s") for row in ranking)),
+            "this_run_wall_s": round(time.time() - start, 1),  # reused members cost nothing here
+            "this_run_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # this process, imports included
             "torch_threads": torch.get_num_threads(),
             "load_average_start": load_start,
             "load_average_end": os.getloadavg(),
@@ -451,6 +457,11 @@ class Sweep:
 # The table
 
 
+def _total(*seconds: float | None) -> float | None:
+    """Sum of durations, None when any is unknown (a member trained by an earlier version)."""
+    return None if any(s is None for s in seconds) else round(sum(seconds), 1)
+
+
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows best first: by win rate against the base, then oracle score, then reward accuracy."""
 
@@ -463,7 +474,7 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown_table(ranking: list[dict[str, Any]], base: dict[str, Any] | None = None) -> str:
     has_oracle = any("oracle" in row for row in ranking)
     headers = ["rank", "loss", "beta", "win rate vs base [95% CI]", "vs chosen [95% CI]"]
-    headers += ["oracle"] * has_oracle + ["reward acc.", "KL (nats)", "train s", "eval s"]
+    headers += ["oracle"] * has_oracle + ["reward acc.", "KL (nats)", "wall s", "CPU s"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in ranking:
         cells = [
@@ -477,8 +488,8 @@ def markdown_table(ranking: list[dict[str, Any]], base: dict[str, Any] | None = 
         cells += [
             f"{row['reward_accuracy']:.3f}",
             f"{row['kl']:.2f}",
-            f"{row['train_s']:.0f}",
-            f"{row['eval_s']:.0f}",
+            _seconds(row.get("wall_s")),
+            _seconds(row.get("cpu_s")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     judge = ranking[0]["judge"] if ranking else "?"
@@ -487,7 +498,14 @@ def markdown_table(ranking: list[dict[str, Any]], base: dict[str, Any] | None = 
     )
     if base and "oracle" in base:
         lines.append(f"The starting model `{base['model']}` scores {base['oracle']:.3f} (oracle).")
+    lines.append(
+        "Wall and CPU seconds: training plus evaluation of each member when it ran (CPU of all threads)."
+    )
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
 
 
 def plot_frontier(ranking: list[dict[str, Any]], path: Path) -> None:

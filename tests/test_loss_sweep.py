@@ -163,6 +163,10 @@ def test_sweep_trains_each_member_with_its_recipe_and_writes_a_ranked_table(swee
         assert row["ci_low_vs_chosen"] <= row["win_rate_vs_chosen"] <= row["ci_high_vs_chosen"]
         assert 0.0 <= row["oracle"] <= 1.0 and 0.0 <= row["reward_accuracy"] <= 1.0
         assert row["kl"] == row["kl"] and row["train_s"] > 0 and row["wall_s"] >= row["eval_s"]
+        assert (
+            row["cpu_s"] == pytest.approx(row["train_cpu_s"] + row["eval_cpu_s"], abs=0.11)
+            and row["cpu_s"] > 0
+        )
         assert (out / row["member"] / "run_complete.json").exists()
     on_disk = json.loads((out / "loss_sweep.json").read_text())
     assert on_disk["ranking"] == ranking and 0.0 <= on_disk["base"]["oracle"] <= 1.0
