@@ -528,6 +528,7 @@ def plot_frontier(ranking: list[dict[str, Any]], path: Path) -> None:
         ax.plot([], [], "o", color=f"C{losses.index(loss) % 10}", label=loss)
     for beta in betas:
         ax.plot([], [], markers[betas.index(beta) % len(markers)], color="grey", label=f"beta {beta:g}")
+    ax.plot([0.0], [0.5], "k*", markersize=10, label="starting model")  # KL 0, a tie with itself
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("KL(policy || reference), nats per answer")
     ax.set_ylabel("win rate vs the starting model")
