@@ -422,6 +422,20 @@ def test_kto_recipe_trains_on_unpaired_rows_and_writes_the_run(micro_model_dir, 
     assert counts["kept"]["train"] + counts["kept"]["test"] == len(rows)
 
 
+def test_kto_with_a_new_adapter_uses_the_adapter_off_reference(micro_model_dir, tmp_path):
+    """KTOTrainer takes ref_model like DPOTrainer: the adapter-off view of the policy is the starting model,
+    so step 0 is 1/2 exactly, and the reference stays put while the adapter trains."""
+    args = run_args(
+        tmp_path / "kto", micro_model_dir, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        adapter="residual", adapter_rank=4,
+    )  # fmt: skip
+    steps = [e for e in load_recipe("kto").main(args)["log_history"] if "loss" in e]
+    assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-7) and steps[0]["kl"] == 0.0
+    assert steps[1]["rewards/chosen"] != 0.0
+    assert (tmp_path / "kto" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "kto" / "model.safetensors").exists()  # only the adapter was trained and saved
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
