@@ -51,7 +51,6 @@ import yaml
 from align_kit.configs import AdapterArgs, DataArgs, EvalArgs, ModelArgs, parse
 from align_kit.losses import DPO_LOSS_TYPES, DPOConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 PER_MEMBER_KEYS = ("loss_type", "loss_weights", "loss_function", "beta")  # set by `losses` and `betas`
 ROW_NAME = "sweep_row.json"
@@ -177,9 +176,11 @@ def override_groups(argv: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def load_script_module(recipe: str):
+    """recipes/<recipe>.py (the installed copy, or the checkout's) as a module."""
     from align_kit.demo import load_script
+    from align_kit.resources import shipped
 
-    return load_script(ROOT / "recipes" / f"{recipe}.py", f"loss_sweep_recipe_{recipe}")
+    return load_script(shipped("recipes") / f"{recipe}.py", f"loss_sweep_recipe_{recipe}")
 
 
 # ---------------------------------------------------------------------------------------------------------
