@@ -29,7 +29,8 @@ from transformers import PreTrainedModel
 from transformers.activations import NewGELUActivation
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from align_kit.configs import AdapterArgs
+from align_kit import files
+from align_kit.configs import AdapterArgs, ConfigError
 
 ADAPTER_PREFIX = "adapter_"
 CONFIG_NAME = "adapter_config.json"
@@ -149,7 +150,7 @@ def parse_layers(layers: str, n_layer: int) -> list[int]:
     chosen = sorted({int(part) for part in layers.split(",") if part.strip()})
     bad = [i for i in chosen if not 0 <= i < n_layer]
     if not chosen or bad:
-        raise ValueError(f"adapter_layers={layers!r}: need 'all' or indices in [0, {n_layer}), bad {bad}")
+        raise ConfigError(f"adapter_layers: {layers!r} needs 'all' or indices in [0, {n_layer}), bad {bad}")
     return chosen
 
 
@@ -307,7 +308,7 @@ def save_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     config = {**dataclasses.asdict(args), "adapter_path": None, "base_model": base_model}
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files.write_json(folder / CONFIG_NAME, config, indent=2, sort_keys=True)
 
 
 def read_adapter_config(folder: str | Path) -> tuple[AdapterArgs, str]:

@@ -3,21 +3,23 @@
 A system is a model (an align-kit run folder, a local model, a Hub id), a ``.jsonl`` file of precomputed
 answers, or best-of-N sampling from a policy with a reward model. Answers are kept in
 ``generations/<system>.jsonl`` and reused while the model, its weights, the decoding and the seed are the
-same; only missing prompts are generated, each process answering its share.
+same; only missing prompts are generated, each process answering its share, and the file grows one
+generation batch at a time, so a crash loses at most the batch in progress.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align_kit import generation, rewards
 from align_kit.configs import DataArgs, EvalArgs, ModelArgs
-from align_kit.data import load_preferences
+from align_kit.data import DataError, load_preferences, load_raw, render_held_out, system_chat_format
 from align_kit.generation import best_of_n
 from align_kit.models import load_model, load_reward_model, load_tokenizer, resolve
 
@@ -104,6 +106,8 @@ class HeldOut:
     prompts: list[str]
     chosen: list[str]
     rows: list[dict[str, str]]  # every held-out (prompt, chosen, rejected) row, for label agreement
+    groups: list[str] | None = None  # each prompt's value of EvalArgs.group_column, when one is set
+    chat_template: str = "auto"  # how systems that are no align-kit run get their prompts rendered
 
 
 def prompt_id(prompt: str) -> str:
@@ -112,17 +116,43 @@ def prompt_id(prompt: str) -> str:
 
 
 def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> HeldOut:
-    """The first ``args.n_prompts`` distinct prompts of the test split and their first chosen answer."""
-    splits, _ = load_preferences(data_args, tokenizer)
+    """The first ``args.n_prompts`` distinct prompts of the test split and their first chosen answer, in the
+    hh format (the plain conversation judges read; each system gets them rendered as it was trained)."""
+    splits, _ = load_preferences(dataclasses.replace(data_args, chat_template="hh"), tokenizer)
     first_chosen: dict[str, str] = {}
     for row in splits["test"]:
         first_chosen.setdefault(row["prompt"], row["chosen"])
     prompts = list(first_chosen)[: args.n_prompts]
     if not prompts:
         raise ValueError(f"{data_args.dataset}: the test split has no usable rows")
+    groups = None
+    if args.group_column:
+        group_of = prompt_groups(splits["test"], data_args, args.group_column)
+        groups = [group_of[p] for p in prompts]
     return HeldOut(
-        [prompt_id(p) for p in prompts], prompts, [first_chosen[p] for p in prompts], splits["test"]
+        [prompt_id(p) for p in prompts],
+        prompts,
+        [first_chosen[p] for p in prompts],
+        splits["test"],
+        groups,
+        data_args.chat_template,
     )
+
+
+def prompt_groups(rows: Sequence[dict[str, Any]], data_args: DataArgs, column: str) -> dict[str, str]:
+    """prompt -> its value of ``column`` in the raw source row it came from (``source_row``; the first row
+    of a prompt decides), for reporting every comparison per group."""
+    raw = load_raw(data_args)
+    split = raw[
+        data_args.test_split if data_args.test_split in raw else data_args.train_split
+    ]  # test from train
+    if column not in split.columns:
+        raise DataError(f"{split.source}: no group column {column!r}; the file has {split.columns}")
+    values = split.column(column)
+    out: dict[str, str] = {}
+    for row in rows:
+        out.setdefault(row["prompt"], str(values[row["source_row"]]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,7 +201,8 @@ def system_answers(
     """Answers of one system to every held-out prompt and how many were generated now.
 
     Rows already in ``generations/<system>.jsonl`` with the same model, weights, decoding and seed are
-    reused; only the missing prompts are generated (split across processes) and appended.
+    reused; only the missing prompts are generated (split across processes) and appended after every
+    generation batch.
     """
     if system.kind == "answers":
         return answers_from_file(system.path, held.prompts), 0
@@ -187,6 +218,10 @@ def system_answers(
         }
     identity = {"model": system.path, "model_fingerprint": fingerprint(system.path)}
     identity |= {"generation": settings, "seed": args.seed}
+    # prompts rendered as the system's training rendered them (its run_config.json), else by chat_template
+    chat = system_chat_format(system.path, held.chat_template, load_tokenizer)
+    if chat.name != "hh":  # earlier answers were all generated from hh prompts: they stay valid
+        identity["chat_template"] = chat.identity()
     path = out_dir / "generations" / f"{system.name}.jsonl"
     done = {
         row["prompt"]: row["answer"]
@@ -195,15 +230,17 @@ def system_answers(
     }
     todo = [p for p in held.prompts if p not in done]
     if todo:
-        new = generate_answers(system, todo, args, state)
-        if state.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as handle:
-                for prompt, answer in zip(todo, new, strict=True):
-                    row = {"prompt_id": prompt_id(prompt), "prompt": prompt, "answer": answer}
-                    row |= {"system": system.name, **identity, "num_processes": state.num_processes}
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        done |= dict(zip(todo, new, strict=True))
+        done_now = 0  # the batches come back rendered for the system: the file keeps the hh prompts
+        for batch, new in generate_answers(system, render_held_out(todo, held.rows, chat), args, state):
+            prompts, done_now = todo[done_now : done_now + len(batch)], done_now + len(batch)
+            if state.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as handle:  # one batch, then flushed by close
+                    for prompt, answer in zip(prompts, new, strict=True):
+                        row = {"prompt_id": prompt_id(prompt), "prompt": prompt, "answer": answer}
+                        row |= {"system": system.name, **identity, "num_processes": state.num_processes}
+                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            done |= dict(zip(prompts, new, strict=True))
     return [done[p] for p in held.prompts], len(todo)
 
 
@@ -218,31 +255,41 @@ def answers_from_file(path: str, prompts: Sequence[str]) -> list[str]:
     return [by_prompt[p] for p in prompts]
 
 
-def generate_answers(system: System, prompts: list[str], args: EvalArgs, state: Any) -> list[str]:
-    """Answers to ``prompts`` in order; each process answers a contiguous share, then all are gathered."""
+def generate_answers(
+    system: System, prompts: list[str], args: EvalArgs, state: Any
+) -> Iterator[tuple[list[str], list[str]]]:
+    """(prompts, answers) one generation batch at a time, in order: each batch holds ``batch_size``
+    prompts per process, each process answers a contiguous share of it, and all shares are gathered."""
     from accelerate.utils import gather_object
 
     model = load_model(ModelArgs(model_name_or_path=system.path)).to(state.device)
     tokenizer = load_tokenizer(system.path)
-    with state.split_between_processes(prompts) as mine:
-        mine = list(mine)
-        if system.kind == "best_of_n":
-            answers = best_of_n_answers(model, tokenizer, mine, args, args.seed + state.process_index)
-        else:
-            completions = generation.generate(
-                model,
-                tokenizer,
-                mine,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                do_sample=args.do_sample,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed + state.process_index,
-                progress=args.progress and state.is_main_process,
-            )
-            answers = [c[0] for c in completions]
-    return list(gather_object(answers)) if state.num_processes > 1 else answers
+    scorer = best_of_n_scorer(args, model.device) if system.kind == "best_of_n" else None
+    step = args.batch_size * state.num_processes
+    for number, start in enumerate(range(0, len(prompts), step)):
+        batch = prompts[start : start + step]
+        seed = args.seed + number * state.num_processes + state.process_index  # fresh noise every batch
+        with state.split_between_processes(batch) as mine:
+            mine = list(mine)
+            if not mine:
+                answers: list[str] = []
+            elif scorer is not None:
+                answers = best_of_n_answers(model, tokenizer, scorer, mine, args, seed)
+            else:
+                completions = generation.generate(
+                    model,
+                    tokenizer,
+                    mine,
+                    max_new_tokens=args.max_new_tokens,
+                    batch_size=args.batch_size,
+                    do_sample=args.do_sample,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    seed=seed,
+                    progress=False,
+                )
+                answers = [c[0] for c in completions]
+        yield batch, (list(gather_object(answers)) if state.num_processes > 1 else answers)
 
 
 def best_of_n_unavailable(args: EvalArgs) -> str | None:
@@ -252,16 +299,20 @@ def best_of_n_unavailable(args: EvalArgs) -> str | None:
     return None
 
 
-def best_of_n_answers(
-    policy: Any, tokenizer: Any, prompts: list[str], args: EvalArgs, seed: int
-) -> list[str]:
-    """``align_kit.generation.best_of_n``: ``best_of_n_n`` samples per prompt from ``policy``, the one the
-    reward model scores highest kept."""
+def best_of_n_scorer(args: EvalArgs, device: Any) -> Any:
+    """The reward model that ranks the best-of-N samples, as a scorer on ``device``."""
     reward_tokenizer = load_tokenizer(args.best_of_n_reward_model)
     reward_model = load_reward_model(
         args.best_of_n_reward_model, pad_token_id=reward_tokenizer.pad_token_id
-    ).to(policy.device)
-    scorer = rewards.reward_scorer(reward_model, reward_tokenizer, batch_size=args.batch_size)
+    ).to(device)
+    return rewards.reward_scorer(reward_model, reward_tokenizer, batch_size=args.batch_size)
+
+
+def best_of_n_answers(
+    policy: Any, tokenizer: Any, scorer: Any, prompts: list[str], args: EvalArgs, seed: int
+) -> list[str]:
+    """``align_kit.generation.best_of_n``: ``best_of_n_n`` samples per prompt from ``policy``, the one the
+    reward model scores highest kept."""
     return best_of_n(
         policy,
         tokenizer,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from align_kit import stats
+from align_kit import ratings, stats
 from align_kit.answers import HeldOut, prompt_id
 from align_kit.configs import HONEYPOT_KINDS
 from align_kit.judges import PairResult
@@ -128,7 +128,10 @@ def audit_judge(
             by_kind.setdefault(pair.corruption, []).append(result.outcome == pair.expected)
     honey, labels = decided["honeypot"], decided["labels"]
     figures = stats.audit(
-        judgments, honeypots=honey if honey[0] else None, human=labels if labels[0] else None, rates=rates
+        judgments,
+        honeypots=honey if honey[0] else None,
+        human=labels if labels[0] else None,
+        n_intransitive=ratings.intransitive_triads(rates)["n_intransitive"] if rates is not None else None,
     )
     # over every pair asked: a pair unparseable in both orders has no Judgment, but is the worst failure
     figures["n_pairs_judged"] = len(asked)
@@ -155,3 +158,83 @@ def audit_judge(
 
 def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The verdict on a judge, that every report opens with
+
+# Audits without which a win rate says nothing: a judge that fails one of them is not evidence.
+CORE_AUDITS: dict[str, str] = {
+    "honeypot_pass_rate": "it does not reliably prefer the real answer to a corrupted copy (honeypots)",
+    "human_kappa": "it disagrees with the dataset's human labels",
+    "flip_rate": "its verdict changes when the two answers swap places (position bias)",
+    "first_slot_rate": "it favours one presentation slot (position bias)",
+    "parse_failure_rate": "too many of its answers did not parse",
+}
+OTHER_AUDITS: dict[str, str] = {"n_intransitive": "its preferences between systems form a cycle"}
+NOT_EVIDENCE = "these win rates are not evidence"
+
+
+def trust_verdict(checks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What a reader must know about a judge before any win rate: ``evidence`` is False when a core audit
+    (``CORE_AUDITS``) failed; ``lines`` has one line per failed check, then one naming the core audits
+    that could not be measured; ``headline`` is the sentence a report opens with."""
+    reasons = CORE_AUDITS | OTHER_AUDITS
+    failed = [c for c in checks if c["passed"] is False]
+    core_failed = [c["name"] for c in failed if c["name"] in CORE_AUDITS]
+    unmeasured = [c["name"] for c in checks if c["passed"] is None and c["name"] in CORE_AUDITS]
+    lines = [
+        f"{c['name']} = {_value(c['value'])}: FAIL (allowed {c['low']:g} to {c['high']:g}): "
+        f"{reasons.get(c['name'], 'outside its allowed range')}"
+        for c in failed
+    ]
+    if unmeasured:
+        lines.append(f"not measured: {', '.join(unmeasured)} (no pairs to measure them on)")
+    if core_failed:
+        headline = f"{NOT_EVIDENCE[0].upper()}{NOT_EVIDENCE[1:]}: the judge failed {len(core_failed)} core "
+        headline += f"audit{'s' if len(core_failed) > 1 else ''} ({', '.join(core_failed)})."
+    elif failed:
+        headline = f"The judge passed every core audit; {len(failed)} other check failed."
+    elif unmeasured:
+        headline = "The judge passed every audit that could be measured."
+    else:
+        headline = "The judge passed every audit."
+    return {
+        "evidence": not core_failed,
+        "headline": headline,
+        "failed": [c["name"] for c in failed],
+        "unmeasured": unmeasured,
+        "lines": lines,
+    }
+
+
+def judge_traffic(counts: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """A judge's request counters for one run (every ``JudgeStats`` field) and whether they flag it: more
+    than ``threshold`` of its requests retried. ``line`` says why when flagged."""
+    requests, retries = counts.get("requests") or 0, counts.get("retries") or 0
+    rate = retries / requests if requests else 0.0
+    flagged = bool(requests) and rate > threshold
+    failures = {
+        "timeouts": counts.get("timeouts", 0),
+        "429s": counts.get("rate_limited", 0),
+        "5xx": counts.get("server_errors", 0),
+        "connection errors": counts.get("connection_errors", 0),
+    }
+    line = ""
+    if flagged:
+        causes = ", ".join(f"{v} {k}" for k, v in failures.items() if v) or "no cause counted"
+        line = (
+            f"judge traffic: {retries} of {requests} requests retried ({100 * rate:.0f}%, over the "
+            f"{100 * threshold:g}% threshold; {causes}): the run limped, check the endpoint"
+        )
+    return {
+        "counts": dict(counts),
+        "retry_rate": rate,
+        "threshold": threshold,
+        "flagged": flagged,
+        "line": line,
+    }
+
+
+def _value(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -6,6 +6,8 @@
     accelerate launch -m align_kit.cli dpo --config dpo_tiny   # several processes
 
 A subcommand takes exactly what ``python recipes/<stage>.py`` takes (``align-kit dpo --help`` lists it).
+Exit status: 0 done, 2 a user's mistake (one line naming the file, row, field or setting), 3 training
+diverged, 1 with a traceback for a bug; ``ALIGN_KIT_DEBUG=1`` shows the traceback of every failure.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "align_kit.eval.win_rate",
         "judged win rates against chosen answers and the base, with judge audits",
     ),
+    "leaderboard": (
+        "align_kit.eval.leaderboard",
+        "one table of ratings across evaluation runs that share a judge",
+    ),
     "demo": ("align_kit.demo", "every stage on the embedded default, then the judged report"),
 }
 
@@ -68,8 +74,11 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 def console() -> int:
-    """The installed ``align-kit`` script: the exit status, not the recipe's returned metrics."""
-    return 2 if main() == 2 else 0
+    """The installed ``align-kit`` script: the exit status, not the recipe's returned metrics. A user's mistake
+    or a diverged run is one line on stderr and a non-zero status (``guards.exit_status``)."""
+    from align_kit.guards import exit_status
+
+    return exit_status(main)
 
 
 if __name__ == "__main__":

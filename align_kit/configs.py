@@ -7,11 +7,21 @@ into these dataclasses and one of TRL's trainer configs. Unknown keys fail loudl
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import json
+import math
 import os
+import re
+import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
+
+from align_kit import files
 
 
 class ConfigError(ValueError):
@@ -29,6 +39,31 @@ def check_choices(config: Any) -> None:
             raise ConfigError(f"{f.name}: {value!r} is not one of {list(choices)}")
 
 
+def check_at_least(config: Any, minimum: float, *names: str) -> None:
+    """Each named field is None or at least ``minimum``, or ConfigError names the field."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{name}: {value} must be at least {minimum}")
+
+
+def check_fraction(config: Any, name: str, low_open: bool = True, high_open: bool = False) -> None:
+    """A field that is a fraction of something: in (0, 1] by default (``low_open``/``high_open`` say which
+    ends are excluded)."""
+    value = getattr(config, name)
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value < 1 if high_open else value <= 1
+    if not (low_ok and high_ok):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ConfigError(f"{name}: {value} must be in {interval}")
+
+
+def as_list(config: Any, name: str) -> None:
+    """A list field given one string (``reward_models: runs/demo/reward``) holds that one string."""
+    if isinstance(getattr(config, name), str):
+        setattr(config, name, [getattr(config, name)])
+
+
 @dataclass
 class DataArgs:
     """Where the preference data comes from and how it is cleaned."""
@@ -41,16 +76,40 @@ class DataArgs:
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_format: Literal["hh-rlhf", "preference", "unpaired"] = field(
-        default="hh-rlhf",
+    dataset_format: Literal[
+        "auto",
+        "hh-rlhf",
+        "preference",
+        "chat-preference",
+        "chat-transcripts",
+        "tldr-comparisons",
+        "instruction",
+        "unpaired",
+    ] = field(
+        default="auto",
         metadata={
-            "help": "'hh-rlhf': full transcripts in `chosen`/`rejected`, split at the last Assistant turn; "
-            "'preference': separate prompt/chosen/rejected columns (see *_column); 'unpaired' (KTO only): "
-            "prompt_column, `completion` and a boolean or 0/1 `label` (True: a desirable answer)."
+            "help": "Row layout. 'auto' (default) detects it from the columns and stops on a mixed or unknown "
+            "layout; 'hh-rlhf': `chosen`/`rejected` transcripts split at the last Assistant turn; "
+            "'preference': prompt/chosen/rejected strings (see *_column); 'chat-preference': `prompt` "
+            "messages and `chosen`/`rejected` assistant messages (TRL's conversational layout); "
+            "'chat-transcripts': `chosen`/`rejected` conversations sharing their history; "
+            "'tldr-comparisons': summarize-from-feedback comparisons (`info`, `summaries`, `choice`); "
+            "'instruction' (SFT): prompt/`completion` or a `messages` conversation; 'unpaired' (KTO): "
+            "prompt, `completion` and a boolean or 0/1 `label` (True: a desirable answer)."
+        },
+    )
+    chat_template: str = field(
+        default="auto",
+        metadata={
+            "help": "How conversations become model text: 'auto' (the tokenizer's chat template when it has "
+            "one, else the hh format), 'hh' (\\n\\nHuman: ... \\n\\nAssistant:), 'tokenizer', or the path of "
+            "a .jinja file. The choice is recorded in run_config.json (chat_template_used); the evaluation "
+            "renders a run's prompts the same way and uses this setting for other systems."
         },
     )
     prompt_column: str = field(
-        default="prompt", metadata={"help": "Prompt column for dataset_format=preference."}
+        default="prompt",
+        metadata={"help": "Prompt column (preference, chat-preference, instruction and unpaired rows)."},
     )
     chosen_column: str = field(default="chosen", metadata={"help": "Preferred answer column."})
     rejected_column: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
@@ -97,6 +156,20 @@ class DataArgs:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if not 0.0 < self.test_size < 1.0:
+            raise ConfigError(f"test_size: {self.test_size} must be between 0 and 1 (a fraction held out)")
+        for name in ("max_train_samples", "max_eval_samples", "max_pair_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be at least 1 (or None: no cap)")
+        if self.chat_template not in ("auto", "hh", "tokenizer"):
+            if not self.chat_template.endswith(".jinja"):
+                raise ConfigError(
+                    f"chat_template: {self.chat_template!r} is not auto, hh, tokenizer or a .jinja file"
+                )
+            if not os.path.isfile(self.chat_template):
+                raise ConfigError(f"chat_template: {self.chat_template}: no such file")
+        check_at_least(self, 1, "embedded_train_size")
+        check_at_least(self, 0, "embedded_test_size", "split_seed")
 
 
 @dataclass
@@ -132,6 +205,15 @@ class ModelArgs:
             "(or the adapter-off view of the policy when an adapter is used)."
         },
     )
+
+    def __post_init__(self) -> None:
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ConfigError(f"torch_dtype: {self.torch_dtype!r} is not one of {list(TORCH_DTYPES)}")
+        if self.model_config and not self.weights_file:
+            raise ConfigError("model_config: describes the architecture of weights_file, which is not set")
+
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -169,6 +251,11 @@ class AdapterArgs:
         check_choices(self)
         if self.adapter_rank < 1:
             raise ConfigError(f"adapter_rank: {self.adapter_rank} must be at least 1")
+        check_fraction(self, "adapter_dropout", low_open=False, high_open=True)
+        if not re.fullmatch(r"all|\s*\d+\s*(,\s*\d+\s*)*", self.adapter_layers):
+            raise ConfigError(
+                f"adapter_layers: {self.adapter_layers!r} must be 'all' or block indices such as '0,1,5'"
+            )
 
 
 @dataclass
@@ -202,6 +289,11 @@ class EarlyStoppingArgs:
         default=48, metadata={"help": "Longest greedy answer at each evaluation (reward stopping)."}
     )
 
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "early_stopping_patience", "reward_stopping_prompts")
+        check_at_least(self, 1, "reward_stopping_max_new_tokens")
+        check_at_least(self, 0, "early_stopping_threshold")
+
 
 Aggregation = Literal["mean", "min", "mean_minus_std"]  # how a reward-model ensemble combines its members
 AGGREGATIONS = typing.get_args(Aggregation)
@@ -229,6 +321,10 @@ class RewardArgs:
     score_batch_size: int = field(
         default=64, metadata={"help": "Pairs per batch when scoring the held-out set."}
     )
+
+    def __post_init__(self) -> None:
+        check_fraction(self, "train_fraction")
+        check_at_least(self, 1, "score_batch_size")
 
 
 @dataclass
@@ -259,6 +355,8 @@ class RewardModelArgs:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        as_list(self, "reward_models")
+        check_at_least(self, 0, "ensemble_std_weight", "disagreement_threshold")
 
 
 @dataclass
@@ -282,6 +380,10 @@ class PPOArgs:
     )
     report_max_new_tokens: int = field(default=48, metadata={"help": "Answer length in the final report."})
 
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "entropy_coef")
+        check_at_least(self, 1, "report_prompts", "report_max_new_tokens")
+
 
 @dataclass
 class BestOfNArgs:
@@ -303,9 +405,10 @@ class BestOfNArgs:
     )
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "samples_per_prompt", "keep_top_k", "prompts_per_round"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be at least 1")
+        check_at_least(self, 1, "rounds", "samples_per_prompt", "keep_top_k", "prompts_per_round")
+        check_at_least(self, 1, "max_new_tokens", "generation_batch_size", "report_prompts")
+        if self.sampling_temperature <= 0:
+            raise ConfigError(f"sampling_temperature: {self.sampling_temperature} must be above 0")
         if self.keep_top_k > self.samples_per_prompt:
             raise ConfigError(
                 f"keep_top_k: {self.keep_top_k} is more than samples_per_prompt ({self.samples_per_prompt})"
@@ -338,8 +441,8 @@ class EvalArgs:
         default_factory=lambda: ["oracle"],
         metadata={
             "help": "Judges: a folder name under eval/judges, a judge folder or a judge.yaml, optionally "
-            "with =<model> overriding its model (e.g. reward_model=runs/demo/reward). A judge whose local "
-            "model folder does not exist is skipped with a note."
+            "with =<model> overriding its model (e.g. reward_model=runs/demo/reward). Each is checked before "
+            "generation: one that cannot work stops the evaluation unless optional_judges names it."
         },
     )
     output_dir: str = field(
@@ -390,39 +493,375 @@ class EvalArgs:
         default=0, metadata={"help": "Seed of sampling, honeypots, label coins and bootstraps."}
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    combine_orders: Literal["strict", "average"] = field(
+        default="strict",
+        metadata={
+            "help": "How a pair's two presentation orders score: 'strict' (a win needs both orders, any "
+            "disagreement is a tie) or 'average' (Arena-Hard: the mean of the two single-order scores, so a "
+            "win and a tie score 0.75). Used by every win rate, interval, paired test and rating."
+        },
+    )
+    optional_judges: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Judges (by their name in `judges`, before any '=') that may be missing: a problem found "
+            "before generation (no model folder, no key, endpoint down) leaves such a judge out with a note; "
+            "for any other judge it stops the evaluation before anything is generated."
+        },
+    )
+    judge_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model of the one judge that takes a model (hf_logits, reward_model, openai), e.g. "
+            "--judge_model Qwen/Qwen2.5-1.5B-Instruct; with several such judges use judge_overrides."
+        },
+    )
+    judge_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "torch_dtype of every local judge (hf_logits, reward_model): float32, bfloat16, float16 "
+            "or auto (bfloat16 on a GPU that supports it, float32 otherwise)."
+        },
+    )
+    judge_overrides: dict[str, dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Any judge.yaml key per judge name, e.g. {local_hf_pairwise: {torch_dtype: float32}} in "
+            "the YAML, or a JSON string on the command line."
+        },
+    )
+    group_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "A column of the data (e.g. hh-rlhf's subset, saved as a column) whose value groups the "
+            "held-out prompts: every comparison is also reported per group. None: no groups."
+        },
+    )
+    judge_retry_threshold: float = field(
+        default=0.05,
+        metadata={
+            "help": "Flag a judge in its report when more than this fraction of its requests were retried."
+        },
+    )
+    judge_connect_timeout: float = field(
+        default=3.0,
+        metadata={"help": "Seconds the check before generation waits for a judge's endpoint to accept."},
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if isinstance(self.judge_overrides, str):
+            try:
+                self.judge_overrides = json.loads(self.judge_overrides)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"judge_overrides: not JSON ({error}): {self.judge_overrides!r}") from None
+        overrides = self.judge_overrides or {}
+        if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+            raise ConfigError(f"judge_overrides: expected {{judge name: {{key: value}}}}, got {overrides!r}")
+        for name in ("systems", "judges", "honeypot_kinds", "optional_judges"):
+            as_list(self, name)
+        unknown = sorted(set(self.honeypot_kinds) - set(HONEYPOT_KINDS))
+        if unknown:
+            raise ConfigError(f"honeypot_kinds: {unknown} not among {list(HONEYPOT_KINDS)}")
+        check_at_least(self, 1, "n_prompts", "max_new_tokens", "batch_size", "best_of_n_n", "n_boot")
+        check_at_least(self, 0, "n_honeypots", "n_human", "n_examples", "seed")
+        check_fraction(self, "top_p")
+        check_fraction(self, "level", high_open=True)
+        for name in ("temperature", "best_of_n_temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be above 0")
+
+
+@dataclass
+class RunArgs:
+    """How a run started again in the folder of an interrupted one treats changed settings."""
+
+    allow_changed_settings: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume an interrupted run although settings differ from its run_config.json (otherwise "
+            "refused, listing the differences); the old and new values go to settings_changes.json."
+        },
+    )
 
 
 def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse ``--config file.yaml`` plus command-line overrides into ``dataclass_types``.
 
     The config is a path, or a shipped config named by its repository path or its name (``dpo_tiny``).
-    Unknown keys in the YAML or on the command line raise an error; a setting refused by a dataclass is
-    reported with the config file it came from.
+    Every refusal is a ConfigError naming the setting and where it came from (``file.yaml:LINE``, the file,
+    or the command line): a file that is no YAML mapping, a key given twice, an unknown key, a value of the
+    wrong type (``max_steps: 2.5``), a value a dataclass refuses, and a trainer setting that cannot train
+    (``check_trainer_args``).
     """
     import sys
-
-    import yaml
-    from trl import TrlParser
 
     from align_kit.resources import find_config
 
     args = list(sys.argv[1:] if argv is None else argv)
-    where = "command line"
+    path, values, lines = None, {}, {}
     if "--config" in args:
-        at = args.index("--config") + 1
-        path = args[at] = str(find_config(args[at]))
-        where = path
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
-        known = {f.name for t in dataclass_types for f in dataclasses.fields(t)} | {"env"}
-        unknown = sorted(set(values) - known) if isinstance(values, dict) else []
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {unknown}; see --help for the accepted fields")
-    parser = TrlParser(dataclass_types)
+        at = args.index("--config")
+        if at + 1 == len(args):
+            raise ConfigError("command line: --config needs a file or a shipped config name")
+        try:
+            path = str(find_config(args[at + 1]))
+        except FileNotFoundError as error:
+            raise ConfigError(f"--config: {error}") from None
+        del args[at : at + 2]
+        values, lines = load_yaml(path)
+        set_environment(values.pop("env", {}), path)
+    hints = field_types(dataclass_types)
+    unknown = sorted(str(key) for key in values if key not in hints)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; see --help for the accepted fields")
+    for name, value in values.items():
+        try:
+            values[name] = check_value(name, value, *hints[name])
+        except ConfigError as error:
+            raise ConfigError(f"{path}:{lines[name]}: {error}") from None
+
+    def source(name: str) -> str:
+        """Where a setting came from: the command line, the file and line, or the file's defaults."""
+        if any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in args):
+            return "command line"
+        if name in lines:
+            return f"{path}:{lines[name]}"
+        return path or "command line"
+
+    def where(error: Exception) -> str:
+        """The error prefixed with the place its setting (the message's first word) came from."""
+        return f"{source(str(error).split(':')[0].split(' ')[0])}: {error}"
+
+    parser = _parser_class()(dataclass_types, allow_abbrev=False)  # --learning_rat is a typo, not a prefix
+    parser.set_defaults_with_config(**values)
     try:
-        return parser.parse_args_and_config(args, fail_with_unknown_args=True)
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+        if remaining:
+            raise ConfigError(f"command line: unknown argument(s) {remaining}; see --help")
+        for config in parsed:
+            check_trainer_args(config)
+            if isinstance(config, RewardModelArgs) and not config.reward_models:
+                raise ConfigError(
+                    "reward_models: none given; name at least one reward-model folder (recipes/reward.py writes one)"
+                )
     except ConfigError as error:
-        raise ConfigError(f"{where}: {error}") from None
+        raise ConfigError(str(error) if str(error).startswith("command line:") else where(error)) from None
+    except ValueError as error:  # a trainer config's own check in __post_init__ (transformers, TRL)
+        raise ConfigError(where(error)) from None
+    for config in parsed:  # for checks made later, before the run starts (runs.start)
+        setattr(config, SOURCES, {f.name: source(f.name) for f in dataclasses.fields(config)})
+    return tuple(parsed)
+
+
+SOURCES = "_setting_sources"  # attribute parse() gives each config: field -> where its value came from
+
+
+def setting_source(config: Any, name: str) -> str:
+    """Where ``parse`` found the value of ``config.name`` ('file.yaml:7', 'command line'), or 'default'."""
+    return getattr(config, SOURCES, {}).get(name, "default")
+
+
+@functools.cache
+def _parser_class() -> type:
+    """TRL's parser, with argparse's usage-and-exit replaced by a ConfigError (one line, not 300 options).
+    Built on first use: importing TRL takes seconds and most modules import this one."""
+    from trl import TrlParser
+
+    class Parser(TrlParser):
+        def error(self, message: str) -> typing.NoReturn:
+            match = re.match(r"argument --(\w+)[^:]*: invalid (\w+) value: (.*)", message)
+            if match and match.group(2) in ARGPARSE_TYPES:
+                name, kind, value = match.groups()
+                message = f"--{name} must be {ARGPARSE_TYPES[kind]}, got {value}"
+            raise ConfigError(f"command line: {message}")
+
+    return Parser
+
+
+ARGPARSE_TYPES = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} given twice (lines {first[key]} and {line})",
+                    key_node.start_mark,
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """A config file's top-level mapping and the line of each key; ConfigError for text that is not UTF-8,
+    not YAML, not a mapping, empty, or has a key twice."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})"
+        ) from None
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        values = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{at}: not valid YAML: {problem}") from None
+    if values is None:
+        raise ConfigError(f"{path}: the file holds no settings")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: must be a mapping of setting: value, got a {type(values).__name__}")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value}
+    return values, lines
+
+
+def set_environment(env: Any, path: str) -> None:
+    """A config's ``env:`` mapping (TRL's convention) sets environment variables."""
+    if not isinstance(env, dict):
+        raise ConfigError(f"{path}: env must be a mapping of VARIABLE: value, got {env!r}")
+    for key, value in env.items():
+        os.environ[str(key)] = str(value)
+
+
+def field_types(dataclass_types: tuple[type, ...]) -> dict[str, tuple[Any, bool]]:
+    """Field name -> (type hint, whether its default is None) over several config dataclasses."""
+    out = {}
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f.name] = (hints[f.name], f.default is None)
+    return out
+
+
+SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}  # what argparse's bool type reads
+
+
+def check_value(name: str, value: Any, hint: Any, none_default: bool = False) -> Any:
+    """A YAML value checked against its field's type: ConfigError("max_steps must be an integer, got 2.5"),
+    or the value (one item for a list field is made a list). Strings are what argparse converts later, so
+    a string must read as the type (``learning_rate: 1e-3`` is a string to YAML and a number to argparse)."""
+    if value is None and none_default:
+        return value
+    wanted = _wanted(value, hint)
+    if wanted is not None:
+        shown = "null (an empty value)" if value is None else repr(value)
+        note = ""
+        if isinstance(value, bool):
+            note = " (YAML reads unquoted yes/no/on/off as true/false: quote it)"
+        raise ConfigError(f"{name} must be {wanted}, got {shown}{note}")
+    arms = [arm for arm in typing.get_args(hint) if arm is not type(None)] or [hint]
+    if (
+        len(arms) == 1
+        and typing.get_origin(arms[0]) is list
+        and not isinstance(value, list)
+        and value is not None
+    ):
+        return [value]
+    return value
+
+
+def _wanted(value: Any, hint: Any) -> str | None:
+    """None when ``value`` fits ``hint``, else what the field takes ('an integer')."""
+    origin, arms = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arms:
+            return None
+        if any(isinstance(arm, type) and issubclass(arm, enum.Enum) for arm in arms):
+            arms = tuple(arm for arm in arms if arm is not str)  # transformers reads the string as the enum
+        wanted = [_wanted(value, arm) for arm in arms if arm is not type(None)]
+        return None if None in wanted else " or ".join(dict.fromkeys(wanted))
+    if origin is Literal:
+        return None if value in arms else f"one of {list(arms)}"
+    if origin is list or hint is list:
+        item = arms[0] if arms else Any
+        items = value if isinstance(value, list) else [value]
+        problems = [_wanted(v, item) for v in items]
+        return None if all(p is None for p in problems) else f"a list of {getattr(item, '__name__', item)}"
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        choices = [member.value for member in hint]
+        return None if value in choices or isinstance(value, hint) else f"one of {choices}"
+    if hint not in SCALARS:
+        return None  # a type argparse and the dataclass check themselves
+    if value is None:
+        return SCALARS[hint]
+    if hint is bool:
+        fits = isinstance(value, bool) or (isinstance(value, str) and value.lower() in BOOL_WORDS)
+    elif isinstance(value, bool):
+        fits = False
+    elif hint is str:
+        fits = isinstance(value, str)
+    else:
+        fits = isinstance(value, int) or (hint is float and isinstance(value, float))
+        fits = fits or (isinstance(value, str) and _reads_as(hint, value))
+    return None if fits else SCALARS[hint]
+
+
+def _reads_as(kind: type, text: str) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+# Trainer configs whose beta may be 0 (no KL term); in DPO, KTO and the rest, beta divides or scales the
+# implicit reward, and 0 or less cannot train.
+BETA_MAY_BE_ZERO = ("GRPOConfig", "RLOOConfig")
+
+
+def check_trainer_args(args: Any) -> None:
+    """Settings of a transformers/TRL trainer config that transformers accepts but that cannot train as meant:
+    no training step, negative sizes and rates, beta <= 0 (ConfigError naming the field)."""
+    from transformers import TrainingArguments
+
+    if not isinstance(args, TrainingArguments):
+        return
+    if hasattr(args, "total_episodes"):  # TRL's online trainers count episodes, not steps
+        if args.total_episodes is not None and args.total_episodes < 1:
+            raise ConfigError(f"total_episodes: {args.total_episodes} gives no training step")
+        if args.total_episodes is None and args.num_train_epochs <= 0:
+            raise ConfigError(f"num_train_epochs: {args.num_train_epochs} gives no training step")
+    else:
+        if args.max_steps == 0 or args.max_steps < -1:
+            raise ConfigError(
+                f"max_steps: {args.max_steps} must be a positive number of steps, or -1 to train num_train_epochs"
+            )
+        if args.max_steps == -1 and args.num_train_epochs <= 0:
+            raise ConfigError(
+                f"num_train_epochs: {args.num_train_epochs} gives no training step (max_steps is -1)"
+            )
+    check_at_least(args, 1, "per_device_train_batch_size", "per_device_eval_batch_size")
+    check_at_least(args, 1, "gradient_accumulation_steps", "save_total_limit")
+    check_at_least(args, 0, "learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "seed")
+    for name in ("max_length", "max_prompt_length", "num_ppo_epochs", "num_mini_batches", "response_length"):
+        if hasattr(args, name):  # TRL fields of some trainers only
+            check_at_least(args, 1, name)
+    for strategy, steps in (("logging", "logging_steps"), ("save", "save_steps"), ("eval", "eval_steps")):
+        chosen, value = getattr(args, f"{strategy}_strategy"), getattr(args, steps)
+        if getattr(chosen, "value", chosen) == "steps" and value is not None and value <= 0:
+            raise ConfigError(f"{steps}: {value} must be above 0 with {strategy}_strategy steps")
+    if hasattr(args, "beta"):
+        zero_ok = any(cls.__name__ in BETA_MAY_BE_ZERO for cls in type(args).__mro__)
+        if args.beta < 0 or (args.beta == 0 and not zero_ok):
+            raise ConfigError(f"beta: {args.beta} must be above 0{' (or 0: no KL term)' if zero_ok else ''}")
+    if hasattr(args, "kl_coef") and args.kl_coef < 0:
+        raise ConfigError(f"kl_coef: {args.kl_coef} must not be negative")
+    if hasattr(args, "temperature") and not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"temperature: {args.temperature} must be above 0")
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:
@@ -435,7 +874,5 @@ def to_dict(*configs: Any) -> dict[str, Any]:
 
 
 def save_resolved(path: str, *configs: Any) -> None:
-    """Write the resolved configuration of a run as JSON."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(to_dict(*configs), handle, indent=2, sort_keys=True)
+    """Write the resolved configuration of a run as JSON, whole or not at all."""
+    files.write_json(path, to_dict(*configs), indent=2, sort_keys=True)

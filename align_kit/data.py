@@ -1,8 +1,22 @@
-"""Preference data: Anthropic/hh-rlhf and other pairwise sets into ``prompt`` / ``chosen`` / ``rejected``.
+"""The datasets users bring, as clean rows: preference pairs, instruction rows (SFT), unpaired rows (KTO).
 
-Every row that is not used is counted under a reason (and its first occurrences are kept with file,
-row and field), so a run can show exactly what it dropped. A source with no usable rows is an error
-that names the file and the reasons.
+Layouts (``DataArgs.dataset_format``; ``auto`` tells them apart by their columns):
+
+- ``hh-rlhf``: ``chosen``/``rejected`` transcripts sharing their history (Anthropic/hh-rlhf);
+- ``preference``: ``prompt``/``chosen``/``rejected`` strings;
+- ``chat-preference``: ``prompt`` messages and ``chosen``/``rejected`` assistant messages (TRL's
+  conversational layout with an explicit prompt; whole conversations in ``chosen``/``rejected`` work too);
+- ``chat-transcripts``: ``chosen``/``rejected`` conversations sharing their history (implicit prompt);
+- ``tldr-comparisons``: the summarize-from-feedback comparisons (``info``, ``summaries``, ``choice``);
+- ``instruction``: ``prompt``/``completion`` (strings or messages), or a ``messages`` conversation;
+- ``unpaired``: ``prompt``/``completion``/``label`` (True: a desirable answer).
+
+Files and Hub splits are read and each row parsed into a conversation (a history of ``{"role",
+"content"}`` messages and its answers) in ``align_kit.formats``; here each conversation is checked and
+rendered with the run's ``ChatFormat`` (``chat_template``: the hh format or a chat template). Every row
+that is not used is counted under a reason, and its first occurrences are kept with file, row, line and
+field, so a run shows exactly what it dropped. A source that cannot be read or has no usable rows is an
+error naming the file (and the line, for bad bytes or bad JSON).
 """
 
 from __future__ import annotations
@@ -11,49 +25,67 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align_kit import task
 from align_kit.configs import DataArgs
-from align_kit.prompts import ASSISTANT, HUMAN, count_turns, format_prompt, split_last_turn
-from align_kit.resources import home
+from align_kit.formats import (  # noqa: F401  (TLDR_QUERY, embedded_folder, split_hh: read from here too)
+    INSTRUCTION,
+    PAIR_FORMATS,
+    TLDR_QUERY,
+    UNPAIRED,
+    DataError,
+    RawSplit,
+    RowError,
+    check_answer,
+    check_columns,
+    detect_format,
+    embedded_folder,
+    is_single_turn,
+    load_raw,
+    parse_pair,
+    parse_single,
+    split_hh,
+)
+from align_kit.prompts import (  # noqa: F401  (ASSISTANT, count_turns: read from here too)
+    ASSISTANT,
+    HH,
+    TOKENIZER,
+    ChatFormat,
+    chat_format,
+    count_turns,
+    parse_hh,
+)
 
-DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 MAX_EXAMPLES_PER_REASON = 5
-
-
-class DataError(ValueError):
-    """A data source that cannot be used at all (missing file or column, no usable rows)."""
-
-
-class RowError(ValueError):
-    """One unusable row: ``reason`` is the counter key, ``field`` the offending column."""
-
-    def __init__(self, reason: str, field: str):
-        super().__init__(f"{reason} in field {field!r}")
-        self.reason = reason
-        self.field = field
 
 
 @dataclass
 class DropCounts:
-    """Rows kept and dropped per split and reason, with a few located examples of each reason."""
+    """Rows kept and dropped per split and reason, with a few located examples of each reason, and what the
+    rows were read as: the layout of each split and the chat template they were rendered with."""
 
     kept: Counter = field(default_factory=Counter)
     dropped: dict[str, Counter] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
+    requested_format: str | None = None
+    chat_template: str | None = None
 
-    def drop(self, split: str, reason: str, source: str, row: int, field_name: str) -> None:
+    def drop(
+        self, split: str, reason: str, source: str, row: int, field_name: str, line: int | None = None
+    ) -> None:
         self.dropped.setdefault(split, Counter())[reason] += 1
         if sum(1 for e in self.examples if e["reason"] == reason) < MAX_EXAMPLES_PER_REASON:
-            self.examples.append(
-                {"split": split, "reason": reason, "file": source, "row": row, "field": field_name}
-            )
+            example = {"split": split, "reason": reason, "file": source, "row": row, "field": field_name}
+            self.examples.append(example | ({"line": line} if line is not None else {}))
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "dataset_format": {"requested": self.requested_format, **self.formats},
+            "chat_template": self.chat_template,
             "kept": dict(self.kept),
             "dropped": {split: dict(counter) for split, counter in self.dropped.items()},
             "examples": self.examples,
@@ -61,6 +93,10 @@ class DropCounts:
 
     def summary(self) -> str:
         lines = []
+        if self.formats:
+            read_as = ", ".join(f"{split} {layout}" for split, layout in self.formats.items())
+            lines.append(f"read as: {read_as} (dataset_format {self.requested_format}); chat template: "
+                         f"{self.chat_template}")  # fmt: skip
         for split in sorted(set(self.kept) | set(self.dropped)):
             reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.dropped.get(split, {}).items())) or "none"
             lines.append(f"{split}: kept {self.kept.get(split, 0)}, dropped: {reasons}")
@@ -71,224 +107,237 @@ class DropCounts:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def split_hh(chosen: Any, rejected: Any) -> tuple[str, str, str]:
-    """Split two hh-rlhf transcripts at their final Assistant turn into (prompt, chosen, rejected).
-
-    The prompt keeps the trailing ``"\\n\\nAssistant:"``; answers keep their leading space. The two
-    transcripts must share the same history, or the row is unusable.
-    """
-    for name, text in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(text, str):
-            raise RowError("not_text", name)
-        if HUMAN not in text:
-            raise RowError("no_human_turn", name)
-        if ASSISTANT not in text:
-            raise RowError("no_assistant_turn", name)
-    prompt, chosen_answer = split_last_turn(chosen)
-    rejected_prompt, rejected_answer = split_last_turn(rejected)
-    if prompt != rejected_prompt:
-        raise RowError("history_mismatch", "rejected")
-    return prompt, chosen_answer, rejected_answer
-
-
-def parse_row(row: dict[str, Any], args: DataArgs) -> tuple[str, str, str]:
-    """One raw row -> (prompt, chosen, rejected), raising RowError for unusable rows."""
-    if args.dataset_format == "hh-rlhf":
-        prompt, chosen, rejected = split_hh(row.get("chosen"), row.get("rejected"))
-    elif args.dataset_format == "preference":
-        prompt, chosen, rejected = (
-            row.get(args.prompt_column),
-            row.get(args.chosen_column),
-            row.get(args.rejected_column),
-        )
-        for name, value in (
-            (args.prompt_column, prompt),
-            (args.chosen_column, chosen),
-            (args.rejected_column, rejected),
-        ):
-            if not isinstance(value, str):
-                raise RowError("not_text", name)
-        if not prompt.lstrip().startswith(HUMAN.strip()):
-            prompt = format_prompt(prompt)
-        chosen, rejected = (
-            text if text.startswith((" ", "\n")) else " " + text for text in (chosen, rejected)
-        )
-    else:
-        raise DataError(f"dataset_format must be 'hh-rlhf' or 'preference', got {args.dataset_format!r}")
-    if not chosen.strip():
-        raise RowError("empty_answer", "chosen")
-    if not rejected.strip():
-        raise RowError("empty_answer", "rejected")
-    if chosen.strip() == rejected.strip():
-        raise RowError("identical_answers", "rejected")
-    return prompt, chosen, rejected
-
-
-def required_columns(args: DataArgs) -> list[str]:
-    if args.dataset_format == "hh-rlhf":
-        return ["chosen", "rejected"]
-    return [args.prompt_column, args.chosen_column, args.rejected_column]
-
-
-def embedded_folder(args: DataArgs) -> Path:
-    """Generate the embedded task once per (seed, sizes) and return its folder.
-
-    Safe with several processes (ranks of one run, or separate runs sharing ``$ALIGN_KIT_HOME``): one
-    generates under a file lock while the others wait, then reuse its files. A lock rather than a
-    barrier, so a caller on rank 0 alone cannot hang. ``task.write`` writes test.jsonl last.
-    """
-    from filelock import FileLock
-
-    name = f"v{task.VERSION}-seed{args.split_seed}-{args.embedded_train_size}-{args.embedded_test_size}"
-    folder = home() / "embedded" / name
-    if not (folder / "test.jsonl").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder) + ".lock"):
-            if not (folder / "test.jsonl").exists():
-                task.write(folder, args.embedded_train_size, args.embedded_test_size, seed=args.split_seed)
-    return folder
-
-
-def _split_files(path: Path, args: DataArgs) -> dict[str, Path]:
-    """Local sources: a file is the train split; a folder holds files named after the splits."""
-    if path.is_file():
-        return {args.train_split: path}
-    found = {}
-    for split in (args.train_split, args.test_split):
-        matches = sorted(p for p in path.iterdir() if p.stem == split and p.suffix in DATA_SUFFIXES)
-        if matches:
-            found[split] = matches[0]
-    if args.train_split not in found:
-        raise DataError(f"{path}: no {args.train_split}.json/.jsonl/.parquet file in this folder")
-    return found
-
-
-def load_raw(args: DataArgs) -> dict[str, tuple[str, Any]]:
-    """Raw splits as {split: (source name, datasets.Dataset)} from the embedded task, files or the Hub."""
-    from datasets import load_dataset
-
-    path = embedded_folder(args) if args.dataset == "embedded" else Path(args.dataset)
-    if path.exists():
-        out = {}
-        for split, file in _split_files(path, args).items():
-            if file.suffix not in DATA_SUFFIXES:
-                raise DataError(f"{file}: unsupported file type (use .json, .jsonl or .parquet)")
-            builder = DATA_SUFFIXES[file.suffix]
-            try:
-                out[split] = (str(file), load_dataset(builder, data_files=str(file), split="train"))
-            except Exception as error:  # datasets raises many types for unreadable files
-                raise DataError(f"{file}: cannot be read as {builder}: {error}") from error
-        return out
-    if args.dataset.startswith((".", "/")) or Path(args.dataset).suffix in DATA_SUFFIXES:
-        raise DataError(f"{args.dataset}: no such file or folder")
-    hub = load_dataset(args.dataset, args.dataset_config)
-    return {
-        split: (f"{args.dataset}[{split}]", hub[split])
-        for split in (args.train_split, args.test_split)
-        if split in hub
-    }
+# ---------------------------------------------------------------------------------------------------------
+# Cleaning one split: parse, check, render, deduplicate, length filter
 
 
 def clean(
-    raw, source: str, split: str, args: DataArgs, counts: DropCounts, tokenizer=None
-) -> list[dict[str, str]]:
-    """Parse and filter one split; every dropped row is counted by reason."""
-    missing = [c for c in required_columns(args) if c not in raw.column_names]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {missing}; the file has {raw.column_names}")
+    raw: RawSplit,
+    split: str,
+    layout: str,
+    args: DataArgs,
+    counts: DropCounts,
+    fmt: ChatFormat,
+    tokenizer: Any = None,
+) -> list[dict[str, Any]]:
+    """Parse, check and render one split; every dropped row is counted by reason with its file, row, line
+    and field. Pair rows have ``prompt``/``chosen``/``rejected``; instruction rows ``prompt``/``completion``;
+    unpaired rows also ``label``; all keep ``messages`` (the history) and ``source_row``."""
+    from jinja2 import TemplateError
+
+    check_columns(raw, layout, args)
+    answer_keys = ("chosen", "rejected") if layout in PAIR_FORMATS else ("completion",)
     rows, seen = [], set()
-    for index, row in enumerate(raw):
+    for index, row in enumerate(raw.rows):
+
+        def drop(reason: str, name: str, index: int = index) -> None:
+            counts.drop(split, reason, raw.source, index, name, raw.line(index))
+
         try:
-            prompt, chosen, rejected = parse_row(row, args)
+            if layout in PAIR_FORMATS:
+                history, *answers = parse_pair(row, layout, args)
+                label = None
+                names = (
+                    ("summaries",) * 2
+                    if layout == "tldr-comparisons"
+                    else (args.chosen_column, args.rejected_column)
+                )
+                if answers[0].strip() == answers[1].strip() and answers[0].strip():
+                    raise RowError("identical_answers", names[1])
+            else:
+                history, answer, label = parse_single(row, layout, args)
+                answers, names = [answer], ("completion",)
+            for content, name in zip(answers, names, strict=True):
+                check_answer(content, name)
         except RowError as error:
-            counts.drop(split, error.reason, source, index, error.field)
+            drop(error.reason, error.field)
             continue
-        if args.single_turn and count_turns(prompt) != (1, 1):
-            counts.drop(split, "multi_turn", source, index, "chosen")
+        if args.single_turn and not is_single_turn(history):
+            drop("multi_turn", names[0])
             continue
-        key = (prompt, chosen, rejected)
+        try:
+            rendered = {"prompt": fmt.prompt(history)}
+            rendered |= {key: fmt.answer(history, a) for key, a in zip(answer_keys, answers, strict=True)}
+        except (ValueError, TemplateError):
+            drop("template_error", names[0])
+            continue
+        key = tuple(rendered.values()) + (label,)
         if args.deduplicate and key in seen:
-            counts.drop(split, "duplicate", source, index, "chosen")
+            drop("duplicate", names[0])
             continue
         seen.add(key)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "source_row": index})
+        extra = {"label": label} if layout == UNPAIRED else {}
+        rows.append({**rendered, **extra, "messages": history, "source_row": index})
     if args.max_pair_tokens is not None and rows:
-        texts = [r["prompt"] + max(r["chosen"], r["rejected"], key=len) for r in rows]
-        rows = _drop_too_long(rows, texts, "chosen", split, source, args, counts, tokenizer)
+        rows = _drop_too_long(rows, answer_keys, split, raw, args, counts, tokenizer)
     return rows
 
 
 def _drop_too_long(
-    rows: list[dict],
-    texts: list[str],
-    field_name: str,
-    split: str,
-    source: str,
-    args: DataArgs,
-    counts: DropCounts,
-    tokenizer,
+    rows: list[dict], answer_keys: Sequence[str], split: str, raw: RawSplit, args: DataArgs, counts, tokenizer
 ) -> list[dict]:
-    """The rows whose text (plus the EOS the trainers append) fits in ``max_pair_tokens``; the others
-    are counted as too_long under ``field_name``."""
+    """The rows whose prompt plus longest answer, in tokens (plus the EOS the trainers append), fits in
+    ``max_pair_tokens``; the others are counted as too_long under their longer answer."""
     if tokenizer is None:
         raise ValueError("max_pair_tokens needs a tokenizer")
+    texts = [row["prompt"] + row[key] for row in rows for key in answer_keys]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     kept = []
-    for row, length in zip(rows, lengths, strict=True):
-        if length + 1 > args.max_pair_tokens:
-            counts.drop(split, "too_long", source, row["source_row"], field_name)
+    for i, row in enumerate(rows):
+        per_answer = lengths[i * len(answer_keys) : (i + 1) * len(answer_keys)]
+        if max(per_answer) + 1 > args.max_pair_tokens:
+            longest = answer_keys[per_answer.index(max(per_answer))]
+            counts.drop(
+                split, "too_long", raw.source, row["source_row"], longest, raw.line(row["source_row"])
+            )
         else:
             kept.append(row)
     return kept
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Splits
+
+
 def split_by_prompt(rows: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded train/test split that keeps every prompt on one side (no prompt leaks into the test set)."""
+    """Seeded train/test split that keeps every prompt on one side (no prompt leaks into the test set);
+    with two or more prompts each side gets at least one."""
     prompts = sorted({r["prompt"] for r in rows}, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
     random.Random(seed).shuffle(prompts)
-    n_test = max(1, round(len(prompts) * test_size)) if len(prompts) > 1 else 0
+    n_test = min(max(1, round(len(prompts) * test_size)), len(prompts) - 1) if len(prompts) > 1 else 0
     test_prompts = set(prompts[:n_test])
     return [r for r in rows if r["prompt"] not in test_prompts], [
         r for r in rows if r["prompt"] in test_prompts
     ]
 
 
-def load_preferences(args: DataArgs, tokenizer=None) -> tuple[dict[str, list[dict]], DropCounts]:
-    """Clean train and test rows as plain dicts (``prompt``, ``chosen``, ``rejected``, ``source_row``)."""
-    if args.dataset_format == "unpaired":
-        raise DataError(
-            "dataset_format 'unpaired': its rows hold one answer each, not pairs; recipes/kto.py reads them"
-        )
-    counts = DropCounts()
-    raw = load_raw(args)
-    splits = {}
-    for split, (source, dataset) in raw.items():
-        splits[split] = clean(dataset, source, split, args, counts, tokenizer)
-    return _split_and_cap(splits, raw[args.train_split][0], args, counts), counts
+def _reasons(counts: DropCounts, split: str) -> str:
+    return str(dict(counts.dropped.get(split, {})) or "none")
 
 
 def _split_and_cap(
-    splits: dict[str, list[dict]], train_source: str, args: DataArgs, counts: DropCounts
+    splits: dict[str, list[dict]], raws: dict[str, RawSplit], args: DataArgs, counts: DropCounts
 ) -> dict[str, list[dict]]:
-    """{'train', 'test'} rows: an empty training split is an error; a missing test split is held out of
-    train by prompt; both are capped; the kept rows are counted."""
-    if not splits[args.train_split]:
-        reasons = dict(counts.dropped.get(args.train_split, {}))
-        raise DataError(f"{train_source}: no usable rows; dropped by reason: {reasons or 'file is empty'}")
-    if args.test_split not in splits:
-        splits[args.train_split], splits[args.test_split] = split_by_prompt(
-            splits[args.train_split], args.test_size, args.split_seed
+    """{'train', 'test'} rows. An empty training or held-out split is an error naming the file and why:
+    every recipe reports on its held-out rows (DPO and reward evaluation, reward accuracy, the PPO and
+    best-of-N reports, the evaluation), so no run starts without one. A missing test split is held out of
+    train by prompt; both are capped, every cut row counted."""
+    train, test = "train", "test"
+    train_source = raws[train].source
+    if not splits[train]:
+        raise DataError(f"{train_source}: no usable rows; dropped by reason: {_reasons(counts, train)}")
+    if test in splits and not splits[test]:
+        raise DataError(
+            f"{raws[test].source}: no usable rows in the held-out split; dropped by reason: "
+            f"{_reasons(counts, test)}"
         )
-    for split, cap in ((args.train_split, args.max_train_samples), (args.test_split, args.max_eval_samples)):
+    if test not in splits:
+        n_prompts = len({row["prompt"] for row in splits[train]})
+        if n_prompts < 2:
+            raise DataError(
+                f"{train_source}: {len(splits[train])} usable row(s) with {n_prompts} distinct prompt, "
+                f"nothing left to hold out (dropped by reason: {_reasons(counts, train)}); at least 2 "
+                f"distinct prompts are needed, or a {args.test_split} file"
+            )
+        splits[train], splits[test] = split_by_prompt(splits[train], args.test_size, args.split_seed)
+    sources = {train: raws[train], test: raws.get(test, raws[train])}
+    for split, cap, name in (
+        (train, args.max_train_samples, "max_train_samples"),
+        (test, args.max_eval_samples, "max_eval_samples"),
+    ):
         if cap is not None and len(splits[split]) > cap:
+            raw = sources[split]
+            for row in splits[split][cap:]:
+                index = row["source_row"]
+                counts.drop(split, f"over_{name}", raw.source, index, name, raw.line(index))
             splits[split] = splits[split][:cap]
-    out = {"train": splits[args.train_split], "test": splits[args.test_split]}
+    out = {"train": splits[train], "test": splits[test]}
     for split, rows in out.items():
         counts.kept[split] = len(rows)
     return out
 
 
-def to_sft(rows: list[dict], target: str, seed: int) -> list[dict[str, str]]:
+# ---------------------------------------------------------------------------------------------------------
+# Loaders: pairs (DPO, reward, PPO, best-of-N), SFT rows, unpaired rows (KTO)
+
+
+def resolve_chat_format(args: DataArgs, tokenizer: Any = None) -> ChatFormat:
+    """The run's ChatFormat. A .jinja template becomes the tokenizer's chat template, so the run folder's
+    saved tokenizer carries it and the evaluation of that run renders the same way."""
+    fmt = chat_format(args.chat_template, tokenizer)
+    if fmt.template is not None:
+        tokenizer.chat_template = fmt.template
+    return fmt
+
+
+def _load(args: DataArgs, tokenizer: Any, kinds: tuple[str, ...]) -> tuple[dict[str, list], DropCounts]:
+    """Read, detect, clean, split and cap; ``kinds`` are the layouts the caller reads ('pairs',
+    'instruction', 'unpaired')."""
+    fmt = resolve_chat_format(args, tokenizer)
+    counts = DropCounts(requested_format=args.dataset_format, chat_template=fmt.name)
+    raws = {("train" if split == args.train_split else "test"): raw for split, raw in load_raw(args).items()}
+    splits = {}
+    for split, raw in raws.items():
+        layout = detect_format(raw, args) if args.dataset_format == "auto" else args.dataset_format
+        kind = "pairs" if layout in PAIR_FORMATS else layout
+        if kind not in kinds:
+            readers = {
+                "pairs": "DPO, reward, PPO, best-of-N, SFT and KTO",
+                INSTRUCTION: "SFT",
+                UNPAIRED: "KTO",
+            }
+            raise DataError(f"{raw.source}: {layout} rows are read by {readers[kind]} only")
+        counts.formats[split] = layout
+        splits[split] = clean(raw, split, layout, args, counts, fmt, tokenizer)
+    counts.formats.setdefault("test", counts.formats["train"])  # held out of train
+    try:
+        return _split_and_cap(splits, raws, args, counts), counts
+    except DataError as error:
+        hint = _format_hint(raws, args)
+        raise DataError(f"{error}{hint}") from None
+
+
+def _format_hint(raws: dict[str, RawSplit], args: DataArgs) -> str:
+    """When an explicit dataset_format left no usable rows, the layout auto detection sees instead."""
+    if args.dataset_format == "auto":
+        return ""
+    try:
+        seen = detect_format(raws["train"], args)
+    except DataError:
+        return ""
+    return f"; the rows look like {seen!r}: try dataset_format: auto" if seen != args.dataset_format else ""
+
+
+def load_preferences(args: DataArgs, tokenizer: Any = None) -> tuple[dict[str, list[dict]], DropCounts]:
+    """Clean train and test preference rows (``prompt``, ``chosen``, ``rejected`` rendered with the chat
+    template; ``messages``; ``source_row``) and the counts of what was kept and dropped."""
+    return _load(args, tokenizer, ("pairs",))
+
+
+def load_sft(
+    args: DataArgs, tokenizer: Any = None, seed: int = 0
+) -> tuple[dict[str, list[dict]], DropCounts]:
+    """Prompt/completion rows for SFT: instruction rows and conversations as they are; preference rows
+    through ``to_sft`` (``sft_target``: chosen, rejected or a seeded mix; the test split with
+    ``seed + 1``)."""
+    splits, counts = _load(args, tokenizer, ("pairs", INSTRUCTION))
+    for offset, split in enumerate(("train", "test")):
+        if counts.formats[split] in PAIR_FORMATS:
+            splits[split] = to_sft(splits[split], args.sft_target, seed + offset)
+    return splits, counts
+
+
+def load_unpaired(args: DataArgs, tokenizer: Any = None) -> tuple[dict[str, list[dict]], DropCounts]:
+    """Unpaired rows for KTO (``prompt``, ``completion``, ``label``): unpaired sources as they are,
+    preference sources split into a desirable and an undesirable row per pair (counts are of pairs)."""
+    splits, counts = _load(args, tokenizer, ("pairs", UNPAIRED))
+    for split in ("train", "test"):
+        if counts.formats[split] in PAIR_FORMATS:
+            splits[split] = to_unpaired(splits[split], args.split_seed)
+    return splits, counts
+
+
+def to_sft(rows: list[dict], target: str, seed: int) -> list[dict[str, Any]]:
     """Prompt/completion rows for SFT: the chosen answer, the rejected one, or a seeded 50/50 mix."""
     rng = random.Random(seed)
     out = []
@@ -305,8 +354,20 @@ def to_sft(rows: list[dict], target: str, seed: int) -> list[dict[str, str]]:
     return out
 
 
+def to_unpaired(rows: list[dict], seed: int) -> list[dict[str, Any]]:
+    """Preference rows -> unpaired rows: the chosen answer desirable, the rejected one undesirable, in a
+    seeded shuffle (so that an answer's batch neighbour is rarely the other answer to its prompt)."""
+    out = [
+        {"prompt": row["prompt"], "completion": row[key], "label": key == "chosen"}
+        for row in rows
+        for key in ("chosen", "rejected")
+    ]
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def distinct_prompts(rows: list[dict]) -> list[str]:
-    """The prompts of ``rows`` in order of first appearance, each once (the prompts an online method samples)."""
+    """The prompts of ``rows`` in order of first appearance, each once (what an online method samples)."""
     return list(dict.fromkeys(row["prompt"] for row in rows))
 
 
@@ -327,89 +388,42 @@ def attach_margins(splits: dict[str, list[dict]], data_args: DataArgs, column: s
     out = {}
     for split, rows in splits.items():
         source = sources[split] if sources[split] in raw else data_args.train_split  # test made from train
-        name, dataset = raw[source]
-        if column not in dataset.column_names:
-            raise DataError(f"{name}: no margin column {column!r}; the file has {dataset.column_names}")
-        values = dataset[column]
+        if column not in raw[source].columns:
+            raise DataError(
+                f"{raw[source].source}: no margin column {column!r}; the file has {raw[source].columns}"
+            )
+        values = raw[source].column(column)
         out[split] = [{**row, "margin": float(values[row["source_row"]])} for row in rows]
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Unpaired rows (KTO): one answer per row, labelled desirable or not
-
-UNPAIRED_COLUMNS = ("completion", "label")  # with DataArgs.prompt_column
+# The evaluation: held-out prompts rendered for each system as its training rendered them
 
 
-def parse_unpaired_row(row: dict[str, Any], args: DataArgs) -> tuple[str, str, bool]:
-    """One raw unpaired row -> (prompt, completion, label), raising RowError for unusable rows.
-
-    ``label`` must be a boolean or 0/1 (True: a desirable answer). Prompt and completion are normalised
-    as in ``dataset_format: preference``.
-    """
-    prompt, completion, label = row.get(args.prompt_column), row.get("completion"), row.get("label")
-    for name, value in ((args.prompt_column, prompt), ("completion", completion)):
-        if not isinstance(value, str):
-            raise RowError("not_text", name)
-    if isinstance(label, int) and label in (0, 1):  # bool is an int: True/False pass here too
-        label = bool(label)
-    else:
-        raise RowError("bad_label", "label")
-    if not prompt.lstrip().startswith(HUMAN.strip()):
-        prompt = format_prompt(prompt)
-    completion = completion if completion.startswith((" ", "\n")) else " " + completion
-    if not completion.strip():
-        raise RowError("empty_answer", "completion")
-    return prompt, completion, label
+def recorded_chat_template(model_path: str | Path) -> str | None:
+    """The chat template an align-kit run rendered its data with (``chat_template_used`` in its
+    run_config.json; 'hh' for runs from before the setting), or None for a folder that is no align-kit run."""
+    config = Path(model_path) / "run_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("chat_template_used", HH)
 
 
-def clean_unpaired(
-    raw, source: str, split: str, args: DataArgs, counts: DropCounts, tokenizer=None
-) -> list[dict[str, Any]]:
-    """Parse and filter one split of unpaired rows; every dropped row is counted by reason."""
-    missing = [c for c in (args.prompt_column, *UNPAIRED_COLUMNS) if c not in raw.column_names]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {missing}; the file has {raw.column_names}")
-    rows, seen = [], set()
-    for index, row in enumerate(raw):
-        try:
-            prompt, completion, label = parse_unpaired_row(row, args)
-        except RowError as error:
-            counts.drop(split, error.reason, source, index, error.field)
-            continue
-        if args.single_turn and count_turns(prompt) != (1, 1):
-            counts.drop(split, "multi_turn", source, index, args.prompt_column)
-            continue
-        if args.deduplicate and (prompt, completion, label) in seen:
-            counts.drop(split, "duplicate", source, index, "completion")
-            continue
-        seen.add((prompt, completion, label))
-        rows.append({"prompt": prompt, "completion": completion, "label": label, "source_row": index})
-    if args.max_pair_tokens is not None and rows:
-        texts = [r["prompt"] + r["completion"] for r in rows]
-        rows = _drop_too_long(rows, texts, "completion", split, source, args, counts, tokenizer)
-    return rows
+def system_chat_format(model_path: str, setting: str, load_tokenizer: Callable[[str], Any]) -> ChatFormat:
+    """How to render prompts for a system: as its align-kit run was trained (a template other than hh is in
+    the run's saved tokenizer), else by ``setting`` (the evaluation's ``chat_template``); the system's
+    tokenizer is loaded (``load_tokenizer(model_path)``) only when a template may be needed."""
+    recorded = recorded_chat_template(model_path)
+    if recorded == HH or (recorded is None and setting == HH):
+        return ChatFormat()
+    return chat_format(setting if recorded is None else TOKENIZER, load_tokenizer(model_path))
 
 
-def load_unpaired(args: DataArgs, tokenizer=None) -> tuple[dict[str, list[dict]], DropCounts]:
-    """Clean train and test rows of an unpaired source (``prompt``, ``completion``, ``label``,
-    ``source_row``), from files or the Hub as ``load_preferences`` reads them."""
-    counts = DropCounts()
-    raw = load_raw(args)
-    splits = {
-        split: clean_unpaired(data, source, split, args, counts, tokenizer)
-        for split, (source, data) in raw.items()
-    }
-    return _split_and_cap(splits, raw[args.train_split][0], args, counts), counts
-
-
-def to_unpaired(rows: list[dict], seed: int) -> list[dict[str, Any]]:
-    """Preference rows -> unpaired rows: the chosen answer desirable, the rejected one undesirable, in a
-    seeded shuffle (so that an answer's batch neighbour is rarely the other answer to its prompt)."""
-    out = [
-        {"prompt": row["prompt"], "completion": row[key], "label": key == "chosen"}
-        for row in rows
-        for key in ("chosen", "rejected")
-    ]
-    random.Random(seed).shuffle(out)
-    return out
+def render_held_out(prompts: Sequence[str], rows: Sequence[dict], fmt: ChatFormat) -> list[str]:
+    """Held-out prompts (hh text, the form judges and prompt ids use) rendered with ``fmt``: from each
+    prompt's messages where its row kept them, else read back from the hh text."""
+    if fmt.name == HH:
+        return list(prompts)
+    history = {row["prompt"]: row["messages"] for row in rows if "messages" in row}
+    return [fmt.prompt(history.get(prompt) or parse_hh(prompt)) for prompt in prompts]

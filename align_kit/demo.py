@@ -68,6 +68,12 @@ def summary(eval_dir: Path, timings: dict[str, float]) -> dict:
             f"{fam.get('harm', 0):>8.3f}{row['n']:>6}"
         )
     evaluation = json.loads((eval_dir / "evaluation.json").read_text())
+    print("\n[demo] the judges first: a win rate is evidence only from a judge that passes its audits")
+    for judge, result in evaluation["judges"].items():
+        trust = result.get("trust") or {"headline": result.get("error", "not audited"), "lines": []}
+        print(f"  {judge}: {trust['headline']}")
+        for line in trust["lines"]:
+            print(f"    {line}")
     print("\n[demo] judged win rates (ties count half; 95% bootstrap CI over prompts)")
     for judge, result in evaluation["judges"].items():
         for c in result["comparisons"]:

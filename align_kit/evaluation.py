@@ -16,7 +16,13 @@ Steps, each reusing what an earlier run already finished:
 4. audits, on pairs whose better answer is known (``audits``): honeypots (the chosen answer against a truncated,
    word-shuffled, empty or off-topic copy), the dataset's own chosen/rejected labels, position bias over
    every pair judged in both orders, parse failures, and transitivity of the pairwise table;
-5. one report per judge in ``<output_dir>/<judge>/`` (``reports.write_report``) and ``evaluation.json``.
+5. one report per judge in ``<output_dir>/<judge>/`` (``reports.write_report``) and ``evaluation.json``,
+   each opening with the verdict on its judge (``audits.trust_verdict``), each written whole or not at all.
+
+Before anything is generated every judge is checked (its config, its model folder, its API key, its
+endpoint accepting a connection): a problem stops the evaluation with one line per judge, unless the judge
+is listed in ``optional_judges``, which leaves it out with a note. A judge that fails while judging gets a
+report that says so, the others finish, and the evaluation then raises ``JudgeFailed``.
 
 Comparisons: every system against ``chosen``; every system against the base; with ``all_pairs`` every
 other pair too, so that Bradley-Terry ratings and transitivity rest on direct games.
@@ -34,61 +40,32 @@ from pathlib import Path
 from typing import Any
 
 from align_kit import judges as judges_lib
-from align_kit import stats
+from align_kit import ratings, reports, stats
 from align_kit.answers import (
     CHOSEN,
     HeldOut,
-    fingerprint,
     generation_settings,
     held_out,
-    missing_local,
     resolve_systems,
-    split_spec,
     system_answers,
-    unfinished_run,
 )
-from align_kit.audits import AuditPair, audit_judge, honeypots, label_pairs
+from align_kit.audits import AuditPair, audit_judge, honeypots, judge_traffic, label_pairs, trust_verdict
 from align_kit.configs import DataArgs, EvalArgs, parse, save_resolved
-from align_kit.judge_backends import build_judge
 from align_kit.judge_cache import JudgmentCache
+from align_kit.judge_setup import prepare_judges
 from align_kit.judges import PairResult
 from align_kit.models import load_tokenizer
-from align_kit.reports import headline, to_jsonable, write_report
+from align_kit.reports import headline, opening, to_jsonable, write_atomic, write_report
 from align_kit.runs import log
 from align_kit.stats import Judgment
+from align_kit.verdicts import pair_score
 
 CONFIG = (EvalArgs, DataArgs)
+MAX_UNPARSEABLE_SHOWN = 20
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Judges from their specs
-
-
-def resolve_judges(specs: Sequence[str | Any], notes: list[str]) -> list[Any]:
-    """Judges from specs ('name', 'name=model', a path) or objects with the Judge protocol (used as is).
-    A reward-model or local-LM judge whose model folder is missing is left out with a note. Backends load
-    their models on first use, so a rerun answered from the cache loads none."""
-    out = []
-    for spec in specs:
-        if not isinstance(spec, str):
-            out.append(spec)
-            continue
-        name, model = split_spec(spec)
-        config = judges_lib.read_judge_config(name, **({"model": model} if model else {}))
-        local_model = config.backend in ("reward_model", "hf_logits") and config.model
-        if local_model and (missing_local(config.model) or unfinished_run(config.model)):
-            notes.append(
-                f"judge {config.name} skipped: its model {config.model} does not exist or is unfinished"
-            )
-            continue
-        if local_model and not fingerprint(config.model).startswith("hub:"):
-            # verdicts are cached by the judge's settings: the weights' fingerprint retires them on retraining
-            config = dataclasses.replace(config, cache_tag=f"{config.cache_tag}{fingerprint(config.model)}")
-        out.append(build_judge(config))
-    names = [j.name for j in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two judges share a name: {names}; set `name` in one judge.yaml")
-    return out
+class JudgeFailed(RuntimeError):
+    """Judges that failed while judging; their reports and evaluation.json say why."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,9 +78,10 @@ def to_judgments(
     baseline: str,
     system_answers: Sequence[str],
     baseline_answers: Sequence[str],
+    rule: str = "strict",
 ) -> list[Judgment]:
-    """Decided ``judge_both_orders`` results as Judgments (lengths in characters); a pair whose two orders
-    both failed to parse has no outcome and no Judgment."""
+    """Decided ``judge_both_orders`` results as Judgments (lengths in characters, scores by ``rule``); a
+    pair whose two orders both failed to parse has no outcome and no Judgment (see ``undecided_rows``)."""
     return [
         Judgment(
             prompt_id=str(result.prompt_id),
@@ -116,9 +94,47 @@ def to_judgments(
             baseline_len=len(theirs.strip()),
             judge=result.judge,
             parse_failures=result.parse_failures,
+            score=pair_score(result.first, result.swapped, rule),
+            **_texts(result),
         )
         for result, ours, theirs in zip(results, system_answers, baseline_answers, strict=True)
         if result.outcome is not None
+    ]
+
+
+def _texts(result: PairResult) -> dict[str, str | None]:
+    """The judge's raw answer and rationale in each order, as Judgment fields."""
+    first, swapped = result.first_reply, result.swapped_reply
+    return {
+        "first_order_text": first.text if first else None,
+        "swapped_order_text": swapped.text if swapped else None,
+        "first_order_rationale": first.rationale if first else None,
+        "swapped_order_rationale": swapped.rationale if swapped else None,
+    }
+
+
+def undecided_rows(
+    results: Sequence[PairResult],
+    system: str,
+    baseline: str,
+    system_answers: Sequence[str],
+    baseline_answers: Sequence[str],
+) -> list[dict[str, Any]]:
+    """judgments.csv rows (no verdict, no score) for the pairs unparseable in both orders, so their raw
+    judge answers are in the file too."""
+    return [
+        {
+            "prompt_id": str(result.prompt_id),
+            "system": system,
+            "baseline": baseline,
+            "system_len": len(ours.strip()),
+            "baseline_len": len(theirs.strip()),
+            "judge": result.judge,
+            "parse_failures": result.parse_failures,
+            **_texts(result),
+        }
+        for result, ours, theirs in zip(results, system_answers, baseline_answers, strict=True)
+        if result.outcome is None
     ]
 
 
@@ -171,77 +187,105 @@ def evaluate_judge(
     honeypot_pairs: Sequence[AuditPair],
     labelled: Sequence[AuditPair],
     args: EvalArgs,
-) -> tuple[dict[str, Any], list[Judgment], list[Judgment], list[dict[str, Any]]]:
-    """Everything one judge says: (results for write_report, comparison judgments, audit judgments, examples)."""
+) -> tuple[dict[str, Any], list[Judgment], list[Judgment], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Everything one judge says: (results for write_report, comparison judgments, audit judgments,
+    examples, undecided comparison pairs)."""
     skipped: Counter = Counter()
     judgments: list[Judgment] = []
     examples: list[dict[str, Any]] = []
-    asked: list[PairResult] = []
+    undecided: list[dict[str, Any]] = []
+    asked: list[tuple[str, PairResult]] = []  # (comparison or audit pair, result) for every pair asked
     for system, baseline in plan:
         results = judges_lib.judge_both_orders(
             judge, held.prompts, answers[system], answers[baseline], cache, held.prompt_ids, args.progress
         )
-        found = to_judgments(results, system, baseline, answers[system], answers[baseline])
+        found = to_judgments(
+            results, system, baseline, answers[system], answers[baseline], args.combine_orders
+        )
         skipped[f"{system} vs {baseline}: both orders unparseable"] += len(results) - len(found)
         judgments += found
-        asked += results
-        examples += pick_examples(found, held, answers, args.n_examples)
+        undecided += undecided_rows(results, system, baseline, answers[system], answers[baseline])
+        asked += [(f"{system} vs {baseline}", result) for result in results]
+        examples += reports.pick_examples(found, held, answers, args.n_examples)
 
     audited = judge_audit_pairs(judge, cache, honeypot_pairs, args.progress)
     audited += judge_audit_pairs(judge, cache, labelled, args.progress)
     audit_judgments = list(judgments)
     for pair, result in audited:
-        asked.append(result)
+        asked.append((pair.label, result))
         if result.outcome is None:
             skipped[f"{pair.label}: both orders unparseable"] += 1
         audit_judgments += to_judgments(
-            [result], pair.label + ":first", pair.label + ":second", [pair.first], [pair.second]
+            [result],
+            pair.label + ":first",
+            pair.label + ":second",
+            [pair.first],
+            [pair.second],
+            args.combine_orders,
         )
 
-    rates = stats.win_rate_table(stats.win_table(judgments))
-    audit = audit_judge(audit_judgments, asked, audited, rates if len(rates) >= 3 else None)
+    rates = ratings.win_rate_table(ratings.win_table(judgments))
+    audit = audit_judge(
+        audit_judgments, [result for _, result in asked], audited, rates if len(rates) >= 3 else None
+    )
     comparisons = [
         stats.summarize(judgments, s, b, seed=args.seed, n_boot=args.n_boot, level=args.level)
         for s, b in plan
     ]
+    for comparison in comparisons:
+        if not comparison["n"]:
+            lost = skipped[f"{comparison['system']} vs {comparison['baseline']}: both orders unparseable"]
+            comparison["note"] = f"no decided pairs: {lost} of {len(held.prompts)} unparseable in both orders"
     paired = [
         stats.paired_test(judgments, a, b, baseline, seed=args.seed, n_boot=args.n_boot, level=args.level)
         for a, b, baseline in paired_plan(plan)
     ]
+    unparseable = reports.unparseable_answers(asked)
     results = {
+        "combine_orders": args.combine_orders,
         "skipped": {k: v for k, v in skipped.items() if v},
         "comparisons": comparisons,
         "paired": paired,
-        "ranking": stats.rank_systems(judgments, anchor=args.base),
+        "ranking": ratings.rank_systems(judgments, anchor=args.base),
         **audit,
+        "trust": trust_verdict(audit["audit_checks"]),
+        "unparseable": {"total": len(unparseable), "shown": unparseable[:MAX_UNPARSEABLE_SHOWN]},
     }
-    return results, judgments, audit_judgments, examples
+    if held.groups is not None:
+        results["by_group"] = group_comparisons(judgments, held, plan, args)
+    return results, judgments, audit_judgments, examples, undecided
 
 
-def pick_examples(
-    judgments: Sequence[Judgment], held: HeldOut, answers: Mapping[str, Sequence[str]], n: int
-) -> list[dict[str, Any]]:
-    """Up to ``n`` judged examples of one comparison, a win, a loss and a tie first when there are any."""
-    index = {pid: i for i, pid in enumerate(held.prompt_ids)}
-    ordered = []
-    for verdict in ("win", "loss", "tie"):
-        ordered += [j for j in judgments if j.verdict == verdict][:1]
-    ordered += [j for j in judgments if j not in ordered]
-    out = []
-    for j in ordered[:n]:
-        i = index[j.prompt_id]
-        out.append(
-            {
-                "prompt_id": j.prompt_id,
-                "prompt": held.prompts[i],
-                "system": j.system,
-                "baseline": j.baseline,
-                "system_answer": answers[j.system][i],
-                "baseline_answer": answers[j.baseline][i],
-                "verdict": j.verdict,
-            }
-        )
-    return out
+def group_comparisons(
+    judgments: Sequence[Judgment], held: HeldOut, plan: Sequence[tuple[str, str]], args: EvalArgs
+) -> dict[str, Any]:
+    """Every comparison of ``plan`` summarised on each group's prompts (``held.groups``) separately."""
+    group_of = dict(zip(held.prompt_ids, held.groups, strict=True))
+    comparisons = []
+    for system, baseline in plan:
+        for group in sorted(set(held.groups)):
+            rows = [j for j in judgments if group_of[j.prompt_id] == group]
+            summary = stats.summarize(
+                rows, system, baseline, seed=args.seed, n_boot=args.n_boot, level=args.level
+            )
+            comparisons.append({"group": group, **summary})
+    return {"column": args.group_column, "comparisons": comparisons}
+
+
+def _counters(judge_stats: Any) -> dict[str, Any]:
+    """Every counter a judge keeps (``JudgeStats``, whatever fields it has)."""
+    if dataclasses.is_dataclass(judge_stats):
+        return dataclasses.asdict(judge_stats)
+    return dict(vars(judge_stats))
+
+
+def _since(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """Counters of this run: numbers as differences, anything else as it is now."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    return {k: v - before[k] if number(v) and number(before.get(k)) else v for k, v in after.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,8 +297,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the evaluation described by ``args`` (``judges`` objects replace ``args.judges``).
 
-    Every process generates its share of the answers; only the main process judges and writes reports
-    (the others return an empty dict). Returns what ``evaluation.json`` holds.
+    Every judge is checked before anything is generated (``prepare_judges``). Every process generates
+    its share of the answers; only the main process judges and writes reports (the others return an
+    empty dict). Returns what ``evaluation.json`` holds; raises JudgeFailed, after writing every report
+    and evaluation.json, when a judge that is not optional failed while judging.
     """
     import torch
     from accelerate import PartialState
@@ -263,6 +309,7 @@ def evaluate(
     out_dir = Path(args.output_dir)
     notes: list[str] = []
     systems = resolve_systems(args, notes)
+    judge_list = prepare_judges(args.judges if judges is None else judges, args, notes)  # on every rank
     tokenizer = None
     if data_args.max_pair_tokens is not None:  # lengths are counted with the base system's tokenizer
         tokenizer = load_tokenizer(next(s.path for s in systems if s.name == args.base))
@@ -280,7 +327,6 @@ def evaluate(
     if not state.is_main_process:
         return {}
 
-    judge_list = resolve_judges(args.judges if judges is None else judges, notes)
     for judge in judge_list:
         model = getattr(getattr(judge, "config", None), "model", None)
         if "best_of_n" in answers and model and model == args.best_of_n_reward_model:
@@ -304,7 +350,10 @@ def evaluate(
         "honeypot pairs": len(honeypot_pairs),
         "labelled pairs": len(labelled),
         "answer length unit": "characters",
+        "combine orders": args.combine_orders,
     }
+    if args.group_column:
+        metadata["group column"] = args.group_column
     if "best_of_n" in answers:
         metadata["best_of_n"] = f"n={args.best_of_n_n}, temperature={args.best_of_n_temperature}, "
         metadata["best_of_n"] += f"reward model {args.best_of_n_reward_model}"
@@ -313,35 +362,64 @@ def evaluate(
         "systems": metadata["systems"],
         "base": args.base,
         "n_prompts": len(held.prompts),
+        "prompt_ids": held.prompt_ids,
+        "combine_orders": args.combine_orders,
         "notes": notes,
         "generated": generated,
         "judge_calls": {},
+        "evidence": {},
         "judges": {},
         "reports": {},
     }
+    failed = []
     for judge in judge_list:
-        calls_before = judge.stats.calls
-        results, judgments, audit_judgments, examples = evaluate_judge(
-            judge, cache, held, answers, plan, honeypot_pairs, labelled, args
-        )
-        calls = judge.stats.calls - calls_before
-        results["skipped"] = {**dict(honeypot_skipped), **results["skipped"]}
+        before = _counters(judge.stats)
+        try:
+            results, judgments, audit_judgments, examples, undecided = evaluate_judge(
+                judge, cache, held, answers, plan, honeypot_pairs, labelled, args
+            )
+        except Exception as error:  # the judge gets a report saying why; the other judges still run
+            results, judgments, audit_judgments, examples, undecided = (
+                {"error": f"{type(error).__name__}: {error}"},
+                [],
+                [],
+                [],
+                [],
+            )
+            if judge.name not in args.optional_judges:
+                failed.append(f"judge {judge.name}: {results['error']}")
+        counts = _since(before, _counters(judge.stats))
+        results["traffic"] = judge_traffic(counts, args.judge_retry_threshold)
+        results["skipped"] = {**dict(honeypot_skipped), **results.get("skipped", {})}
         results["notes"] = list(notes)
         results["metadata"] = {"judge": judge.name, "judge identity": judge.identity, **metadata}
-        results["metadata"]["judge calls this run"] = calls
-        judge_dir = out_dir / re.sub(r"[^\w.-]+", "_", judge.name)
-        paths = write_report(judge_dir, results, judgments, examples)
-        (judge_dir / "audit_judgments.jsonl").write_text(
-            "".join(json.dumps(j.to_row()) + "\n" for j in audit_judgments), encoding="utf-8"
+        results["metadata"]["judge calls this run"] = counts.get("calls")
+        judge_dir = judge_folder(out_dir, judge.name)
+        paths = write_report(judge_dir, results, judgments, examples, undecided)
+        write_atomic(
+            judge_dir / "audit_judgments.jsonl",
+            "".join(json.dumps(j.to_row()) + "\n" for j in audit_judgments),
         )
         summary["judges"][judge.name] = to_jsonable(results)
-        summary["judge_calls"][judge.name] = calls
+        summary["judge_calls"][judge.name] = counts.get("calls")
+        summary["evidence"][judge.name] = bool(results.get("trust", {}).get("evidence"))
         summary["reports"][judge.name] = {name: str(path) for name, path in paths.items()}
-        log(f"judge {judge.name}: {calls} calls; report in {paths['report.md']}")
-        for comparison in results["comparisons"]:
+        title, reasons = opening(results)
+        log(title)
+        for reason in reasons:
+            log(f"  {reason}")
+        for comparison in results.get("comparisons", []):
             log(f"  {judge.name}: {headline(comparison)}")
-    (out_dir / "evaluation.json").write_text(json.dumps(to_jsonable(summary), indent=2), encoding="utf-8")
+        log(f"judge {judge.name}: {counts.get('calls')} calls; report in {paths['report.md']}")
+    write_atomic(out_dir / "evaluation.json", json.dumps(to_jsonable(summary), indent=2))
+    if failed:
+        raise JudgeFailed("\n".join(failed) + f"\n(reports and {out_dir / 'evaluation.json'} were written)")
     return summary
+
+
+def judge_folder(out_dir: str | Path, judge: str) -> Path:
+    """Where a judge's report files are written in an evaluation folder."""
+    return Path(out_dir) / re.sub(r"[^\w.-]+", "_", judge)
 
 
 def evaluate_systems(
@@ -355,8 +433,9 @@ def evaluate_systems(
     answers and ``base`` with ``judges`` (specs as in ``EvalArgs.judges``, or judge objects).
 
     ``overrides`` are any other EvalArgs or DataArgs fields (e.g. n_prompts=100, dataset='embedded').
-    Systems whose local folder is missing or unfinished, and judges whose model is missing, are skipped
-    with a note. Returns the contents of ``<out_dir>/evaluation.json``.
+    Systems whose local folder is missing or unfinished are skipped with a note, and so are judges named
+    in ``optional_judges`` that cannot work; any other judge that cannot work stops the evaluation before
+    generation. Returns the contents of ``<out_dir>/evaluation.json``.
     """
     eval_fields = {f.name for f in dataclasses.fields(EvalArgs)}
     data_fields = {f.name for f in dataclasses.fields(DataArgs)}

@@ -7,24 +7,23 @@ cache, needs only the config and template, so a rerun answered from the cache lo
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from align_kit.configs import ModelArgs
+from align_kit.judge_config import JudgeConfig, judge_identity, read_judge_config, read_template
 from align_kit.judge_openai import OpenAIJudge
 from align_kit.judges import (
     Judge,
-    JudgeConfig,
     JudgeStats,
     PairItem,
+    Reply,
     Scorer,
     Verdict,
-    judge_identity,
     parse_verdict,
-    read_judge_config,
-    read_template,
     render_prompt,
     verdict_from_margin,
 )
@@ -55,8 +54,11 @@ def load_judge(
 def build_judge(
     config: JudgeConfig, *, lm: Any = None, tokenizer: Any = None, scorer: Scorer | None = None
 ) -> Judge:
-    """The backend named by ``config.backend``; models are loaded on first use."""
+    """The backend named by ``config.backend``; models are loaded on first use. ``torch_dtype: auto`` is
+    resolved here (``resolve_dtype``), so the judge's identity names the dtype its verdicts come from."""
     template = read_template(config.template) if config.template else None
+    if config.torch_dtype == "auto":
+        config = dataclasses.replace(config, torch_dtype=resolve_dtype(config.torch_dtype, config.device))
     if config.backend == "oracle":
         return ScoreJudge(config, OracleScorer())
     if config.backend == "reward_model":
@@ -70,6 +72,15 @@ def build_judge(
     if config.backend == "openai":
         return OpenAIJudge(config, template)
     raise ValueError(f"unknown backend {config.backend!r}")
+
+
+def resolve_dtype(torch_dtype: str, device: str | None = None) -> str:
+    """``auto``: bfloat16 on a CUDA device that supports it, float32 otherwise (a CPU runs float32 many
+    times faster than bfloat16); any other name is returned unchanged."""
+    if torch_dtype != "auto":
+        return torch_dtype
+    on_cuda = default_device(device).type == "cuda"
+    return "bfloat16" if on_cuda and torch.cuda.is_bf16_supported() else "float32"
 
 
 class ScoreJudge:
@@ -239,13 +250,14 @@ class HFLogitsJudge:
                 out[i] = text
         return out
 
-    def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
+    def judge_batch(self, items: list[PairItem]) -> list[Verdict] | list[Reply]:
+        """Verdicts from the label logits, or (generate mode) Replies with the generated text."""
         self.stats.calls += len(items)
         if self.config.mode == "logits":
             return [verdict_from_margin(m, self.config.tie_margin) for m in self.margins(items)]
-        verdicts = [
-            parse_verdict(t, self.config.labels, self.config.tie_label, self.config.parse_regex)
+        replies = [
+            Reply(parse_verdict(t, self.config.labels, self.config.tie_label, self.config.parse_regex), t)
             for t in self.generate(items)
         ]
-        self.stats.parse_failures += sum(v is None for v in verdicts)
-        return verdicts
+        self.stats.parse_failures += sum(r.verdict is None for r in replies)
+        return replies

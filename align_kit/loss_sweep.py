@@ -594,7 +594,7 @@ class DiscoveryArgs:
 
 def proposer_config(args: DiscoveryArgs):
     """The proposer's ProposerConfig: the judge's endpoint, this search's decoding."""
-    from align_kit.judges import read_judge_config
+    from align_kit.judge_config import read_judge_config
     from align_kit.loss_discovery import ProposerConfig
 
     judge = read_judge_config(args.proposer_judge)

@@ -26,6 +26,8 @@ import torch
 import trl
 from trl.trainer.utils import selective_log_softmax
 
+from align_kit.configs import ConfigError
+
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
@@ -39,7 +41,7 @@ PROBE_BATCH = 4
 LossFunction = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-class LossFunctionError(ValueError):
+class LossFunctionError(ConfigError):
     """A user-defined loss that cannot be loaded or whose output is unusable (one line, naming it)."""
 
 
@@ -174,7 +176,7 @@ class DPOConfig(trl.DPOConfig):
     def __post_init__(self):
         self.loss_type = _loss_type_list(self.loss_type)
         if not math.isfinite(self.beta) or self.beta <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"beta={self.beta}: must be a positive number (every DPO loss scales or divides by beta; at 0 "
                 "the loss is constant)"
             )
@@ -195,7 +197,7 @@ class DPOConfig(trl.DPOConfig):
         if self.f_divergence_type != "reverse_kl":
             ignored.append("f_divergence_type")
         if ignored:
-            raise ValueError(
+            raise ConfigError(
                 f"loss_function={spec!r} replaces TRL's loss terms, so {', '.join(sorted(ignored))} would be "
                 "ignored: unset it"
             )
@@ -205,49 +207,49 @@ class DPOConfig(trl.DPOConfig):
         types, weights = self.loss_type, self.loss_weights
         unknown = [t for t in types if t not in DPO_LOSS_TYPES]
         if unknown:
-            raise ValueError(f"loss_type: unknown {unknown}; TRL 1.12 has {', '.join(DPO_LOSS_TYPES)}")
+            raise ConfigError(f"loss_type: unknown {unknown}; TRL 1.12 has {', '.join(DPO_LOSS_TYPES)}")
         if weights is not None:
             if len(weights) != len(types):
-                raise ValueError(
+                raise ConfigError(
                     f"loss_weights={weights}: {len(weights)} weight(s) for {len(types)} loss_type term(s) {types}"
                 )
             if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"loss_weights={weights}: weights must be finite and >= 0, and not all 0 (a negative weight "
                     "maximises its term, which is unbounded)"
                 )
         smoothing = self.label_smoothing
         if "exo_pair" in types and not 0.0 < smoothing < 0.5:
-            raise ValueError(
+            raise ConfigError(
                 f"loss_type exo_pair needs 0 < label_smoothing < 0.5, got {smoothing}: EXO takes log(epsilon) "
                 "and log(1 - epsilon) (infinite at 0), and epsilon >= 0.5 prefers the rejected answer; the "
                 "EXO paper uses 1e-3"
             )
         if (LABEL_SMOOTHED - {"exo_pair"}) & set(types) and not 0.0 <= smoothing < 0.5:
-            raise ValueError(
+            raise ConfigError(
                 f"label_smoothing={smoothing} with loss_type {types}: the flip probability must lie in "
                 "[0, 0.5) (robust divides by 1 - 2 epsilon; at 0.5 or above the rejected answer is preferred)"
             )
         if smoothing != 0.0 and not LABEL_SMOOTHED & set(types):
-            raise ValueError(
+            raise ConfigError(
                 f"label_smoothing={smoothing} has no effect on loss_type {types}; only "
                 f"{', '.join(sorted(LABEL_SMOOTHED))} read it"
             )
         if "discopop" in types and not self.discopop_tau > 0:
-            raise ValueError(f"discopop_tau={self.discopop_tau}: DiscoPOP divides by tau; it must be > 0")
+            raise ConfigError(f"discopop_tau={self.discopop_tau}: DiscoPOP divides by tau; it must be > 0")
         if self.f_divergence_type not in F_DIVERGENCES:
-            raise ValueError(
+            raise ConfigError(
                 f"f_divergence_type={self.f_divergence_type!r}: one of {', '.join(F_DIVERGENCES)}"
             )
         if self.f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"f_divergence_type={self.f_divergence_type!r} applies only to loss types "
                 f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got {types}"
             )
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise ValueError(f"ld_alpha={self.ld_alpha}: must lie in [0, 1] (LD-DPO's verbose-token weight)")
+            raise ConfigError(f"ld_alpha={self.ld_alpha}: must lie in [0, 1] (LD-DPO's verbose-token weight)")
         if self.use_weighting and {"aot", "aot_unpaired"} & set(types):
-            raise ValueError(
+            raise ConfigError(
                 "use_weighting with loss_type aot/aot_unpaired: those losses sort the batch, which would "
                 "misalign the per-pair weights"
             )
@@ -259,11 +261,11 @@ class KTOConfig(trl.KTOConfig):
 
     def __post_init__(self):
         if not math.isfinite(self.beta) or self.beta <= 0:
-            raise ValueError(f"beta={self.beta}: must be a positive number (at 0 the KTO loss is constant)")
+            raise ConfigError(f"beta={self.beta}: must be a positive number (at 0 the KTO loss is constant)")
         for name in ("desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}={value}: must be > 0 (0 drops that half of the data, a negative weight maximises it)"
                 )
         super().__post_init__()

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from align_kit import adapters
-from align_kit.configs import AdapterArgs, ModelArgs
+from align_kit.configs import AdapterArgs, ConfigError, ModelArgs
 from align_kit.resources import home
 
 EMBEDDED_NAME = "tiny-gpt2"
@@ -146,10 +146,68 @@ def resolve(name_or_path: str) -> str:
     return str(ensure_embedded_default()) if name_or_path == EMBEDDED_NAME else name_or_path
 
 
+# recipes whose run folders later stages load models from
+RUN_STAGES = ("sft", "reward", "dpo", "ppo", "best_of_n", "grpo", "kto")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+RUN_COMPLETE = "run_complete.json"  # runs.COMPLETE (runs imports this module, not the reverse)
+
+
+def source_problem(name_or_path: str) -> str | None:
+    """Why ``name_or_path`` cannot be loaded, when that is known before asking the Hub: a local path that does
+    not exist ("no such folder", with "run sft first" when it looks like an align-kit run folder), or an
+    align-kit run that never finished. None for an existing path, the embedded default, or a Hub id."""
+    if name_or_path == EMBEDDED_NAME:
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        has_model = any((path / name).exists() for name in ("config.json", adapters.CONFIG_NAME))
+        if (path / "run_config.json").exists() and not (path / RUN_COMPLETE).exists() and not has_model:
+            return (
+                f"{name_or_path} is an unfinished align-kit run (no {RUN_COMPLETE}): run its command again "
+                "to finish it"
+            )
+        return None
+    if path.suffix in WEIGHT_SUFFIXES and path.is_file():
+        return (
+            f"{name_or_path} is a weights file, not a model folder: set weights_file and model_config instead"
+        )
+    if path.exists() or not looks_local(name_or_path):
+        return None
+    stage = run_stage(path.name)
+    hint = f" (an align-kit run folder: run {stage} first)" if stage else ""
+    return f"no such folder {name_or_path}{hint}"
+
+
+def looks_local(text: str) -> bool:
+    """A filesystem path rather than a Hub id (``name`` or ``org/name``): it starts with . / or ~, has more than
+    one slash, or its first part is a local folder (``runs/sft`` when ./runs exists)."""
+    if text.startswith((".", "/", "~")) or "\\" in text or text.endswith("/"):
+        return True
+    parts = text.split("/")
+    if len(parts) == 1:
+        return run_stage(text) is not None
+    return len(parts) > 2 or Path(parts[0]).is_dir() or parts[0] == "runs"
+
+
+def run_stage(folder_name: str) -> str | None:
+    """The recipe a run folder's name suggests (``sft``, ``dpo_adapter`` -> ``dpo``), or None."""
+    return next(
+        (s for s in RUN_STAGES if folder_name == s or folder_name.startswith((f"{s}_", f"{s}-"))), None
+    )
+
+
+def loadable(name_or_path: str) -> str:
+    """``resolve(name_or_path)``, or a ConfigError saying why it cannot be loaded (``source_problem``)."""
+    problem = source_problem(name_or_path)
+    if problem:
+        raise ConfigError(problem)
+    return resolve(name_or_path)
+
+
 def load_tokenizer(name_or_path: str, revision: str = "main") -> PreTrainedTokenizerFast:
     """Load a tokenizer and make padding explicit: right padding for training, and a pad token
     (EOS when the tokenizer has none, as for GPT-2) so that batches never pad with a real word."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(loadable(name_or_path), revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -178,7 +236,7 @@ def load_weights_file(
     layout without the ``transformer.`` prefix. The tied LM head and attention-mask buffers may be
     absent; any other missing or unexpected key is an error naming the file.
     """
-    config = AutoConfig.from_pretrained(resolve(model_config))
+    config = AutoConfig.from_pretrained(loadable(model_config))
     model = AutoModelForCausalLM.from_config(config)
     state = load_state_dict_file(weights_file)
     expected = set(model.state_dict())
@@ -211,7 +269,7 @@ def load_model(args: ModelArgs, name_or_path: str | None = None) -> PreTrainedMo
     if args.weights_file and name_or_path is None:
         config = args.model_config or source
         return load_weights_file(args.weights_file, config, dtype)
-    folder = Path(resolve(source))
+    folder = Path(loadable(source))
     if (folder / adapters.CONFIG_NAME).exists():
         return load_adapted(folder, dtype)
     return AutoModelForCausalLM.from_pretrained(str(folder), revision=args.model_revision, dtype=dtype)
@@ -245,7 +303,7 @@ def load_reward_model(
     head (``SCORE_HEAD_FILE``); nothing is frozen, since PPO trains its value model from one."""
     from safetensors.torch import load_file
 
-    folder = Path(resolve(name_or_path))
+    folder = Path(loadable(name_or_path))
     if (folder / adapters.CONFIG_NAME).exists():
         model = rebuild_adapter(folder, lambda base: load_reward_model(base, torch_dtype, pad_token_id))
         if (folder / SCORE_HEAD_FILE).exists():

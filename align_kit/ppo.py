@@ -7,6 +7,15 @@ import torch
 from datasets import Dataset
 from torch.utils.hooks import RemovableHandle
 
+from align_kit.configs import ConfigError
+
+# Why an interrupted PPO run is not resumed: TRL 1.12's PPOTrainer.train() takes no checkpoint, sets its step
+# and episode counters to 0 and starts again at update 1; its checkpoints are never read back.
+CANNOT_RESUME = (
+    "TRL 1.12's PPOTrainer cannot resume (its train() starts again at update 1 and reads no checkpoint), "
+    "so the interrupted run's updates would be redone from the start"
+)
+
 
 def ppo_classes() -> tuple[type, type]:
     """(PPOConfig, PPOTrainer) from trl 1.12's experimental namespace, or an error that says what to do."""
@@ -31,7 +40,7 @@ def refuse_trl_model_paths(args) -> None:
         if getattr(args, name) != getattr(PPOConfig, name)
     ]
     if unused:
-        raise ValueError(
+        raise ConfigError(
             f"{unused}: not read by this recipe; set model_name_or_path and reward_models instead"
         )
 

@@ -6,21 +6,27 @@ The results dict (JSON-ready; every key but `comparisons` is optional):
     notes:        [str] shown under the settings (e.g. systems or judges left out, and why)
     comparisons:  [stats.summarize(...)], one per (system, baseline)
     paired:       [stats.paired_test(...)]
-    ranking:      stats.rank_systems(...)
+    ranking:      ratings.rank_systems(...)
     audit:        the judge's audit figures (audits.audit_judge)
     audit_checks: stats.check_audit(audit): one row per figure with its range and pass/fail
     audit_notes:  [str] shown under the audit table (how each figure was measured, breakdowns)
+    trust:        audits.trust_verdict(audit_checks): the verdict on the judge every report opens with
+    traffic:      audits.judge_traffic(...): the judge's request counters and whether they flag the run
+    combine_orders: the rule that scored each pair from its two orders ('strict' or 'average')
+    by_group:     {column, comparisons: [stats.summarize(...) plus 'group']}: every comparison per group
+    unparseable:  {total, shown: [{prompt_id, comparison, order, text}]}: judge answers that did not parse
+    error:        why the judge could not finish (then only the opening, settings and notes are shown)
 Gallery examples are dicts with prompt, system, baseline, system_answer, baseline_answer, verdict and
-optionally prompt_id and rationale. Every string from a model or a dataset is HTML-escaped.
+optionally prompt_id and rationale. Every string from a model or a dataset is HTML-escaped. Every file is
+written whole or not at all (a temporary file, then a rename).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from align_kit import stats
+from align_kit import plots, stats
+from align_kit.answers import HeldOut
+from align_kit.judges import PairResult
 from align_kit.stats import Judgment
 
 TEMPLATES = Environment(
@@ -44,27 +50,41 @@ def write_report(
     results: Mapping[str, Any],
     judgments: Sequence[Judgment],
     examples: Sequence[Mapping[str, Any]] = (),
+    undecided: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Path]:
-    """Write report.md, report.html, results.json and judgments.csv into `out_dir`; return their paths."""
+    """Write report.md, report.html, results.json and judgments.csv into `out_dir`; return their paths.
+
+    judgments.csv holds one row per judgment, then one per ``undecided`` pair (a dict of Judgment
+    columns without a verdict: both orders unparseable), so every raw judge answer is in the file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("report.md", "report.html", "results.json", "judgments.csv")}
-    paths["report.md"].write_text(render_markdown(results), encoding="utf-8")
-    paths["report.html"].write_text(render_html(results, judgments, examples), encoding="utf-8")
-    paths["results.json"].write_text(
-        json.dumps(to_jsonable(results), indent=2, allow_nan=False), encoding="utf-8"
-    )
+    write_atomic(paths["report.md"], render_markdown(results))
+    write_atomic(paths["report.html"], render_html(results, judgments, examples))
+    write_atomic(paths["results.json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False))
     columns = [f.name for f in dataclasses.fields(Judgment)]
-    pd.DataFrame([j.to_row() for j in judgments], columns=columns).to_csv(paths["judgments.csv"], index=False)
+    rows = [j.to_row() for j in judgments] + [dict(row) for row in undecided]
+    write_atomic(paths["judgments.csv"], pd.DataFrame(rows, columns=columns).to_csv(index=False))
     return paths
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``: a reader (or a
+    crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_judgments(path: str | Path) -> list[Judgment]:
-    """Judgments back from a judgments.csv written by `write_report`."""
-    numeric = {"system_len", "baseline_len", "parse_failures"}
+    """Judgments back from a judgments.csv written by `write_report` (rows of undecided pairs, which
+    have no verdict, are left out)."""
+    numeric = {"system_len", "baseline_len", "parse_failures", "score"}
     text = {f.name: str for f in dataclasses.fields(Judgment) if f.name not in numeric}
     frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])  # only empty cells are None
-    return [Judgment.from_row(row) for row in frame.to_dict(orient="records")]
+    rows = frame.to_dict(orient="records")
+    return [Judgment.from_row(row) for row in rows if isinstance(row["verdict"], str)]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -86,11 +106,69 @@ def to_jsonable(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the gallery shows
+
+
+def pick_examples(
+    judgments: Sequence[Judgment], held: HeldOut, answers: Mapping[str, Sequence[str]], n: int
+) -> list[dict[str, Any]]:
+    """Up to ``n`` judged examples of one comparison, a win, a loss and a tie first when there are any,
+    with what the judge said in each order when it gave text."""
+    index = {pid: i for i, pid in enumerate(held.prompt_ids)}
+    ordered = []
+    for verdict in ("win", "loss", "tie"):
+        ordered += [j for j in judgments if j.verdict == verdict][:1]
+    ordered += [j for j in judgments if j not in ordered]
+    out = []
+    for j in ordered[:n]:
+        i = index[j.prompt_id]
+        said = [
+            f"{order}: {text or rationale}"
+            for order, text, rationale in (
+                ("system shown first", j.first_order_text, j.first_order_rationale),
+                ("system shown second", j.swapped_order_text, j.swapped_order_rationale),
+            )
+            if text or rationale
+        ]
+        out.append(
+            {
+                "prompt_id": j.prompt_id,
+                "prompt": held.prompts[i],
+                "system": j.system,
+                "baseline": j.baseline,
+                "system_answer": answers[j.system][i],
+                "baseline_answer": answers[j.baseline][i],
+                "verdict": j.verdict,
+                "rationale": "\n".join(said) or None,
+            }
+        )
+    return out
+
+
+def unparseable_answers(asked: Sequence[tuple[str, PairResult]]) -> list[dict[str, Any]]:
+    """Every single-order answer that did not parse: prompt, comparison (or audit pair), order, raw text."""
+    out = []
+    for comparison, result in asked:
+        for order, verdict, reply in (
+            ("first answer shown first", result.first, result.first_reply),
+            ("first answer shown second", result.swapped, result.swapped_reply),
+        ):
+            if verdict is None:
+                text = reply.text if reply else None
+                out.append(
+                    {"prompt_id": result.prompt_id, "comparison": comparison, "order": order, "text": text}
+                )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Text
 
 
 def headline(summary: Mapping[str, Any]) -> str:
     """One sentence a reader can quote, e.g. 'dpo beats sft 63.0% (95% CI 58.1-67.9) of the time, n=300 ...'."""
+    if not summary["n"]:
+        return f"{summary['system']} vs {summary['baseline']}: n/a ({summary.get('note') or 'no decided pairs'})."
     level = f"{100 * summary.get('level', 0.95):g}% CI"
     text = (
         f"{summary['system']} beats {summary['baseline']} {_pct(summary['win_rate'])} "
@@ -101,37 +179,76 @@ def headline(summary: Mapping[str, Any]) -> str:
         text += f"; length-controlled {_pct(lc['estimate'])} ({level} {_ci(lc['ci_low'], lc['ci_high'])})"
     elif lc:
         text += f"; length-controlled rate not fitted ({lc.get('note', '')})"
-    if _is_number(summary["ci_low"]) and summary["ci_low"] <= 0.5 <= summary["ci_high"]:
+    if stats.is_number(summary["ci_low"]) and summary["ci_low"] <= 0.5 <= summary["ci_high"]:
         text += "; the raw-rate interval includes 50%, so this is not distinguishable from a tie"
     return text + "."
 
 
+def opening(results: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The verdict on the judge that every report (and the console) opens with: a headline sentence and
+    one line per failed audit, unmeasured core audit or traffic flag."""
+    judge = (results.get("metadata") or {}).get("judge", "the judge")
+    if results.get("error"):
+        return f"Judge {judge} could not finish: no win rates.", [str(results["error"])]
+    trust = results.get("trust")
+    if trust is None:
+        return "The judge was not audited: read these win rates with care.", []
+    traffic = results.get("traffic") or {}
+    return f"Judge {judge}: {trust['headline']}", trust["lines"] + (
+        [traffic["line"]] if traffic.get("line") else []
+    )
+
+
+COMBINE_RULES_TEXT = {
+    "strict": "strict: a pair is a win only when both orders pick the system, a loss when both pick the "
+    "baseline, else a tie",
+    "average": "average (Arena-Hard): a pair scores the mean of its two single-order scores (1 for the "
+    "system, 0.5 for a tie, 0 for the baseline), so a win and a tie score 0.75; W / T / L still count "
+    "the strict outcomes",
+}
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
-    """report.md: headlines, then one table per section."""
-    lines = ["# Win-rate report", ""]
+    """report.md: the verdict on the judge, headlines, then one table per section."""
+    title, reasons = opening(results)
+    lines = (
+        ["# Win-rate report", "", f"**{title}**", ""]
+        + [f"- {r}" for r in reasons]
+        + ([""] if reasons else [])
+    )
     if results.get("metadata"):
         lines += _md_table(["Setting", "Value"], _metadata_rows(results["metadata"])) + [""]
     lines += [f"- Note: {note}" for note in results.get("notes") or []] + (
         [""] if results.get("notes") else []
     )
+    if results.get("error"):
+        return "\n".join(lines)
     lines += ["## Headlines", ""] + [f"- {headline(s)}" for s in results.get("comparisons", [])] + [""]
     lines += ["## Comparisons", ""] + _md_table(*_comparison_table(results.get("comparisons", []))) + [""]
-    lines += [
-        "Win rate counts a tie as half a win; intervals are percentile bootstraps over prompts. The "
-        "length-controlled (LC) rate is a logistic fit of the verdict on the normalised length difference, "
-        "read at zero difference; 'raw' means it could not be fitted and the raw rate is shown.",
-        "",
-    ]
+    lines += [_scoring_line(results), ""]
+    if results.get("by_group"):
+        by_group = results["by_group"]
+        lines += [f"## By group ({by_group['column']})", ""]
+        lines += _md_table(*_group_table(by_group["comparisons"])) + [""]
     if results.get("paired"):
         lines += ["## Paired tests", ""] + _md_table(*_paired_table(results["paired"])) + [""]
     if results.get("ranking"):
-        lines += ["## Ratings", ""] + _md_table(*_ratings_table(results["ranking"])) + [""]
+        lines += ["## Ratings", ""]
+        if results["ranking"]["ratings"]:
+            lines += _md_table(*_ratings_table(results["ranking"])) + [""]
         lines += [_transitivity_line(results["ranking"]), ""]
     if results.get("audit_checks"):
         checks = results["audit_checks"]
         lines += ["## Judge audit", ""] + _md_table(*_audit_table(checks)) + [""]
         lines += [f"- {note}" for note in results.get("audit_notes") or []]
         lines += [""] if results.get("audit_notes") else []
+    if results.get("traffic"):
+        lines += ["## Judge traffic", ""] + _md_table(*_traffic_table(results["traffic"])) + [""]
+    if (results.get("unparseable") or {}).get("total"):
+        unparseable = results["unparseable"]
+        lines += [f"## Unparseable judge answers ({unparseable['total']})", ""]
+        lines += _md_table(*_unparseable_table(unparseable["shown"])) + [""]
+        lines += [_unparseable_line(unparseable), ""]
     lines += ["## Skipped rows", ""]
     skipped = results.get("skipped") or {}
     lines += (
@@ -148,27 +265,101 @@ def render_html(
     from a model or a dataset escaped by Jinja2's autoescape."""
     comparisons = results.get("comparisons", [])
     ranking, checks = results.get("ranking"), results.get("audit_checks")
-    plots = {
-        "win_rates": plot_win_rates(comparisons) if comparisons else None,
-        "lengths": plot_lengths(judgments) if judgments else None,
-        "ratings": plot_ratings(ranking) if ranking else None,
+    rated = bool(ranking and ranking["ratings"])
+    decided = [s for s in comparisons if s["n"]]
+    figures = {
+        "win_rates": plots.plot_win_rates(decided) if decided else None,
+        "lengths": plots.plot_lengths(judgments) if judgments else None,
+        "ratings": plots.plot_ratings(ranking) if rated else None,
     }
+    title, reasons = opening(results)
+    trust, by_group = results.get("trust"), results.get("by_group")
+    unparseable = results.get("unparseable") or {}
     return TEMPLATES.get_template("report.html.j2").render(
         title="Win-rate report",
+        verdict={
+            "title": title,
+            "reasons": reasons,
+            "trusted": bool(trust and trust["evidence"] and not results.get("error")),
+        },
+        error=results.get("error"),
         metadata=_metadata_rows(results.get("metadata") or {}),
         notes=results.get("notes") or [],
         headlines=[headline(s) for s in comparisons],
         comparisons=_comparison_table(comparisons),
+        scoring=_scoring_line(results),
+        by_group=(by_group["column"], _group_table(by_group["comparisons"])) if by_group else None,
         paired=_paired_table(results["paired"]) if results.get("paired") else None,
-        ratings=_ratings_table(ranking) if ranking else None,
+        ratings=_ratings_table(ranking) if rated else None,
         transitivity=_transitivity_line(ranking) if ranking else "",
         audit=_audit_table(checks) if checks else None,
         audit_classes=[{True: "pass", False: "fail", None: "na"}[c["passed"]] for c in checks or []],
         audit_notes=results.get("audit_notes") or [],
+        traffic=_traffic_table(results["traffic"]) if results.get("traffic") else None,
+        unparseable=unparseable.get("shown") or [],
+        unparseable_line=_unparseable_line(unparseable) if unparseable.get("total") else "",
         skipped=[[k, str(v)] for k, v in (results.get("skipped") or {}).items()],
         examples=[{k: "" if v is None else v for k, v in example.items()} for example in examples],
-        plots=plots,
+        plots=figures,
     )
+
+
+def _scoring_line(results: Mapping[str, Any]) -> str:
+    rule = results.get("combine_orders", "strict")
+    return (
+        f"Pairs are scored by the {COMBINE_RULES_TEXT[rule]}. Win rate is the mean score (a tie counts half); "
+        "intervals are percentile bootstraps over prompts. The length-controlled (LC) rate is a logistic fit "
+        "of the score on the normalised length difference, read at zero difference; 'raw' means it could not "
+        "be fitted and the raw rate is shown."
+    )
+
+
+def _group_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    headers, rows = _comparison_table(comparisons)  # its first six columns: system to the interval
+    return ["Group"] + headers[:6], [
+        [str(s["group"])] + row[:6] for s, row in zip(comparisons, rows, strict=True)
+    ]
+
+
+def _traffic_table(traffic: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[name, _plain(value)] for name, value in traffic["counts"].items()]
+    rows.append(
+        [
+            "retried fraction of requests",
+            f"{_pct(traffic['retry_rate'])} (flag above {_pct(traffic['threshold'])})",
+        ]
+    )
+    rows.append(["flagged", "YES" if traffic["flagged"] else "no"])
+    return ["Counter (this run)", "Value"], rows
+
+
+def _unparseable_table(shown: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    rows = [
+        [
+            str(u["prompt_id"]),
+            u["comparison"],
+            u["order"],
+            _short(u["text"]) if u["text"] is not None else "(no text)",
+        ]
+        for u in shown
+    ]
+    return ["Prompt", "Comparison", "Order", "Judge's answer"], rows
+
+
+def _unparseable_line(unparseable: Mapping[str, Any]) -> str:
+    shown, total = len(unparseable["shown"]), unparseable["total"]
+    return f"{shown} of {total} single-order answers that did not parse are shown; judgments.csv has the comparisons' ones."
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _comparison_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -204,7 +395,7 @@ def _paired_table(paired: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[
             p["system_b"],
             p["baseline"],
             str(p["n"]),
-            _num(100 * p["mean_diff"] if _is_number(p["mean_diff"]) else None, "+.1f") + " pp",
+            _num(100 * p["mean_diff"] if stats.is_number(p["mean_diff"]) else None, "+.1f") + " pp",
             _ci(p["ci_low"], p["ci_high"]),
             _num(p["p_value"], ".4f"),
         ]
@@ -232,6 +423,12 @@ def _transitivity_line(ranking: Mapping[str, Any]) -> str:
     text = f"Transitivity: {t['n_intransitive']} intransitive of {t['n_triads']} decided triads"
     cycles = "; ".join(" > ".join(c + c[:1]) for c in t["cycles"])
     rating_note = "Ratings are Bradley-Terry strengths on the Elo scale (400 points = 10:1 odds)."
+    if ranking.get("note"):
+        rating_note = (
+            f"Ratings: n/a ({ranking['note']})."
+            if not ranking["ratings"]
+            else f"{rating_note} Note: {ranking['note']}."
+        )
     return f"{text}{' (' + cycles + ')' if cycles else ''}. {rating_note}"
 
 
@@ -263,22 +460,18 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.number) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _pct(value: Any) -> str:
-    return f"{100 * value:.1f}%" if _is_number(value) else "n/a"
+    return f"{100 * value:.1f}%" if stats.is_number(value) else "n/a"
 
 
 def _ci(low: Any, high: Any) -> str:
-    if not (_is_number(low) and _is_number(high)):
+    if not (stats.is_number(low) and stats.is_number(high)):
         return "n/a"
     return f"{100 * low:.1f}-{100 * high:.1f}" if low >= 0 else f"{100 * low:.1f} to {100 * high:.1f}"
 
 
 def _num(value: Any, fmt: str = ".1f") -> str:
-    return format(value, fmt) if _is_number(value) else "n/a"
+    return format(value, fmt) if stats.is_number(value) else "n/a"
 
 
 def _looks_numeric(text: Any) -> bool:
@@ -287,77 +480,3 @@ def _looks_numeric(text: Any) -> bool:
 
 
 TEMPLATES.filters["numeric"] = _looks_numeric
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Plots, as base64 PNG strings
-
-
-def plot_win_rates(comparisons: Sequence[Mapping[str, Any]]) -> str:
-    """Raw and length-controlled win rate of each comparison with its CI as error bars."""
-    fig = _figure(7, 0.6 * len(comparisons) + 1.4)
-    ax = fig.add_subplot()
-    labels = [f"{s['system']} vs {s['baseline']}" for s in comparisons]
-    y = np.arange(len(comparisons))
-    raw = [(s["win_rate"], s["ci_low"], s["ci_high"]) for s in comparisons]
-    lc = [tuple(s["length_controlled"][k] for k in ("estimate", "ci_low", "ci_high")) for s in comparisons]
-    for offset, points, marker, name in [(-0.15, raw, "o", "win rate"), (0.15, lc, "s", "length-controlled")]:
-        centre, low, high = np.array(points, dtype=float).T  # (3, comparisons)
-        # bootstrap quantiles can sit a rounding error off the mean; errorbar refuses negative lengths
-        spread = [np.maximum(centre - low, 0.0), np.maximum(high - centre, 0.0)]
-        ax.errorbar(centre, y + offset, xerr=spread, fmt=marker, capsize=4, label=name)
-    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_yticks(y, labels)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("win rate (ties count half)")
-    ax.invert_yaxis()
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    fig.tight_layout()
-    return _png_base64(fig)
-
-
-def plot_lengths(judgments: Sequence[Judgment], max_panels: int = 6) -> str:
-    """Histograms of system and baseline answer lengths, one panel per comparison."""
-    pairs = sorted({(j.system, j.baseline) for j in judgments})[:max_panels]
-    fig = _figure(3.4 * len(pairs), 2.8)
-    for k, (system, baseline) in enumerate(pairs, start=1):
-        ax = fig.add_subplot(1, len(pairs), k)
-        rows = stats.select(judgments, system, baseline)
-        system_len, baseline_len = [j.system_len for j in rows], [j.baseline_len for j in rows]
-        bins = np.histogram_bin_edges(system_len + baseline_len, bins=20)
-        ax.hist(baseline_len, bins=bins, alpha=0.6, label=baseline)
-        ax.hist(system_len, bins=bins, alpha=0.6, label=system)
-        ax.set_title(f"{system} vs {baseline}", fontsize=9)
-        ax.set_xlabel("answer length")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _png_base64(fig)
-
-
-def plot_ratings(ranking: Mapping[str, Any]) -> str:
-    """Bradley-Terry ratings as horizontal bars, best on top."""
-    names = list(ranking["ratings"])
-    fig = _figure(6, 0.45 * len(names) + 1.2)
-    ax = fig.add_subplot()
-    anchor_rating = ranking.get("anchor_rating", 1000.0)
-    ratings = np.array([ranking["ratings"][n] for n in names], dtype=float)
-    ax.barh(names, ratings - anchor_rating, left=anchor_rating, color="#4a7fb5")  # bars grow from the anchor
-    ax.axvline(anchor_rating, color="grey", linestyle="--", linewidth=1)
-    ax.invert_yaxis()
-    ax.set_xlabel("Bradley-Terry rating (Elo scale)")
-    ax.set_xlim(min(ratings.min(), anchor_rating) - 100, max(ratings.max(), anchor_rating) + 100)
-    fig.tight_layout()
-    return _png_base64(fig)
-
-
-def _figure(width: float, height: float) -> Figure:
-    """A figure drawn by the Agg canvas directly: no pyplot, no global backend state."""
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png_base64(fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.canvas.print_png(buffer)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -10,7 +10,6 @@ function takes a seed and is deterministic given it.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import statsmodels.api as sm
 from scipy import stats as scipy_stats
 from statsmodels.tools.sm_exceptions import ModelWarning
@@ -37,13 +35,18 @@ AUDIT_THRESHOLDS: dict[str, tuple[float, float]] = {
 }
 
 
+TEXT_FIELDS = ("first_order_text", "swapped_order_text", "first_order_rationale", "swapped_order_rationale")
+
+
 @dataclass
 class Judgment:
     """One judged pair, from the point of view of `system`.
 
     `first_order_verdict` and `swapped_order_verdict` are the judge's raw single-order answers ('A', 'B',
     'tie', or None when its output did not parse), where A is the slot shown first; the swapped order shows
-    the same two answers in the other order.
+    the same two answers in the other order. `score` is what the pair is worth to the system under the
+    evaluation's combine rule (`verdicts.pair_score`); left out, it is the verdict's score (1, 0.5, 0), and
+    every win rate, interval, paired test and rating is computed from it.
     """
 
     prompt_id: str
@@ -56,10 +59,19 @@ class Judgment:
     baseline_len: int = 0
     judge: str = ""
     parse_failures: int = 0  # judge outputs for this pair that did not parse
+    score: float | None = None  # the system's score under the combine rule; None: the verdict's score
+    first_order_text: str | None = None  # the judge's raw answer in each order, when it gives one
+    swapped_order_text: str | None = None
+    first_order_rationale: str | None = None  # a rationale it gave before its verdict (mode: reason)
+    swapped_order_rationale: str | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICT_SCORES:
             raise ValueError(f"verdict must be one of {list(VERDICT_SCORES)}, got {self.verdict!r}")
+        if self.score is None:
+            self.score = VERDICT_SCORES[self.verdict]
+        elif not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"score must be in [0, 1], got {self.score!r}")
         for name in ("first_order_verdict", "swapped_order_verdict"):
             value = getattr(self, name)
             if value is not None and value not in SLOT_VERDICTS:
@@ -77,13 +89,19 @@ class Judgment:
             return value is not None and not (isinstance(value, float) and math.isnan(value))
 
         values = {f.name: row[f.name] for f in fields(cls) if f.name in row and present(row[f.name])}
-        for name in ("prompt_id", "system", "baseline", "verdict", "judge"):
+        for name in ("prompt_id", "system", "baseline", "verdict", "judge", *TEXT_FIELDS):
             if name in values:
                 values[name] = str(values[name])
         for name in ("system_len", "baseline_len", "parse_failures"):
             if name in values:
                 values[name] = int(values[name])
+        if "score" in values:
+            values["score"] = float(values["score"])
         return cls(**values)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def select(judgments: Sequence[Judgment], system: str, baseline: str) -> list[Judgment]:
@@ -95,9 +113,10 @@ def select(judgments: Sequence[Judgment], system: str, baseline: str) -> list[Ju
 # Win rate and its uncertainty
 
 
-def verdict_scores(verdicts: Sequence[str]) -> np.ndarray:
-    """Per-pair scores, win 1 / tie 0.5 / loss 0 -> (n,)."""
-    return np.array([VERDICT_SCORES[v] for v in verdicts], dtype=float)
+def verdict_scores(verdicts: Sequence[str | float]) -> np.ndarray:
+    """Per-pair scores -> (n,): a verdict scores win 1 / tie 0.5 / loss 0, a number (a pair's score under
+    the combine rule, e.g. 0.75) stands for itself."""
+    return np.array([VERDICT_SCORES[v] if isinstance(v, str) else float(v) for v in verdicts], dtype=float)
 
 
 def verdict_counts(verdicts: Sequence[str]) -> dict[str, int]:
@@ -105,12 +124,12 @@ def verdict_counts(verdicts: Sequence[str]) -> dict[str, int]:
     return {v: sum(1 for x in verdicts if x == v) for v in VERDICT_SCORES}
 
 
-def win_rate(verdicts: Sequence[str]) -> float:
+def win_rate(verdicts: Sequence[str | float]) -> float:
     """Mean score, (wins + ties / 2) / n; NaN when empty."""
     return float(verdict_scores(verdicts).mean()) if len(verdicts) else math.nan
 
 
-def win_rate_se(verdicts: Sequence[str]) -> float:
+def win_rate_se(verdicts: Sequence[str | float]) -> float:
     """Standard error of the win rate: sample std (ddof=1) of the per-pair scores over sqrt(n)."""
     scores = verdict_scores(verdicts)
     return float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
@@ -168,8 +187,8 @@ def paired_test(
     the null each d_i is symmetric about 0), counted as (1 + #{|perm| >= |observed|}) / (1 + n_perm)
     (Phipson & Smyth, 2010) so that it is never 0.
     """
-    scores_a = {j.prompt_id: VERDICT_SCORES[j.verdict] for j in select(judgments, system_a, baseline)}
-    scores_b = {j.prompt_id: VERDICT_SCORES[j.verdict] for j in select(judgments, system_b, baseline)}
+    scores_a = {j.prompt_id: j.score for j in select(judgments, system_a, baseline)}
+    scores_b = {j.prompt_id: j.score for j in select(judgments, system_b, baseline)}
     shared = sorted(scores_a.keys() & scores_b.keys())
     result: dict[str, Any] = {
         "system_a": system_a,
@@ -179,7 +198,8 @@ def paired_test(
         "test": "two-sided sign-flip permutation test of the mean per-prompt score difference",
     }
     if not shared:
-        return {**result, "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
+        nothing = {"mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
+        return {**result, **nothing, "note": "no prompt has a decided pair for both systems"}
     diff = np.array([scores_a[p] - scores_b[p] for p in shared])  # (n,)
     ci_low, ci_high = bootstrap_ci(diff, seed=seed, n_boot=n_boot, level=level)
 
@@ -198,6 +218,7 @@ def paired_test(
         "ci_low": ci_low,
         "ci_high": ci_high,
         "p_value": float(p_value),
+        "note": "",
     }
 
 
@@ -206,7 +227,7 @@ def paired_test(
 
 
 def length_controlled_win_rate(
-    verdicts: Sequence[str],
+    verdicts: Sequence[str | float],
     system_len: Sequence[float],
     baseline_len: Sequence[float],
     seed: int = 0,
@@ -267,134 +288,6 @@ def length_controlled_win_rate(
 
 def _sigmoid(z: float) -> float:
     return float(1.0 / (1.0 + math.exp(-z)))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Ratings over several systems
-
-
-def win_table(judgments: Sequence[Judgment]) -> pd.DataFrame:
-    """Pairwise wins W[i, j]: how often i beat j, a tie counting half to each; systems and baselines alike.
-
-    Rows and columns are sorted names; W[i, j] + W[j, i] is the number of pairs judged between i and j.
-    """
-    names = sorted({j.system for j in judgments} | {j.baseline for j in judgments})
-    index = {name: i for i, name in enumerate(names)}
-    wins = np.zeros((len(names), len(names)))
-    for j in judgments:
-        score = VERDICT_SCORES[j.verdict]
-        wins[index[j.system], index[j.baseline]] += score
-        wins[index[j.baseline], index[j.system]] += 1.0 - score
-    return pd.DataFrame(wins, index=names, columns=names)
-
-
-def win_rate_table(wins: pd.DataFrame) -> pd.DataFrame:
-    """Pairwise win rates W[i, j] / (W[i, j] + W[j, i]); NaN where i and j never met (and on the diagonal)."""
-    games = wins + wins.T
-    return wins / games.where(games > 0)
-
-
-def bradley_terry(
-    wins: pd.DataFrame,
-    anchor: str | None = None,
-    anchor_rating: float = 1000.0,
-    prior: float = 0.1,
-    max_iter: int = 10_000,
-    tol: float = 1e-10,
-) -> dict[str, float]:
-    """Bradley-Terry strengths fitted to a win table, on an Elo-like scale.
-
-    Model: P(i beats j) = p_i / (p_i + p_j). Fitted with the MM algorithm of Hunter (2004),
-    p_i <- W_i / sum_j n_ij / (p_i + p_j), where W_i is i's total wins and n_ij the games between i and j.
-    Ratings are R_i = 400 log10 p_i + c, so that P(i beats j) = 1 / (1 + 10^((R_j - R_i) / 400)), shifted
-    so that `anchor` sits at `anchor_rating` (or, without an anchor, their mean does).
-
-    `prior` adds that many virtual games, split as a tie, to every pair that met: it keeps ratings finite
-    when a system wins or loses every game. With prior=0 that case raises ValueError.
-    """
-    names = list(wins.index)
-    won = np.array(wins.loc[names, names], dtype=float)  # (k, k), a writable copy
-    np.fill_diagonal(won, 0.0)
-    met = (won + won.T) > 0
-    won = won + prior / 2 * met
-    games = won + won.T  # (k, k)
-    _check_connected(met, names)
-    total_wins = won.sum(axis=1)  # (k,)
-    if np.any(total_wins == 0) or np.any(total_wins == games.sum(axis=1)):
-        raise ValueError("a system won or lost every game: the Bradley-Terry MLE is infinite; use prior > 0")
-
-    strength = np.ones(len(names))
-    for _ in range(max_iter):
-        updated = total_wins / (games / (strength[:, None] + strength[None, :])).sum(axis=1)
-        updated /= np.exp(np.log(updated).mean())  # fix the scale: geometric mean 1
-        converged = np.max(np.abs(np.log(updated) - np.log(strength))) < tol
-        strength = updated
-        if converged:
-            break
-    rating = 400.0 * np.log10(strength)
-    offset = anchor_rating - (rating[names.index(anchor)] if anchor is not None else rating.mean())
-    return {name: float(r + offset) for name, r in zip(names, rating, strict=True)}
-
-
-def _check_connected(met: np.ndarray, names: list[str]) -> None:
-    """Ratings of two groups that never met are not comparable: refuse rather than print fiction."""
-    reached, frontier = {0}, [0]
-    while frontier:
-        i = frontier.pop()
-        for j in np.flatnonzero(met[i]):
-            if int(j) not in reached:
-                reached.add(int(j))
-                frontier.append(int(j))
-    if len(reached) != len(names):
-        raise ValueError(
-            f"comparison graph is not connected: {sorted(set(names) - {names[i] for i in reached})}"
-        )
-
-
-def intransitive_triads(rates: pd.DataFrame) -> dict[str, Any]:
-    """Count triads {a, b, c} whose majority preferences form a cycle a > b > c > a.
-
-    x > y means rate[x, y] > 0.5. Only triads where all three pairs met and none is exactly 0.5 are
-    decided; `cycles` lists each intransitive one as [a, b, c] meaning a > b > c > a.
-    """
-    names = list(rates.index)
-    decided, cycles = 0, []
-    for a, b, c in itertools.combinations(names, 3):
-        pair_rates = [rates.loc[a, b], rates.loc[b, c], rates.loc[c, a]]
-        if any(pd.isna(r) or r == 0.5 for r in pair_rates):
-            continue
-        decided += 1
-        ab, bc, ca = (r > 0.5 for r in pair_rates)
-        if ab and bc and ca:
-            cycles.append([a, b, c])
-        elif not ab and not bc and not ca:
-            cycles.append([a, c, b])
-    return {"n_triads": decided, "n_intransitive": len(cycles), "cycles": cycles}
-
-
-def rank_systems(
-    judgments: Sequence[Judgment],
-    anchor: str | None = None,
-    anchor_rating: float = 1000.0,
-    prior: float = 0.1,
-) -> dict[str, Any]:
-    """Bradley-Terry ratings, pairwise win rates and transitivity of every system in `judgments`."""
-    wins = win_table(judgments)
-    rates = win_rate_table(wins)
-    ratings = bradley_terry(wins, anchor=anchor, anchor_rating=anchor_rating, prior=prior)
-    return {
-        "anchor": anchor,
-        "anchor_rating": anchor_rating,
-        "ratings": dict(sorted(ratings.items(), key=lambda item: -item[1])),
-        "win_rates": {
-            a: {b: _or_none(rates.loc[a, b]) for b in rates.columns if a != b} for a in rates.index
-        },
-        "transitivity": intransitive_triads(rates),
-    }
-
-
-def _or_none(value: float) -> float | None:
-    return None if pd.isna(value) else float(value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -484,12 +377,13 @@ def audit(
     judgments: Sequence[Judgment],
     honeypots: tuple[Sequence[str], Sequence[str]] | None = None,
     human: tuple[Sequence[str], Sequence[str]] | None = None,
-    rates: pd.DataFrame | None = None,
+    n_intransitive: int | None = None,
 ) -> dict[str, Any]:
     """Judge-quality figures checked by `check_audit`.
 
     honeypots: (judge verdicts, expected verdicts) on honeypot pairs; human: (judge labels, human labels);
-    rates: a `win_rate_table` for the transitivity count. Figures whose input is missing are None.
+    n_intransitive: the intransitive triads of the pairwise table (``ratings.intransitive_triads``).
+    Figures whose input is missing are None.
     """
     bias = position_bias(judgments)
     human_agreement = agreement(*human) if human is not None else None
@@ -504,7 +398,7 @@ def audit(
         "human_accuracy": human_agreement["accuracy"] if human_agreement else None,
         "human_kappa": human_agreement["kappa"] if human_agreement else None,
         "n_human": human_agreement["n"] if human_agreement else 0,
-        "n_intransitive": intransitive_triads(rates)["n_intransitive"] if rates is not None else None,
+        "n_intransitive": n_intransitive,
     }
 
 
@@ -537,22 +431,23 @@ def summarize(
 ) -> dict[str, Any]:
     """Everything reported for `system` against `baseline` (one judgment per prompt), as a JSON-ready dict."""
     rows = select(judgments, system, baseline)
-    verdicts = [j.verdict for j in rows]
-    ci_low, ci_high = bootstrap_ci(verdict_scores(verdicts), seed=seed, n_boot=n_boot, level=level)
+    verdicts, scores = [j.verdict for j in rows], [j.score for j in rows]
+    ci_low, ci_high = bootstrap_ci(scores, seed=seed, n_boot=n_boot, level=level)
     return {
         "system": system,
         "baseline": baseline,
         "judges": sorted({j.judge for j in rows}),
         "n": len(rows),
+        "note": "" if rows else "no decided pairs",
         "counts": verdict_counts(verdicts),
-        "win_rate": win_rate(verdicts),
-        "se": win_rate_se(verdicts),
+        "win_rate": win_rate(scores),
+        "se": win_rate_se(scores),
         "ci_low": ci_low,
         "ci_high": ci_high,
         "level": level,
         "ci_method": f"percentile bootstrap over prompts, n_boot={n_boot}, seed={seed}",
         "length_controlled": length_controlled_win_rate(
-            verdicts, [j.system_len for j in rows], [j.baseline_len for j in rows], seed=seed, level=level
+            scores, [j.system_len for j in rows], [j.baseline_len for j in rows], seed=seed, level=level
         ),
         "position_bias": position_bias(rows),
         "parse_failure_rate": parse_failure_rate(rows),

@@ -37,3 +37,30 @@ def combine_orders(first: Slot | None, swapped: Slot | None) -> tuple[Outcome | 
     if (first, swapped) == ("B", "A"):
         return "loss", 0
     return "tie", 0
+
+
+CombineRule = Literal["strict", "average"]
+COMBINE_RULES: tuple[CombineRule, ...] = ("strict", "average")
+# What one order's slot is worth to the system: shown first it is slot A, shown second slot B.
+_FIRST_ORDER_SCORES: dict[str, float] = {"A": 1.0, "tie": 0.5, "B": 0.0}
+_SWAPPED_ORDER_SCORES: dict[str, float] = {"B": 1.0, "tie": 0.5, "A": 0.0}
+
+
+def pair_score(first: Slot | None, swapped: Slot | None, rule: CombineRule = "strict") -> float | None:
+    """The system's score for one pair under ``rule``; None when neither order parsed.
+
+    - ``strict``: the score of ``combine_orders``'s outcome (win 1, tie 0.5, loss 0), so a pair is won
+      only when both orders pick the system;
+    - ``average`` (Arena-Hard's rule): the mean of the two single-order scores from the system's side,
+      each 1 (picks the system), 0.5 (tie) or 0 (picks the baseline): a win in one order and a tie in the
+      other scores 0.75, a win and a loss 0.5. With one order unparseable the pair scores 0.5, as under
+      strict: a lone order cannot be checked for position bias.
+    """
+    if rule not in COMBINE_RULES:
+        raise ValueError(f"combine rule must be one of {COMBINE_RULES}, got {rule!r}")
+    outcome, failures = combine_orders(first, swapped)
+    if outcome is None:
+        return None
+    if rule == "strict" or failures:
+        return OUTCOME_SCORES[outcome]
+    return (_FIRST_ORDER_SCORES[first] + _SWAPPED_ORDER_SCORES[swapped]) / 2

@@ -26,4 +26,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from align_kit.guards import run_command
+
+    run_command(main)

@@ -11,22 +11,22 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from align_kit import adapters, runs
+from align_kit import adapters, guards, runs
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs, parse
 from align_kit.data import load_preferences
 from align_kit.losses import DPOConfig, DPOTrainer  # TRL's, plus checked settings and loss_function
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, DPOConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, DPOConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, stopping, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, stopping, run_args, args = parse(CONFIG, argv)
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, stopping)
+    run = runs.start(args, data_args, model_args, adapter_args, stopping, run_args)
 
     # 3. data
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=trainer_callbacks(stopping),
+        callbacks=[*trainer_callbacks(stopping), *guards.watch(run)],
     )
 
     # 6. train
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
 
     # 8. report
-    return runs.finish(run, trainer, {"train": result.metrics})
+    return runs.finish(run, trainer, {"train": runs.train_summary(run, trainer, result)})
 
 
 if __name__ == "__main__":
-    main()
+    guards.run_command(main)

@@ -13,30 +13,26 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import KTOTrainer
 
-from align_kit import adapters, runs
+from align_kit import adapters, guards, runs
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, parse
-from align_kit.data import load_preferences, load_unpaired, to_unpaired
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs, parse
+from align_kit.data import load_unpaired
 from align_kit.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, KTOConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, KTOConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, stopping, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, stopping, run_args, args = parse(CONFIG, argv)
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, stopping)
+    run = runs.start(args, data_args, model_args, adapter_args, stopping, run_args)
 
     # 3. data
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
-    if data_args.dataset_format == "unpaired":
-        splits, counts = load_unpaired(data_args, tokenizer)
-    else:  # each pair gives a desirable and an undesirable row (counts are of pairs)
-        splits, counts = load_preferences(data_args, tokenizer)
-        splits = {name: to_unpaired(rows, data_args.split_seed) for name, rows in splits.items()}
+    splits, counts = load_unpaired(data_args, tokenizer)  # a pair gives a desirable and an undesirable row
     runs.record_data(run, counts)
     columns = ["prompt", "completion", "label"]
     train = Dataset.from_list(splits["train"]).select_columns(columns)
@@ -54,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=trainer_callbacks(stopping),
+        callbacks=[*trainer_callbacks(stopping), *guards.watch(run)],
     )
 
     # 6. train

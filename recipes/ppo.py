@@ -13,30 +13,26 @@ from __future__ import annotations
 
 import logging
 
-from align_kit import adapters, rewards, runs
-from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, PPOArgs, RewardModelArgs, parse
+from align_kit import adapters, guards, rewards, runs
+from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, PPOArgs, RewardModelArgs, RunArgs, parse
 from align_kit.data import distinct_prompts, load_preferences
 from align_kit.generation import policy_report
 from align_kit.models import load_reward_model, load_tokenizer, policy_and_reference, tokenizer_source
-from align_kit.ppo import add_entropy_bonus, left_padded, ppo_classes, refuse_trl_model_paths
+from align_kit.ppo import CANNOT_RESUME, add_entropy_bonus, left_padded, ppo_classes, refuse_trl_model_paths
 
 PPOConfig, PPOTrainer = ppo_classes()
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, PPOArgs, PPOConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, PPOArgs, RunArgs, PPOConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, reward_args, ppo_args, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, reward_args, ppo_args, run_args, args = parse(CONFIG, argv)
     refuse_trl_model_paths(args)
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, reward_args, ppo_args)
+    configs = (data_args, model_args, adapter_args, reward_args, ppo_args, run_args)
+    run = runs.start(args, *configs, cannot_resume=CANNOT_RESUME)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # PPO gathers every metric with an INFO line
-    if run.resume_from:
-        raise FileExistsError(
-            f"{run.output_dir} holds {run.resume_from} from an interrupted run and trl's PPOTrainer cannot "
-            "resume; choose another output_dir (align-kit never deletes work)."
-        )
 
     # 3. data: prompts only, left padded to one width
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -65,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         value_model=value_model,
         train_dataset=train,
         eval_dataset=test,
-        callbacks=[rewards.DisagreementCallback(ensemble)] if ensemble else None,
+        callbacks=[*([rewards.DisagreementCallback(ensemble)] if ensemble else []), *guards.watch(run)],
     )
     bonus = None
     if ppo_args.entropy_coef:
@@ -95,4 +91,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    guards.run_command(main)

@@ -14,21 +14,21 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from align_kit import adapters, rewards, runs, task
+from align_kit import adapters, guards, rewards, runs, task
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, RunArgs, parse
 from align_kit.data import attach_margins, load_preferences, subsample
 from align_kit.models import load_tokenizer, load_trainable_reward_model, save_score_head, tokenizer_source
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RewardArgs, RewardConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RewardArgs, RunArgs, RewardConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, stopping, reward_args, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, stopping, reward_args, run_args, args = parse(CONFIG, argv)
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, stopping, reward_args)
+    run = runs.start(args, data_args, model_args, adapter_args, stopping, reward_args, run_args)
 
     # 3. data
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=test if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=trainer_callbacks(stopping),
+        callbacks=[*trainer_callbacks(stopping), *guards.watch(run)],
     )
 
     # 6. train
@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for name, group in held_out.get("by_kind", {}).items():
         runs.log(f"  rejected answer {name}: accuracy {group['accuracy']:.3f} on {group['n_pairs']} pairs")
-    return runs.finish(run, trainer, {"train": result.metrics, "held_out": held_out})
+    return runs.finish(
+        run, trainer, {"train": runs.train_summary(run, trainer, result), "held_out": held_out}
+    )
 
 
 if __name__ == "__main__":
-    main()
+    guards.run_command(main)

@@ -157,9 +157,8 @@ def test_training_moves_adapter_parameters_only(design):
             assert torch.equal(param, original[name.replace(".base_layer", "")]), name
 
 
-def test_save_then_load_adapted_gives_identical_logits(tmp_path):
-    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    build_tiny_gpt2().save_pretrained(base_dir)
+def test_save_then_load_adapted_gives_identical_logits(tmp_path, tiny_model_dir):
+    base_dir, adapter_dir = tiny_model_dir, tmp_path / "adapter"
     args = AdapterArgs(adapter="residual", adapter_rank=8, adapter_layers="1,3")
     model = GPT2LMHeadModel.from_pretrained(base_dir)
     inject_adapters(model, args)
@@ -179,15 +178,14 @@ def test_save_then_load_adapted_gives_identical_logits(tmp_path):
         load_adapter_weights(other, adapter_dir)
 
 
-def test_models_load_model_rebuilds_adapter_folder(tmp_path):
+def test_models_load_model_rebuilds_adapter_folder(tmp_path, tiny_model_dir):
     from align_kit.configs import ModelArgs
     from align_kit.models import load_model
 
-    build_tiny_gpt2().save_pretrained(tmp_path / "base")
     args = AdapterArgs(adapter="replace", adapter_rank=64)
-    model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
     inject_adapters(model, args)
-    save_adapter(model, tmp_path / "run", base_model=str(tmp_path / "base"), args=args)
+    save_adapter(model, tmp_path / "run", base_model=str(tiny_model_dir), args=args)
     loaded = load_model(ModelArgs(model_name_or_path=str(tmp_path / "run")))
     inputs = _inputs()
     assert torch.equal(_logits(loaded, inputs), _logits(model, inputs))

@@ -8,20 +8,15 @@ import json
 from collections import defaultdict
 
 import pytest
-import torch
 from conftest import load_recipe, tiny_run_args
 
-from align_kit import models
 from align_kit.configs import ModelArgs
 from align_kit.models import EMBEDDED_NAME, load_model
 
 
 @pytest.fixture(scope="module")
-def reward_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("rm")
-    models.load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(folder)
-    return str(folder)
+def reward_folder(tiny_reward_dir):
+    return str(tiny_reward_dir)
 
 
 @pytest.fixture(scope="module")

@@ -163,3 +163,153 @@ def test_to_sft_mix_is_seeded_half_and_half():
     assert 0.4 < share < 0.6
     assert mixed == to_sft(rows, "mix", seed=0)
     assert {r["completion"] for r in to_sft(rows, "chosen", 0)} == {" good"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files that cannot be read, held-out splits that cannot be made, prompts that cannot be used
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def pair(i: int, answer: str = "Yes.") -> dict:
+    return {"prompt": f"Question {i}?", "chosen": answer, "rejected": "No."}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff"}\n',
+            r"line 2: not UTF-8 text \(byte 0xff at column 13\)",
+        ),
+        (b"", "the file is empty"),
+        (b"\n  \n", "the file is empty"),
+        (
+            b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a",\n',
+            r"line 3: invalid JSON \(Expecting",
+        ),
+        (
+            b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n[1, 2]\n',
+            "line 2: expected a JSON object, got list",
+        ),
+    ],
+    ids=["non-utf8", "empty", "blank", "invalid-json", "not-an-object"],
+)
+def test_unreadable_files_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{tmp_path}/bad\.jsonl: {message}"):
+        load_preferences(DataArgs(dataset=str(path)))
+
+
+def test_a_json_file_holds_a_list_of_objects(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps([pair(i) for i in range(4)], indent=2))
+    splits, counts = load_preferences(DataArgs(dataset=str(tmp_path / "list.json"), test_size=0.25))
+    assert counts.kept["train"] + counts.kept["test"] == 4
+    (tmp_path / "object.json").write_text(json.dumps({"data": [pair(0)]}, indent=2))
+    with pytest.raises(DataError, match=r"object\.json: expected a list of objects or one object per line"):
+        load_preferences(DataArgs(dataset=str(tmp_path / "object.json")))
+
+
+def test_too_small_held_out_splits_are_clear_errors_not_trainer_crashes(tmp_path):
+    one = write_rows(tmp_path / "one.jsonl", [pair(0)])
+    with pytest.raises(
+        DataError, match=r"one\.jsonl: 1 usable row\(s\) with 1 distinct prompt, nothing left to hold out"
+    ):
+        load_preferences(DataArgs(dataset=str(one)))
+    duplicates = write_rows(tmp_path / "dups.jsonl", [pair(0)] * 5)
+    with pytest.raises(DataError, match=r"dups\.jsonl: 1 usable row.*'duplicate': 4"):
+        load_preferences(DataArgs(dataset=str(duplicates)))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_rows(folder / "train.jsonl", [pair(i) for i in range(4)])
+    write_rows(folder / "test.jsonl", [{"prompt": "", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(
+        DataError, match=r"test\.jsonl: no usable rows in the held-out split; .*'empty_prompt': 1"
+    ):
+        load_preferences(DataArgs(dataset=str(folder)))
+    two = write_rows(tmp_path / "two.jsonl", [pair(0), pair(1)])
+    splits, _ = load_preferences(DataArgs(dataset=str(two), test_size=0.9))  # each side keeps a prompt
+    assert (len(splits["train"]), len(splits["test"])) == (1, 1)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
+def test_test_size_outside_zero_one_is_refused_when_parsed(value):
+    from align_kit.configs import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=rf"test_size: {float(value)} must be between 0 and 1"):
+        parse((DataArgs,), ["--test_size", value])
+
+
+@pytest.mark.parametrize(
+    ("row", "reason", "field"),
+    [
+        ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "empty_prompt", "prompt"),
+        ({"prompt": "\n\nHuman: \n\nAssistant:", "chosen": "a", "rejected": "b"}, "empty_prompt", "prompt"),
+        ({"prompt": "Human: hi", "chosen": "a", "rejected": "b"}, "broken_markers", "prompt"),
+        ({"prompt": "What is it?\n\nAssistant:", "chosen": "a", "rejected": "b"}, "broken_markers", "prompt"),
+        (
+            {"prompt": "\n\nHuman: a\n\nAssistant: b\n\nAssistant:", "chosen": "c", "rejected": "d"},
+            "broken_markers",
+            "prompt",
+        ),
+        (
+            {"prompt": "Hi", "chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "b"},
+            "answer_holds_transcript",
+            "chosen",
+        ),
+    ],
+    ids=[
+        "blank",
+        "empty-turn",
+        "no-assistant-marker",
+        "no-human-marker",
+        "assistant-twice",
+        "transcript-answer",
+    ],
+)
+def test_preference_prompts_are_validated_with_counted_reasons(tmp_path, row, reason, field):
+    path = write_rows(tmp_path / "p.jsonl", [pair(i) for i in range(4)] + [row])
+    _, counts = load_preferences(DataArgs(dataset=str(path), test_size=0.25))
+    assert counts.dropped["train"] == {reason: 1}
+    assert [(e["reason"], e["row"], e["line"], e["field"]) for e in counts.examples] == [
+        (reason, 4, 5, field)
+    ]
+
+
+def test_a_quoted_marker_inside_an_answer_is_not_a_turn_boundary():
+    quoted = ' Turns start with "\n\nHuman:" and "\n\nAssistant:" markers.'
+    history = "\n\nHuman: How are turns marked?\n\nAssistant:"
+    assert split_hh(history + quoted, history + " No idea.") == (history, quoted, " No idea.")
+    assert split_hh(history + " No idea.", history + quoted) == (history, " No idea.", quoted)
+    multi = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Quote a turn.\n\nAssistant:"
+    assert split_hh(multi + ' "\n\nHuman: hi"', multi + " No.") == (multi, ' "\n\nHuman: hi"', " No.")
+
+
+def test_rows_cut_by_sample_caps_are_counted(tmp_path):
+    path = write_rows(tmp_path / "p.jsonl", [pair(i) for i in range(20)])
+    splits, counts = load_preferences(
+        DataArgs(dataset=str(path), test_size=0.25, max_train_samples=10, max_eval_samples=2)
+    )
+    assert counts.kept == {"train": 10, "test": 2}
+    assert counts.dropped == {"train": {"over_max_train_samples": 5}, "test": {"over_max_eval_samples": 3}}
+    cut = {e["row"] for e in counts.examples if e["reason"] == "over_max_train_samples"}
+    assert len(cut) == 5 and not cut & {r["source_row"] for r in splits["train"]}
+    assert {e["field"] for e in counts.examples} == {"max_train_samples", "max_eval_samples"}
+
+
+def test_the_length_filter_compares_answers_in_tokens_not_characters(tmp_path):
+    # 8 characters and 8 bytes against 6 characters and 12 bytes: the byte tokenizer counts the second longer.
+    row = {"prompt": "Q?", "chosen": "abcdefgh", "rejected": "éééééé"}
+    prompt_tokens = len(b"\n\nHuman: Q?\n\nAssistant:")
+    short = [{"prompt": f"Q{i}", "chosen": "Yes.", "rejected": "No."} for i in range(4)]
+    path = write_rows(tmp_path / "p.jsonl", [row, *short])
+    limit = prompt_tokens + 1 + 12  # prompt, a space, the 12-byte answer: no room for the EOS
+    _, counts = load_preferences(
+        DataArgs(dataset=str(path), max_pair_tokens=limit, test_size=0.25), build_byte_tokenizer()
+    )
+    assert counts.dropped["train"] == {"too_long": 1}
+    assert [(e["row"], e["field"]) for e in counts.examples] == [(0, "rejected")]

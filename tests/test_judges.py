@@ -1,6 +1,7 @@
-"""Protects the judges behind every win rate: the both-orders combination table, strict parsing,
-the on-disk cache (a finished run is free to repeat, an interrupted one keeps its verdicts), the
-judge YAML loader, and the local-LM judge's left-padded batching against a manual computation."""
+"""Protects the judges behind every win rate: the both-orders combination table (strict and average
+rules), strict parsing, the on-disk cache (a finished run is free to repeat, an interrupted one keeps its
+verdicts, the judge's raw text and rationale survive it, old files stay readable), the judge YAML loader,
+torch_dtype auto, and the local-LM judge's left-padded batching against a manual computation."""
 
 from __future__ import annotations
 
@@ -15,21 +16,13 @@ from conftest import ScriptedJudge, keyword_judge
 from align_kit import task
 from align_kit.judge_backends import HFLogitsJudge, ScoreJudge, load_judge
 from align_kit.judge_cache import JudgmentCache, cache_key
-from align_kit.judges import (
-    JudgeConfig,
-    PairItem,
-    judge_both_orders,
-    judge_identity,
-    parse_verdict,
-    read_judge_config,
-    read_template,
-    render_prompt,
-)
+from align_kit.judge_config import JudgeConfig, judge_identity, read_judge_config, read_template
+from align_kit.judges import PairItem, Reply, judge_both_orders, parse_verdict, render_prompt
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 from align_kit.prompts import instruction_of
 from align_kit.resources import judges_dir
 from align_kit.rewards import SequenceClassifierScorer
-from align_kit.verdicts import combine_orders
+from align_kit.verdicts import combine_orders, pair_score
 
 PROMPT = "\n\nHuman: What is 2 plus 2?\n\nAssistant:"
 
@@ -79,6 +72,24 @@ def test_combine_orders_covers_every_case():
     assert len(SLOT_TABLE) == 16
     for (first, swapped), expected in SLOT_TABLE.items():
         assert combine_orders(first, swapped) == expected, (first, swapped)
+
+
+# (first, swapped) -> the system's score under the average rule: the mean of its two single-order scores
+AVERAGE_TABLE = {
+    ("A", "B"): 1.0, ("B", "A"): 0.0, ("A", "A"): 0.5, ("B", "B"): 0.5,
+    ("A", "tie"): 0.75, ("tie", "B"): 0.75, ("B", "tie"): 0.25, ("tie", "A"): 0.25, ("tie", "tie"): 0.5,
+    ("A", None): 0.5, (None, "B"): 0.5, ("B", None): 0.5, (None, "A"): 0.5, ("tie", None): 0.5,
+    (None, "tie"): 0.5, (None, None): None,
+}  # fmt: skip
+
+
+def test_pair_scores_under_both_combine_rules():
+    strict_scores = {"win": 1.0, "tie": 0.5, "loss": 0.0, None: None}
+    for (first, swapped), expected in AVERAGE_TABLE.items():
+        assert pair_score(first, swapped, "average") == expected, (first, swapped)
+        assert pair_score(first, swapped, "strict") == strict_scores[SLOT_TABLE[(first, swapped)][0]]
+    with pytest.raises(ValueError, match="combine rule"):
+        pair_score("A", "B", "mean")
 
 
 def test_judge_both_orders_combines_all_slot_verdict_pairs():
@@ -170,6 +181,55 @@ def test_cache_stores_parse_failures_and_skips_a_torn_last_line(tmp_path):
     with pytest.raises(ValueError):
         cache.put("k4", "win")
     assert json.loads(path.read_text().splitlines()[0]) == {"key": "k1", "verdict": None, "judge": "j"}
+
+
+def test_replies_keep_their_text_and_rationale_through_the_cache(tmp_path):
+    def reply(item):
+        verdict = "A" if "good" in item.answer_a else "B" if "good" in item.answer_b else None
+        return Reply(verdict, text=f"Output ({verdict or '?'})", rationale=f"about {item.answer_a.strip()}")
+
+    prompts, systems, baselines = [PROMPT] * 3, ["good", "bad", "meh"], ["bad", "good", "meh too"]
+    path = tmp_path / "verdicts.jsonl"
+    first = judge_both_orders(ScriptedJudge(reply), prompts, systems, baselines, JudgmentCache(path))
+    assert [r.outcome for r in first] == ["win", "loss", None]
+    assert first[0].first_reply == Reply("A", "Output (A)", "about good")
+    assert first[0].swapped_reply == Reply("B", "Output (B)", "about bad")
+    assert first[2].first_reply.text == "Output (?)" and first[2].first_reply.verdict is None
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {line["text"] for line in lines} == {"Output (A)", "Output (B)", "Output (?)"}
+    again = ScriptedJudge(reply)
+    assert judge_both_orders(again, prompts, systems, baselines, JudgmentCache(path)) == first
+    assert again.stats.calls == 0
+    # bare verdicts (the older protocol) still work, and a file written before texts were kept still reads
+    bare = judge_both_orders(keyword_judge(), prompts, systems, baselines)
+    assert [r.outcome for r in bare] == ["win", "loss", "tie"] and bare[0].first_reply == Reply("A")
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"key": "k", "verdict": "B", "judge": "j"}) + "\n")
+    cache = JudgmentCache(old)
+    assert cache.get("k") == "B" and cache.text("k") is None and cache.rationale("k") is None
+
+
+def test_auto_dtype_is_float32_without_a_gpu_and_names_the_judge(monkeypatch):
+    from align_kit import judge_backends
+
+    assert judge_backends.resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert judge_backends.resolve_dtype("auto") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert judge_backends.resolve_dtype("auto") == "bfloat16"
+    assert judge_backends.resolve_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert judge_backends.resolve_dtype("auto") == "float32"
+    # the resolved dtype keys the cache: auto on a bf16 GPU is the same judge as bfloat16 written out
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    auto, explicit = load_judge("local_hf_pairwise"), load_judge("local_hf_pairwise", torch_dtype="bfloat16")
+    assert (
+        read_judge_config("local_hf_pairwise").torch_dtype == "auto" and auto.config.torch_dtype == "bfloat16"
+    )
+    assert (
+        auto.identity == explicit.identity != load_judge("local_hf_pairwise", torch_dtype="float32").identity
+    )
 
 
 def test_cache_key_depends_on_order_and_identity():
@@ -348,9 +408,10 @@ def test_hf_generate_mode_parses_and_matches_one_by_one(tmp_path, tiny_lm):
     judge = _tiny_judge(tmp_path, lm, tokenizer, mode="generate", max_new_tokens=3)
     texts = judge.generate(ITEMS)
     assert texts == [judge.generate([item])[0] for item in ITEMS]
-    verdicts = judge.judge_batch(ITEMS)
-    assert verdicts == [parse_verdict(t, ["1", "2"]) for t in texts]
-    assert judge.stats.parse_failures == sum(v is None for v in verdicts)
+    replies = judge.judge_batch(ITEMS)  # generate mode keeps the text each verdict was parsed from
+    assert [r.verdict for r in replies] == [parse_verdict(t, ["1", "2"]) for t in texts]
+    assert [r.text for r in replies] == texts
+    assert judge.stats.parse_failures == sum(r.verdict is None for r in replies)
 
 
 def test_hf_chat_template_is_used_only_when_asked_and_present(tmp_path, tiny_lm):

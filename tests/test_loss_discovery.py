@@ -372,7 +372,7 @@ def test_the_proposer_retries_a_server_error_and_reads_the_key_from_the_environm
 
 
 def test_the_proposer_takes_an_openai_judges_endpoint_settings(tmp_path):
-    from align_kit.judges import JudgeConfig
+    from align_kit.judge_config import JudgeConfig
 
     judge = JudgeConfig(
         backend="openai", model="served", template=str(tmp_path / "t.txt"), base_url="http://h:1/v1",

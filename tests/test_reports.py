@@ -1,12 +1,13 @@
-"""Protects the report files a reader sees: the headline numbers as formatted, a self-contained HTML page
-with embedded plots and escaped model text, and results.json / judgments.csv that read back unchanged."""
+"""Protects the report files a reader sees: the verdict on the judge first, the headline numbers as
+formatted (n/a with its reason when nothing was decided), a self-contained HTML page with embedded plots and
+escaped model text, and results.json / judgments.csv that read back unchanged and are written whole."""
 
 import json
 
 import numpy as np
 import pytest
 
-from align_kit import reports, stats
+from align_kit import ratings, reports, stats
 from align_kit.stats import Judgment
 
 
@@ -32,14 +33,14 @@ def _synthetic_run(seed=0):
                 )
             )
     comparisons = [stats.summarize(judgments, s, "sft", seed=seed) for s in ("dpo", "ppo")]
-    ranking = stats.rank_systems(judgments, anchor="sft")
+    ranking = ratings.rank_systems(judgments, anchor="sft")
     results = {
         "metadata": {"judge": "fake-judge", "models": {"dpo": "runs/dpo", "ppo": "runs/ppo"}, "seed": seed},
         "skipped": {"too_long": 4, "empty_answer": 1},
         "comparisons": comparisons,
         "paired": [stats.paired_test(judgments, "dpo", "ppo", "sft", seed=seed)],
         "ranking": ranking,
-        "audit": stats.audit(judgments, honeypots=(["win"] * 9 + ["loss"], ["win"] * 10), rates=None),
+        "audit": stats.audit(judgments, honeypots=(["win"] * 9 + ["loss"], ["win"] * 10)),
     }
     results["audit_checks"] = stats.check_audit(results["audit"])
     examples = [
@@ -158,3 +159,44 @@ def test_report_without_optional_sections(tmp_path):
     assert "raw: every verdict is the same" in text
     assert "length-controlled rate not fitted (every verdict is the same)" in text
     assert "## Skipped rows\n\nNone." in text
+
+
+def test_report_opens_with_the_judges_verdict_and_files_are_written_whole(tmp_path):
+    from align_kit import audits
+
+    results, judgments, examples = _synthetic_run()
+    checks = [dict(c) for c in results["audit_checks"]]
+    for check in checks:
+        if check["name"] == "flip_rate":
+            check.update(value=0.7, passed=False)
+    results = {**results, "audit_checks": checks, "trust": audits.trust_verdict(checks)}
+    undecided = [
+        {
+            "prompt_id": "q99",
+            "system": "dpo",
+            "baseline": "sft",
+            "judge": "fake-judge",
+            "first_order_text": "?",
+        }
+    ]
+    paths = reports.write_report(tmp_path, results, judgments, examples, undecided)
+    lines = paths["report.md"].read_text().splitlines()
+    assert (
+        lines[2]
+        == "**Judge fake-judge: These win rates are not evidence: the judge failed 1 core audit (flip_rate).**"
+    )
+    assert lines[4].startswith("- flip_rate = 0.700: FAIL (allowed 0 to 0.25): its verdict changes")
+    assert lines[5].startswith("- not measured: human_kappa") and lines.index("## Headlines") > 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(paths)  # no temporary file left behind
+    assert reports.read_judgments(paths["judgments.csv"]) == judgments  # the undecided row is skipped
+    assert paths["judgments.csv"].read_text().splitlines()[-1].startswith("q99,dpo,sft,,")
+
+
+def test_a_comparison_without_decided_pairs_reads_na():
+    summary = stats.summarize([], "dpo", "chosen")
+    assert reports.headline(summary) == "dpo vs chosen: n/a (no decided pairs)."
+    results = {"comparisons": [summary], "ranking": ratings.rank_systems([], anchor="sft")}
+    text = reports.render_markdown(results)
+    assert "| dpo | chosen | 0 | 0 / 0 / 0 | n/a |" in text and "Ratings: n/a (no ratings" in text
+    assert "not audited" in text.splitlines()[2]
+    assert "<h2>Ratings</h2>" in reports.render_html(results, [])

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from align_kit import stats
+from align_kit import ratings, stats
 from align_kit.stats import Judgment
 
 
@@ -145,9 +145,9 @@ def test_length_controlled_rate_falls_back_to_raw_rate_in_degenerate_cases():
 def test_bradley_terry_two_systems_matches_closed_form():
     # With two systems the MLE is p_a / p_b = 75 / 25, so the gap is 400 log10(3) = 190.85 points.
     wins = pd.DataFrame([[0.0, 75.0], [25.0, 0.0]], index=["a", "b"], columns=["a", "b"])
-    ratings = stats.bradley_terry(wins, anchor="b", prior=0.0)
-    assert ratings["b"] == pytest.approx(1000.0)
-    assert ratings["a"] == pytest.approx(1000.0 + 400 * math.log10(3), abs=1e-6)
+    fitted = ratings.bradley_terry(wins, anchor="b", prior=0.0)
+    assert fitted["b"] == pytest.approx(1000.0)
+    assert fitted["a"] == pytest.approx(1000.0 + 400 * math.log10(3), abs=1e-6)
 
 
 def test_bradley_terry_recovers_known_strengths():
@@ -157,7 +157,7 @@ def test_bradley_terry_recovers_known_strengths():
     for system, baseline in [("dpo", "sft"), ("ppo", "sft"), ("dpo", "ppo")]:
         p_win = 1.0 / (1.0 + 10 ** ((true[baseline] - true[system]) / 400))
         rows += _judgments(_sample_verdicts(rng, 1000, p_win), system=system, baseline=baseline)
-    ranked = stats.rank_systems(rows, anchor="sft")
+    ranked = ratings.rank_systems(rows, anchor="sft")
     assert list(ranked["ratings"]) == ["dpo", "ppo", "sft"]
     for name, rating in true.items():
         assert ranked["ratings"][name] == pytest.approx(rating, abs=50)
@@ -169,18 +169,18 @@ def test_bradley_terry_refuses_disconnected_or_unbounded_tables():
     wins = pd.DataFrame(0.0, index=names, columns=names)
     wins.loc["a", "b"], wins.loc["b", "a"], wins.loc["c", "d"], wins.loc["d", "c"] = 3, 2, 3, 2
     with pytest.raises(ValueError, match="not connected"):
-        stats.bradley_terry(wins)
+        ratings.bradley_terry(wins)
     sweep = pd.DataFrame([[0.0, 10.0], [0.0, 0.0]], index=["a", "b"], columns=["a", "b"])
     with pytest.raises(ValueError, match="infinite"):
-        stats.bradley_terry(sweep, prior=0.0)
-    assert stats.bradley_terry(sweep, prior=0.1)["a"] > stats.bradley_terry(sweep, prior=0.1)["b"]
+        ratings.bradley_terry(sweep, prior=0.0)
+    assert ratings.bradley_terry(sweep, prior=0.1)["a"] > ratings.bradley_terry(sweep, prior=0.1)["b"]
 
 
 def test_win_rate_table_counts_ties_as_half():
     rows = _judgments(["win", "tie", "loss", "win"], system="dpo", baseline="sft")
-    wins = stats.win_table(rows)
+    wins = ratings.win_table(rows)
     assert wins.loc["dpo", "sft"] == 2.5 and wins.loc["sft", "dpo"] == 1.5
-    rates = stats.win_rate_table(wins)
+    rates = ratings.win_rate_table(wins)
     assert rates.loc["dpo", "sft"] == pytest.approx(0.625)
     assert math.isnan(rates.loc["dpo", "dpo"])
 
@@ -199,15 +199,15 @@ def test_transitivity_counts_cycles_in_a_hand_made_table():
     for (x, y), r in beats.items():
         rates.loc[x, y], rates.loc[y, x] = r, 1 - r
     # triads abc (cycle a > b > c > a), abd, acd, bcd (each d on top, transitive)
-    assert stats.intransitive_triads(rates) == {
+    assert ratings.intransitive_triads(rates) == {
         "n_triads": 4,
         "n_intransitive": 1,
         "cycles": [["a", "b", "c"]],
     }
     rates.loc["c", "a"], rates.loc["a", "c"] = 0.2, 0.8
-    assert stats.intransitive_triads(rates)["n_intransitive"] == 0
+    assert ratings.intransitive_triads(rates)["n_intransitive"] == 0
     rates.loc["a", "b"], rates.loc["b", "a"] = 0.5, 0.5  # an undecided pair leaves its triads out
-    assert stats.intransitive_triads(rates)["n_triads"] == 2
+    assert ratings.intransitive_triads(rates)["n_triads"] == 2
 
 
 def test_cohens_kappa_on_hand_example():
@@ -312,3 +312,52 @@ def test_evaluate_metric_loads_offline_and_matches_stats(monkeypatch):
     assert with_labels["win_rate"] == pytest.approx(0.625)
     assert with_labels["accuracy"] == pytest.approx(0.75)
     assert with_labels["kappa"] == pytest.approx(stats.cohens_kappa(verdicts, human))
+
+
+def test_rank_systems_gives_na_with_a_reason_instead_of_raising():
+    empty = ratings.rank_systems([], anchor="x")  # raised IndexError before
+    assert empty["ratings"] == {} and empty["note"].startswith("no ratings: fewer than two systems")
+    rows = _judgments(["win", "loss", "tie"], system="dpo", baseline="chosen")
+    moved = ratings.rank_systems(rows, anchor="sft")  # the anchor has no decided pair
+    assert "anchor sft has no decided pair" in moved["note"] and moved["anchor"] is None
+    assert sum(moved["ratings"].values()) == pytest.approx(2000.0)  # centred on the mean
+    apart = rows + _judgments(["win"], system="ppo", baseline="kto")
+    assert (
+        ratings.rank_systems(apart)["ratings"] == {}
+        and "not connected" in ratings.rank_systems(apart)["note"]
+    )
+
+
+def test_scores_under_the_average_rule_drive_win_rates_paired_tests_and_ratings():
+    # (A, tie) is a strict tie but scores 0.75 under the average rule: every statistic must use the score
+    rows = [Judgment(f"p{i}", "dpo", "sft", "tie", "A", "tie", score=0.75) for i in range(3)] + [
+        Judgment("p3", "dpo", "sft", "win", "A", "B")
+    ]
+    summary = stats.summarize(rows, "dpo", "sft", n_boot=200)
+    assert summary["counts"] == {"win": 1, "tie": 3, "loss": 0}  # outcomes stay strict
+    assert summary["win_rate"] == pytest.approx((3 * 0.75 + 1.0) / 4)
+    # resampling 4 prompts: P(mean >= 0.9375) = P(>= 3 draws of the win) = 0.051 > 2.5% > P(mean = 1) = 0.004
+    assert summary["ci_low"] == pytest.approx(0.75) and summary["ci_high"] == pytest.approx(0.9375)
+    wins = ratings.win_table(rows)
+    assert wins.loc["dpo", "sft"] == pytest.approx(3.25) and wins.loc["sft", "dpo"] == pytest.approx(0.75)
+    against = [Judgment(f"p{i}", "ppo", "sft", "tie", "tie", "tie") for i in range(4)]
+    paired = stats.paired_test(rows + against, "dpo", "ppo", "sft", n_boot=200, n_perm=500)
+    assert paired["mean_diff"] == pytest.approx(0.8125 - 0.5)
+    with pytest.raises(ValueError, match="score"):
+        Judgment("p", "a", "b", "win", score=1.5)
+    assert Judgment("p", "a", "b", "loss").score == 0.0
+
+
+def test_bootstrap_ratings_bracket_the_fit_and_are_seeded():
+    rng = np.random.default_rng(1)
+    rows = _judgments(_sample_verdicts(rng, 150, 0.7), system="dpo", baseline="sft")
+    rows += _judgments(_sample_verdicts(rng, 150, 0.6), system="ppo", baseline="sft")
+    fit = ratings.rank_systems(rows, anchor="sft")["ratings"]
+    intervals = ratings.bootstrap_ratings(rows, anchor="sft", n_boot=300, seed=3)
+    assert intervals == ratings.bootstrap_ratings(rows, anchor="sft", n_boot=300, seed=3)
+    assert intervals["sft"] == pytest.approx((1000.0, 1000.0))  # the anchor does not move
+    for name in ("dpo", "ppo"):
+        low, high = intervals[name]
+        assert low < fit[name] < high and 40 < high - low < 250
+    # two systems: 0.7 = 1 / (1 + 10^(-d/400)) gives d = 147 points; the interval covers it
+    assert intervals["dpo"][0] < 1000 + 400 * math.log10(0.7 / 0.3) < intervals["dpo"][1]
