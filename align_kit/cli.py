@@ -25,6 +25,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "a Bradley-Terry reward model from preference pairs (TRL RewardTrainer)",
     ),
     "dpo": ("align_kit.recipes.dpo", "direct preference optimisation and its loss family (TRL DPOTrainer)"),
+    "kto": ("align_kit.recipes.kto", "KTO from answers labelled desirable or undesirable (TRL KTOTrainer)"),
+    "loss-sweep": (
+        "align_kit.recipes.loss_sweep",
+        "one model trained with each listed loss and beta on one budget, ranked by judged win rate",
+    ),
+    "discover-loss": (
+        "align_kit.recipes.discover_loss",
+        "an LLM proposes new losses; each is checked, trained and scored on the sweep's budget",
+    ),
     "ppo": ("align_kit.recipes.ppo", "PPO against a reward model with a KL penalty (TRL 1.12 PPOTrainer)"),
     "best-of-n": (
         "align_kit.recipes.best_of_n",

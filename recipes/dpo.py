@@ -10,12 +10,12 @@ The reference model is always passed explicitly: TRL would otherwise reload one 
 from __future__ import annotations
 
 from datasets import Dataset
-from trl import DPOConfig, DPOTrainer
 
 from align_kit import adapters, guards, runs
 from align_kit.callbacks import trainer_callbacks
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs, parse
 from align_kit.data import load_preferences
+from align_kit.losses import DPOConfig, DPOTrainer  # TRL's, plus checked settings and loss_function
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, DPOConfig)

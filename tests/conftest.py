@@ -9,7 +9,13 @@ import pytest
 
 from align_kit.demo import load_script
 from align_kit.judges import JudgeStats
-from align_kit.models import EMBEDDED_NAME, build_byte_tokenizer, build_tiny_gpt2, load_reward_model
+from align_kit.models import (
+    EMBEDDED_NAME,
+    TinyGPT2Shape,
+    build_byte_tokenizer,
+    build_tiny_gpt2,
+    load_reward_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
@@ -121,3 +127,30 @@ def tiny_reward_dir(tmp_path_factory) -> Path:
     load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(folder)
     build_byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory) -> Path:
+    """A 1-layer, 32-wide GPT-2 (25k parameters) with the byte tokenizer, for tests that run a recipe many
+    times: a step takes milliseconds, so a run costs little more than the trainer's own overhead."""
+    folder = tmp_path_factory.mktemp("micro_model")
+    build_tiny_gpt2(TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=256)).save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread_and_a_frozen_heap():
+    """For modules of many short recipe runs: one intra-op thread (faster on tensors this small, and far
+    faster on shared cores), and the objects alive now frozen out of the cyclic garbage collector that
+    accelerate runs at every train(). Both are undone at the end of the module."""
+    import gc
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.freeze()
+    yield
+    gc.unfreeze()
+    torch.set_num_threads(threads)

@@ -1,0 +1,67 @@
+"""Kahneman-Tversky optimisation (KTO) with TRL's KTOTrainer: answers labelled desirable or undesirable
+one at a time, so no pairs are needed.
+
+    accelerate launch recipes/kto.py --config recipes/configs/kto_tiny.yaml
+    python recipes/kto.py --config recipes/configs/kto_tiny.yaml --beta 0.2
+
+Rows are unpaired (``dataset_format: unpaired``: prompt, completion, label) or preference pairs, each split
+into its desirable and its undesirable answer. As in DPO the reference model is always passed explicitly.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from trl import KTOTrainer
+
+from align_kit import adapters, guards, runs
+from align_kit.callbacks import trainer_callbacks
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs, parse
+from align_kit.data import load_unpaired
+from align_kit.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
+from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
+
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, KTOConfig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. config
+    data_args, model_args, adapter_args, stopping, run_args, args = parse(CONFIG, argv)
+
+    # 2. seed, logging, run directory
+    run = runs.start(args, data_args, model_args, adapter_args, stopping, run_args)
+
+    # 3. data
+    tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
+    splits, counts = load_unpaired(data_args, tokenizer)  # a pair gives a desirable and an undesirable row
+    runs.record_data(run, counts)
+    columns = ["prompt", "completion", "label"]
+    train = Dataset.from_list(splits["train"]).select_columns(columns)
+    test = Dataset.from_list(splits["test"]).select_columns(columns)
+
+    # 4. model, adapter and reference
+    model, ref_model = policy_and_reference(model_args, adapter_args)
+    runs.log(adapters.describe_parameters(model))
+
+    # 5. trainer
+    trainer = KTOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        callbacks=[*trainer_callbacks(stopping), *guards.watch(run)],
+    )
+
+    # 6. train
+    result = trainer.train(resume_from_checkpoint=run.resume_from)
+
+    # 7. save
+    runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
+
+    # 8. report
+    return runs.finish(run, trainer, {"train": result.metrics})
+
+
+if __name__ == "__main__":
+    main()
