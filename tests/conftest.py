@@ -65,3 +65,29 @@ def tiny_run_args(output_dir: Path, **overrides) -> list[str]:
     values.update({k: str(v) for k, v in overrides.items()})
     args = [item for key, value in values.items() for item in (f"--{key}", value)]
     return args + CPU_ARGS
+
+
+@pytest.fixture(scope="module")
+def reward_folders(tmp_path_factory) -> list[str]:
+    """Two untrained reward models (tiny-gpt2 backbone, seeded new heads) with their reward scales."""
+    import json
+
+    import torch
+
+    from align_kit import rewards
+    from align_kit.models import EMBEDDED_NAME
+
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = tmp_path_factory.mktemp(f"rm{seed}")
+        rewards.load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(folder)
+        (folder / rewards.SCALE_FILE).write_text(json.dumps({"mean": 0.0, "std": 0.1}))
+        folders.append(str(folder))
+    return folders
+
+
+def max_change(a, b) -> float:
+    """Largest absolute difference between two models' weights."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_ARGS, load_recipe
+from conftest import CPU_ARGS, load_recipe, max_change
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl import GRPOConfig
@@ -40,19 +40,6 @@ def no_kwargs(prompts, completions):
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def reward_folders(tmp_path_factory):
-    """Two untrained reward models (tiny-gpt2 backbone, seeded new heads) with their reward scales."""
-    folders = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        folder = tmp_path_factory.mktemp(f"rm{seed}")
-        rewards.load_reward_model(EMBEDDED_NAME, pad_token_id=PAD).save_pretrained(folder)
-        (folder / rewards.SCALE_FILE).write_text(json.dumps({"mean": 0.0, "std": 0.1}))
-        folders.append(str(folder))
-    return folders
 
 
 def build(specs, tokenizer, **reward_settings):
@@ -168,6 +155,35 @@ def test_a_reward_on_one_token_raises_its_probability_with_the_explicit_referenc
     assert first_token_probability(reference, tokenizer, prompts) == pytest.approx(before)  # unchanged
 
 
+def test_trained_log_probabilities_of_left_padded_prompts_are_those_of_each_prompt_alone(tokenizer, tmp_path):
+    """TRL computes GRPO's log-probabilities without position_ids; GPT-2's absolute positions then shift
+    with the left padding unless GRPOTrainerWithReference supplies them."""
+    policy, reference = peaked_tiny_gpt2(), peaked_tiny_gpt2().eval()
+    args = GRPOConfig(output_dir=str(tmp_path), beta=0.1, use_cpu=True, bf16=False, report_to="none")
+    trainer = GRPOTrainerWithReference(
+        model=policy, ref_model=reference, args=args, reward_funcs=[starts_with_rewarded_token],
+        train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}), processing_class=tokenizer,
+    )  # fmt: skip
+    rows = [tokenizer("\n\nHuman: Hi\n\nAssistant: Hello!")["input_ids"],
+            tokenizer("\n\nHuman: How are you today?\n\nAssistant: Fine!")["input_ids"]]  # fmt: skip
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])  # left padded, as TRL pads prompts
+    mask = (ids != PAD).long()
+    for model in (trainer.model, trainer.ref_model):
+        batched = trainer._get_per_token_logps_and_entropies(model, ids, mask, logits_to_keep=6)[0]  # (2, 6)
+        for i, row in enumerate(rows):
+            alone = trainer._get_per_token_logps_and_entropies(
+                model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), logits_to_keep=6
+            )[0]
+            assert torch.allclose(batched[i], alone[0], atol=1e-5)
+    with_positions = trainer._get_per_token_logps_and_entropies(policy, ids, mask, logits_to_keep=6)[0]
+    for handle in trainer.position_hooks:
+        handle.remove()
+    shifted = trainer._get_per_token_logps_and_entropies(policy, ids, mask, logits_to_keep=6)[0]
+    assert (shifted[0] - with_positions[0]).abs().max() > 0.1  # TRL alone reads the short row shifted
+    assert torch.equal(shifted[1], with_positions[1])  # the longest row has no padding: unchanged
+
+
 def test_unsupported_reference_settings_are_refused(tokenizer, tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), sync_ref_model=True, beta=0.1, use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match=r"\['sync_ref_model'\]: not supported with an explicit reference"):
@@ -202,11 +218,6 @@ def grpo_args(out, specs, **overrides) -> list[str]:
     }
     args = [item for key, value in values.items() for item in (f"--{key}", value)]
     return args + ["--reward_funcs", *specs] + CPU_ARGS
-
-
-def max_change(a, b) -> float:
-    sa, sb = a.state_dict(), b.state_dict()
-    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
 
 
 def test_grpo_recipe_two_steps_move_the_policy_and_report(grpo, reward_folders, tmp_path):
