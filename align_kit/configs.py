@@ -876,3 +876,24 @@ def to_dict(*configs: Any) -> dict[str, Any]:
 def save_resolved(path: str, *configs: Any) -> None:
     """Write the resolved configuration of a run as JSON, whole or not at all."""
     files.write_json(path, to_dict(*configs), indent=2, sort_keys=True)
+
+
+@dataclass
+class GRPOArgs:
+    """GRPO options beyond TRL's GRPOConfig: where the rewards come from, and the final report."""
+
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Reward functions, summed with GRPOConfig's reward_weights (one weight each): 'oracle' "
+            "(the embedded task's exact checker, 1 or 0), a reward-model folder (recipes/reward.py), "
+            "'ensemble:<folder>,<folder>[,...]' (one RewardEnsemble combined by ensemble_aggregation, its "
+            "disagreement logged and alarms counted; one per run), or 'module:function' (an importable "
+            "function f(prompts, completions, **kwargs) -> list[float], GRPO's reward-function signature)."
+        },
+    )
+    report_prompts: int = field(
+        default=64,
+        metadata={"help": "Held-out prompts for the final report (reward, KL to the reference, samples)."},
+    )
+    report_max_new_tokens: int = field(default=48, metadata={"help": "Answer length in the final report."})

@@ -154,3 +154,28 @@ def one_thread_and_a_frozen_heap():
     yield
     gc.unfreeze()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reward_folders(tmp_path_factory) -> list[str]:
+    """Two untrained reward models (tiny-gpt2 backbone, seeded new heads) with their reward scales."""
+    import json
+
+    import torch
+
+    from align_kit import rewards
+
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = tmp_path_factory.mktemp(f"rm{seed}")
+        load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(folder)
+        (folder / rewards.SCALE_FILE).write_text(json.dumps({"mean": 0.0, "std": 0.1}))
+        folders.append(str(folder))
+    return folders
+
+
+def max_change(a, b) -> float:
+    """Largest absolute difference between two models' weights."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)

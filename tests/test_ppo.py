@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import CPU_ARGS, load_recipe
+from conftest import CPU_ARGS, load_recipe, max_change
 
-from align_kit import adapters, models, rewards
+from align_kit import adapters
 from align_kit import ppo as ppo_lib
 from align_kit.configs import ModelArgs
 from align_kit.models import EMBEDDED_NAME, TinyGPT2Shape, build_tiny_gpt2, load_model
@@ -109,19 +109,6 @@ def test_entropy_bonus_adds_exactly_the_entropy_gradient(ppo):
     handle.remove()
 
 
-@pytest.fixture(scope="module")
-def reward_folders(tmp_path_factory):
-    """Two untrained reward models (tiny-gpt2 backbone, seeded new heads) with their reward scales."""
-    folders = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        folder = tmp_path_factory.mktemp(f"rm{seed}")
-        models.load_reward_model(EMBEDDED_NAME, pad_token_id=PAD).save_pretrained(folder)
-        (folder / rewards.SCALE_FILE).write_text(json.dumps({"mean": 0.0, "std": 0.1}))
-        folders.append(str(folder))
-    return folders
-
-
 def ppo_args(out, reward_models, **overrides) -> list[str]:
     values = {
         "model_name_or_path": EMBEDDED_NAME,
@@ -147,11 +134,6 @@ def ppo_args(out, reward_models, **overrides) -> list[str]:
     }
     args = [item for key, value in values.items() for item in (f"--{key}", value)]
     return args + ["--reward_models", *reward_models] + CPU_ARGS
-
-
-def max_change(a, b) -> float:
-    sa, sb = a.state_dict(), b.state_dict()
-    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
 
 
 def test_ppo_full_fine_tuning_with_entropy_bonus_moves_the_policy_and_reports(ppo, reward_folders, tmp_path):
