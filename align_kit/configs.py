@@ -641,7 +641,9 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
             raise ConfigError(f"command line: unknown argument(s) {remaining}; see --help")
         for config in parsed:
             check_trainer_args(config)
-            grpo = any(isinstance(c, GRPOArgs) for c in parsed)  # GRPO names its reward models in reward_funcs
+            grpo = any(
+                isinstance(c, GRPOArgs) for c in parsed
+            )  # GRPO names its reward models in reward_funcs
             if isinstance(config, RewardModelArgs) and not config.reward_models and not grpo:
                 raise ConfigError(
                     "reward_models: none given; name at least one reward-model folder (recipes/reward.py writes one)"

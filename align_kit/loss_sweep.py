@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import yaml
 
+from align_kit import losses, plots
 from align_kit.configs import AdapterArgs, DataArgs, EvalArgs, ModelArgs, parse
 from align_kit.losses import DPO_LOSS_TYPES, DPOConfig
 
@@ -187,51 +188,6 @@ def load_script_module(recipe: str):
 # Measurements
 
 
-def pair_logps(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[str], answers: list[str]
-) -> torch.Tensor:
-    """log pi(y|x) summed over each answer's tokens and its EOS, (N,); prompts left padded."""
-    from align_kit.generation import answer_logprobs
-
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    answer_ids = [
-        ids + [tokenizer.eos_token_id] for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]
-    ]
-    width, answer_width = max(map(len, prompt_ids)), max(map(len, answer_ids))
-    sequences = torch.full((len(prompts), width + answer_width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(sequences)
-    for i, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
-        sequences[i, width - len(prompt) : width + len(answer)] = torch.tensor(prompt + answer)
-        mask[i, width - len(prompt) : width + len(answer)] = 1
-    device = next(model.parameters()).device
-    logprobs = answer_logprobs(model, sequences.to(device), mask.to(device), width)  # (N, A)
-    return (logprobs * mask[:, width:].to(device)).sum(-1)
-
-
-@torch.no_grad()
-def implicit_reward_accuracy(
-    policy: torch.nn.Module,
-    reference: torch.nn.Module,
-    tokenizer: Any,
-    rows: list[dict],
-    batch_size: int = 32,
-) -> float:
-    """Fraction of pairs whose chosen answer gets the higher DPO implicit reward log pi/pi_ref (times beta)."""
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        prompts = [r["prompt"] for r in batch]
-        margins = []
-        for key in ("chosen", "rejected"):
-            answers = [r[key] for r in batch]
-            margins.append(
-                pair_logps(policy, tokenizer, prompts, answers)
-                - pair_logps(reference, tokenizer, prompts, answers)
-            )
-        correct += int((margins[0] > margins[1]).sum())
-    return correct / max(len(rows), 1)
-
-
 def comparison(results: dict, system: str, baseline: str) -> dict[str, Any]:
     """One comparison of a judge's results: win rate (ties half), its CI and the number of prompts."""
     for c in results["comparisons"]:
@@ -362,7 +318,7 @@ class Sweep:
         policy = load_model(ModelArgs(model_name_or_path=str(folder))).eval()
         tokenizer, reference = measure["tokenizer"], measure["reference"]
         rows = measure["held"].rows[: sa.reward_pairs]
-        row["reward_accuracy"] = implicit_reward_accuracy(policy, reference, tokenizer, rows)
+        row["reward_accuracy"] = losses.implicit_reward_accuracy(policy, reference, tokenizer, rows)
         prompts = measure["held"].prompts[: sa.kl_prompts]
         row["kl"] = sampled_kl(policy, reference, tokenizer, prompts, sa.max_new_tokens, seed=self.args.seed)
         return row
@@ -450,7 +406,7 @@ class Sweep:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "loss_sweep.json").write_text(json.dumps(payload, indent=2))
         (self.root / "loss_sweep.md").write_text(markdown_table(ranking, payload["base"]))
-        plot_frontier(ranking, self.root / "loss_sweep.png")
+        plots.plot_frontier(ranking, self.root / "loss_sweep.png")
         return payload
 
 
@@ -507,130 +463,3 @@ def markdown_table(ranking: list[dict[str, Any]], base: dict[str, Any] | None = 
 
 def _seconds(value: float | None) -> str:
     return "?" if value is None else f"{value:.0f}"
-
-
-def plot_frontier(ranking: list[dict[str, Any]], path: Path) -> None:
-    """Win rate against KL to the reference, one point per member with its CI (the DPO paper's Figure 2)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    losses = sorted({row["loss"] for row in ranking})
-    betas = sorted({row["beta"] for row in ranking})
-    markers = "osD^v<>Ph*"
-    for row in ranking:
-        color = f"C{losses.index(row['loss']) % 10}"
-        marker = markers[betas.index(row["beta"]) % len(markers)]
-        spread = [[max(row["win_rate"] - row["ci_low"], 0.0)], [max(row["ci_high"] - row["win_rate"], 0.0)]]
-        ax.errorbar(row["kl"], row["win_rate"], yerr=spread, fmt=marker, color=color, capsize=3)
-    for loss in losses:
-        ax.plot([], [], "o", color=f"C{losses.index(loss) % 10}", label=loss)
-    for beta in betas:
-        ax.plot([], [], markers[betas.index(beta) % len(markers)], color="grey", label=f"beta {beta:g}")
-    ax.plot([0.0], [0.5], "k*", markersize=10, label="starting model")  # KL 0, a tie with itself
-    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("KL(policy || reference), nats per answer")
-    ax.set_ylabel("win rate vs the starting model")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loss discovery on the sweep's budget (recipes/discover_loss.py, align_kit.loss_discovery)
-
-ROW_SCORES = (
-    "win_rate",
-    "ci_low",
-    "ci_high",
-    "win_rate_vs_chosen",
-    "oracle",
-    "reward_accuracy",
-    "kl",
-    "wall_s",
-)
-
-
-@dataclass
-class DiscoveryArgs:
-    """An LLM-driven search for new losses, each trained and scored like a sweep member."""
-
-    generations: int = field(
-        default=10, metadata={"help": "Proposals to record (a rerun resumes up to this)."}
-    )
-    proposer_judge: str = field(
-        default="openai_pairwise",
-        metadata={
-            "help": "An OpenAI-backend judge (eval/judges name, folder or judge.yaml) whose endpoint the proposer "
-            "uses: model, base_url, api_key_env, timeout, max_retries."
-        },
-    )
-    proposer_model: str | None = field(
-        default=None, metadata={"help": "Served model name (None: the judge's)."}
-    )
-    proposer_base_url: str | None = field(
-        default=None, metadata={"help": "Endpoint root such as http://host:8000/v1 (None: the judge's)."}
-    )
-    proposer_temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (a search wants a new proposal every time)."}
-    )
-    proposer_max_new_tokens: int = field(default=2048, metadata={"help": "Longest reply, in tokens."})
-    check_timeout: float = field(
-        default=10.0,
-        metadata={"help": "Seconds a proposal's unit checks may run before its worker is killed."},
-    )
-    seed_with_sweep: bool = field(
-        default=True,
-        metadata={
-            "help": "Train (or reuse) the sweep's `losses` first and show their scores to the proposer."
-        },
-    )
-    score_key: str = field(
-        default="win_rate", metadata={"help": "The row field that ranks losses (higher wins)."}
-    )
-
-
-def proposer_config(args: DiscoveryArgs):
-    """The proposer's ProposerConfig: the judge's endpoint, this search's decoding."""
-    from align_kit.judge_config import read_judge_config
-    from align_kit.loss_discovery import ProposerConfig
-
-    judge = read_judge_config(args.proposer_judge)
-    if judge.backend != "openai":
-        raise ValueError(
-            f"proposer_judge={args.proposer_judge!r}: backend {judge.backend!r}, not an OpenAI one"
-        )
-    endpoint = {"model": args.proposer_model, "base_url": args.proposer_base_url}
-    return ProposerConfig.from_judge(
-        judge,
-        **{k: v for k, v in endpoint.items() if v is not None},
-        temperature=args.proposer_temperature,
-        max_new_tokens=args.proposer_max_new_tokens,
-        system_prompt=None,  # the judge's system prompt asks for one character
-    )
-
-
-def seed_table(ranking: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sweep rows as the proposer's table of known losses."""
-    return [
-        {"name": f"{row['loss']} at beta {row['beta']:g}", **{k: row[k] for k in ROW_SCORES if k in row}}
-        for row in ranking
-    ]
-
-
-def discovery_evaluator(sweep: Sweep, beta: float):
-    """``evaluate("file.py:function") -> row`` for ``loss_discovery.discover``: the loss trained and scored as a
-    sweep member at ``beta``; a loss that breaks training (non-finite, wrong shape) raises LossFailed."""
-    from align_kit.loss_discovery import LossFailed
-    from align_kit.losses import LossFunctionError
-
-    def evaluate(loss_function: str) -> dict[str, Any]:
-        try:
-            row = sweep.evaluate(loss_function, beta)
-        except LossFunctionError as error:
-            raise LossFailed(str(error)) from error
-        return {k: row[k] for k in ("member", *ROW_SCORES) if k in row}
-
-    return evaluate

@@ -21,12 +21,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import trl
 from trl.trainer.utils import selective_log_softmax
 
 from align_kit.configs import ConfigError
+from align_kit.generation import answer_logprobs
 
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -329,3 +331,50 @@ class DPOTrainer(trl.DPOTrainer):
         }
         for name, value in values.items():
             self._metrics[mode][name].append(self.accelerator.gather(value).mean().item())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DPO's implicit reward on held-out pairs
+
+
+def pair_logps(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[str], answers: list[str]
+) -> torch.Tensor:
+    """log pi(y|x) summed over each answer's tokens and its EOS, (N,); prompts left padded."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    answer_ids = [
+        ids + [tokenizer.eos_token_id] for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]
+    ]
+    width, answer_width = max(map(len, prompt_ids)), max(map(len, answer_ids))
+    sequences = torch.full((len(prompts), width + answer_width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(sequences)
+    for i, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
+        sequences[i, width - len(prompt) : width + len(answer)] = torch.tensor(prompt + answer)
+        mask[i, width - len(prompt) : width + len(answer)] = 1
+    device = next(model.parameters()).device
+    logprobs = answer_logprobs(model, sequences.to(device), mask.to(device), width)  # (N, A)
+    return (logprobs * mask[:, width:].to(device)).sum(-1)
+
+
+@torch.no_grad()
+def implicit_reward_accuracy(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    tokenizer: Any,
+    rows: list[dict],
+    batch_size: int = 32,
+) -> float:
+    """Fraction of pairs whose chosen answer gets the higher DPO implicit reward log pi/pi_ref (times beta)."""
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        prompts = [r["prompt"] for r in batch]
+        margins = []
+        for key in ("chosen", "rejected"):
+            answers = [r[key] for r in batch]
+            margins.append(
+                pair_logps(policy, tokenizer, prompts, answers)
+                - pair_logps(reference, tokenizer, prompts, answers)
+            )
+        correct += int((margins[0] > margins[1]).sum())
+    return correct / max(len(rows), 1)

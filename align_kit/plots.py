@@ -7,6 +7,7 @@ import base64
 import io
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,3 +95,28 @@ def _png_base64(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.canvas.print_png(buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_frontier(ranking: list[dict[str, Any]], path: Path) -> None:
+    """Win rate against KL to the reference, one point per member with its CI (the DPO paper's Figure 2)."""
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    losses = sorted({row["loss"] for row in ranking})
+    betas = sorted({row["beta"] for row in ranking})
+    markers = "osD^v<>Ph*"
+    for row in ranking:
+        color = f"C{losses.index(row['loss']) % 10}"
+        marker = markers[betas.index(row["beta"]) % len(markers)]
+        spread = [[max(row["win_rate"] - row["ci_low"], 0.0)], [max(row["ci_high"] - row["win_rate"], 0.0)]]
+        ax.errorbar(row["kl"], row["win_rate"], yerr=spread, fmt=marker, color=color, capsize=3)
+    for loss in losses:
+        ax.plot([], [], "o", color=f"C{losses.index(loss) % 10}", label=loss)
+    for beta in betas:
+        ax.plot([], [], markers[betas.index(beta) % len(markers)], color="grey", label=f"beta {beta:g}")
+    ax.plot([0.0], [0.5], "k*", markersize=10, label="starting model")  # KL 0, a tie with itself
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("KL(policy || reference), nats per answer")
+    ax.set_ylabel("win rate vs the starting model")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)

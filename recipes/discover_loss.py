@@ -15,27 +15,27 @@ from __future__ import annotations
 
 import sys
 
-from align_kit import loss_sweep
+from align_kit import loss_search, loss_sweep
 from align_kit.loss_discovery import OpenAIProposer, discover
 from align_kit.loss_sandbox import LossSandbox
 from align_kit.runs import log
 
-CONFIG = (loss_sweep.DiscoveryArgs, *loss_sweep.CONFIG)
+CONFIG = (loss_search.DiscoveryArgs, *loss_sweep.CONFIG)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config: the search's settings, then the sweep's (budget, data, model, evaluation)
-    sweep = loss_sweep.Sweep(sys.argv[1:] if argv is None else argv, extra=(loss_sweep.DiscoveryArgs,))
+    sweep = loss_sweep.Sweep(sys.argv[1:] if argv is None else argv, extra=(loss_search.DiscoveryArgs,))
     (args,) = sweep.extra
     beta = sweep.sweep_args.betas[0]
     folder = sweep.root / "discovery"
 
     # 2. the known losses the proposer is shown: the sweep's members, trained or reused
-    known = loss_sweep.seed_table(sweep.run()["ranking"]) if args.seed_with_sweep else []
+    known = loss_search.seed_table(sweep.run()["ranking"]) if args.seed_with_sweep else []
 
     # 3. the proposer, and the evaluation every checked proposal gets
-    propose = OpenAIProposer(loss_sweep.proposer_config(args))
-    evaluate = loss_sweep.discovery_evaluator(sweep, beta)
+    propose = OpenAIProposer(loss_search.proposer_config(args))
+    evaluate = loss_search.discovery_evaluator(sweep, beta)
 
     # 4. the search: propose, check, train and score, append to discovery.jsonl; resumes
     with LossSandbox(timeout=args.check_timeout, seed=sweep.args.seed) as sandbox:
