@@ -12,7 +12,8 @@ import torch
 import yaml
 from conftest import load_recipe
 
-from align_kit.loss_sweep import Sweep, implicit_reward_accuracy, override_groups, pair_logps, parse_member
+from align_kit.loss_sweep import Sweep, override_groups, parse_member
+from align_kit.losses import implicit_reward_accuracy, pair_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
