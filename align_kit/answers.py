@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from align_kit import generation, rewards
-from align_kit.configs import DataArgs, EvalArgs, ModelArgs
+from align_kit.configs import DataArgs, ModelArgs
 from align_kit.data import DataError, load_preferences, load_raw, render_held_out, system_chat_format
+from align_kit.eval_args import EvalArgs
 from align_kit.generation import best_of_n
 from align_kit.models import load_model, load_reward_model, load_tokenizer, resolve
 

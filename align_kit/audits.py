@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from align_kit import ratings, stats
 from align_kit.answers import HeldOut, prompt_id
-from align_kit.configs import HONEYPOT_KINDS
+from align_kit.eval_args import HONEYPOT_KINDS
 from align_kit.judges import PairResult
 from align_kit.stats import Judgment
 from align_kit.verdicts import Outcome

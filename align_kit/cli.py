@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "an LLM proposes new losses; each is checked, trained and scored on the sweep's budget",
     ),
     "ppo": ("align_kit.recipes.ppo", "PPO against a reward model with a KL penalty (TRL 1.12 PPOTrainer)"),
+    "grpo": (
+        "align_kit.recipes.grpo",
+        "GRPO: groups of sampled answers scored by reward functions, with a KL penalty (TRL GRPOTrainer)",
+    ),
     "best-of-n": (
         "align_kit.recipes.best_of_n",
         "best-of-N fine-tuning: sample, keep the best by reward, fine-tune",

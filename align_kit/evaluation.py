@@ -50,11 +50,13 @@ from align_kit.answers import (
     system_answers,
 )
 from align_kit.audits import AuditPair, audit_judge, honeypots, judge_traffic, label_pairs, trust_verdict
-from align_kit.configs import DataArgs, EvalArgs, parse, save_resolved
+from align_kit.configs import DataArgs
+from align_kit.eval_args import EvalArgs
 from align_kit.judge_cache import JudgmentCache
 from align_kit.judge_setup import prepare_judges
 from align_kit.judges import PairResult
 from align_kit.models import load_tokenizer
+from align_kit.parsing import parse, save_resolved
 from align_kit.reports import headline, opening, to_jsonable, write_atomic, write_report
 from align_kit.runs import log
 from align_kit.stats import Judgment

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from align_kit.answers import fingerprint, missing_local, split_spec, unfinished_run
-from align_kit.configs import EvalArgs
+from align_kit.eval_args import EvalArgs
 from align_kit.judge_backends import build_judge
 from align_kit.judge_config import JudgeConfig, read_judge_config, read_template
 

@@ -49,8 +49,10 @@ import torch
 import yaml
 
 from align_kit import losses, plots
-from align_kit.configs import AdapterArgs, DataArgs, EvalArgs, ModelArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, ModelArgs
+from align_kit.eval_args import EvalArgs
 from align_kit.losses import DPO_LOSS_TYPES, DPOConfig
+from align_kit.parsing import parse
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 PER_MEMBER_KEYS = ("loss_type", "loss_weights", "loss_function", "beta")  # set by `losses` and `betas`

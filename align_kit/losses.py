@@ -179,8 +179,8 @@ class DPOConfig(trl.DPOConfig):
         self.loss_type = _loss_type_list(self.loss_type)
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise ConfigError(
-                f"beta={self.beta}: must be a positive number (every DPO loss scales or divides by beta; at 0 "
-                "the loss is constant)"
+                f"beta: {self.beta} must be above 0 (every DPO loss scales or divides by beta; at 0 the loss "
+                "is constant)"
             )
         if self.loss_function is not None:
             self._check_loss_function()
@@ -263,7 +263,7 @@ class KTOConfig(trl.KTOConfig):
 
     def __post_init__(self):
         if not math.isfinite(self.beta) or self.beta <= 0:
-            raise ConfigError(f"beta={self.beta}: must be a positive number (at 0 the KTO loss is constant)")
+            raise ConfigError(f"beta: {self.beta} must be above 0 (at 0 the KTO loss is constant)")
         for name in ("desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

@@ -25,8 +25,9 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align_kit import adapters, files
-from align_kit.configs import ConfigError, RunArgs, save_resolved, setting_source, to_dict
+from align_kit.configs import ConfigError, RunArgs
 from align_kit.models import source_problem
+from align_kit.parsing import save_resolved, setting_source, to_dict
 
 COMPLETE = "run_complete.json"
 RUN_CONFIG = "run_config.json"

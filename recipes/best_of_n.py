@@ -21,10 +21,11 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from align_kit import adapters, guards, rewards, runs
-from align_kit.configs import AdapterArgs, BestOfNArgs, DataArgs, ModelArgs, RewardModelArgs, RunArgs, parse
+from align_kit.configs import AdapterArgs, BestOfNArgs, DataArgs, ModelArgs, RewardModelArgs, RunArgs
 from align_kit.data import distinct_prompts, load_preferences
 from align_kit.generation import greedy_reward, policy_report, sample_and_score, top_k
 from align_kit.models import load_model, load_policy, load_tokenizer, tokenizer_source
+from align_kit.parsing import parse
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, RunArgs, SFTConfig)
 

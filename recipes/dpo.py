@@ -13,10 +13,11 @@ from datasets import Dataset
 
 from align_kit import adapters, guards, runs
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
 from align_kit.data import load_preferences
 from align_kit.losses import DPOConfig, DPOTrainer  # TRL's, plus checked settings and loss_function
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.parsing import parse
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, DPOConfig)
 

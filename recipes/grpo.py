@@ -25,12 +25,12 @@ from align_kit.configs import (
     ModelArgs,
     RewardModelArgs,
     RunArgs,
-    parse,
 )
 from align_kit.data import distinct_prompts, load_preferences
 from align_kit.generation import policy_report
 from align_kit.grpo import GRPOTrainerWithReference
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.parsing import parse
 from align_kit.reward_funcs import WeightedRewards, build_reward_funcs
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, GRPOArgs, RunArgs, GRPOConfig)

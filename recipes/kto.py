@@ -15,10 +15,11 @@ from trl import KTOTrainer
 
 from align_kit import adapters, guards, runs
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
 from align_kit.data import load_unpaired
 from align_kit.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.parsing import parse
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, KTOConfig)
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 
 from align_kit import adapters, guards, rewards, runs
-from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, PPOArgs, RewardModelArgs, RunArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, PPOArgs, RewardModelArgs, RunArgs
 from align_kit.data import distinct_prompts, load_preferences
 from align_kit.generation import policy_report
 from align_kit.models import load_reward_model, load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.parsing import parse
 from align_kit.ppo import CANNOT_RESUME, add_entropy_bonus, left_padded, ppo_classes, refuse_trl_model_paths
 
 PPOConfig, PPOTrainer = ppo_classes()

@@ -16,9 +16,10 @@ from trl import RewardConfig, RewardTrainer
 
 from align_kit import adapters, guards, rewards, runs, task
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, RunArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, RunArgs
 from align_kit.data import attach_margins, load_preferences, subsample
 from align_kit.models import load_tokenizer, load_trainable_reward_model, save_score_head, tokenizer_source
+from align_kit.parsing import parse
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RewardArgs, RunArgs, RewardConfig)
 

@@ -12,9 +12,10 @@ from trl import SFTConfig, SFTTrainer
 
 from align_kit import adapters, guards, runs
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs, parse
+from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
 from align_kit.data import load_sft
 from align_kit.models import load_policy, load_tokenizer, tokenizer_source
+from align_kit.parsing import parse
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, SFTConfig)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ASSETS, ROOT, load_recipe
 
-from align_kit import configs, guards, runs
+from align_kit import configs, guards, parsing, runs
 
 CORPUS = sorted((ASSETS / "bad").glob("*.yaml"))
 CPU = ["--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none"]
@@ -118,12 +118,12 @@ def interrupted_ppo(tmp_path: Path) -> list[str]:
 def interrupted_with_other_settings(tmp_path: Path) -> list[str]:
     """An SFT folder killed after checkpoint-2, started with learning_rate 1e-3 and max_steps 4."""
     module = load_recipe("sft")
-    *parsed, args = configs.parse(
+    *parsed, args = parsing.parse(
         module.CONFIG,
         ["--output_dir", str(tmp_path / "out"), "--learning_rate", "1e-3", "--max_steps", "4", *TINY],
     )
     interrupted_ppo(tmp_path)
-    configs.save_resolved(str(tmp_path / "out" / runs.RUN_CONFIG), *parsed, args)
+    parsing.save_resolved(str(tmp_path / "out" / runs.RUN_CONFIG), *parsed, args)
     return ["--learning_rate", "2e-3", "--max_steps", "8"]
 
 
@@ -199,12 +199,12 @@ def test_parse_records_where_each_setting_came_from():
     """What runs.start names when it refuses a setting after parsing (a model folder that does not exist)."""
     module = load_recipe("dpo")
     path = ROOT / "recipes" / "configs" / "dpo_tiny.yaml"
-    *_, args = configs.parse(module.CONFIG, ["--config", str(path), "--beta", "0.2"])
+    *_, args = parsing.parse(module.CONFIG, ["--config", str(path), "--beta", "0.2"])
     lines = path.read_text().splitlines()
-    where = configs.setting_source(args, "learning_rate")
+    where = parsing.setting_source(args, "learning_rate")
     assert where.startswith(f"{path}:") and lines[int(where.rsplit(":", 1)[1]) - 1].startswith(
         "learning_rate:"
     )
-    assert configs.setting_source(args, "beta") == "command line" and args.beta == 0.2
-    assert configs.setting_source(args, "hub_model_id") == str(path)  # a default: the file's run
-    assert configs.SOURCES not in configs.to_dict(args)  # not a setting: never saved
+    assert parsing.setting_source(args, "beta") == "command line" and args.beta == 0.2
+    assert parsing.setting_source(args, "hub_model_id") == str(path)  # a default: the file's run
+    assert parsing.SOURCES not in parsing.to_dict(args)  # not a setting: never saved

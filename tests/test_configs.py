@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import ROOT, load_recipe
 
-from align_kit.configs import parse
+from align_kit.parsing import parse
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 HEADER = re.compile(r"^# accelerate launch (?:--config_file \S+ )?recipes/(\w+)\.py --config (\S+)")

@@ -238,7 +238,8 @@ def test_too_small_held_out_splits_are_clear_errors_not_trainer_crashes(tmp_path
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
 def test_test_size_outside_zero_one_is_refused_when_parsed(value):
-    from align_kit.configs import ConfigError, parse
+    from align_kit.configs import ConfigError
+    from align_kit.parsing import parse
 
     with pytest.raises(ConfigError, match=rf"test_size: {float(value)} must be between 0 and 1"):
         parse((DataArgs,), ["--test_size", value])

@@ -25,11 +25,13 @@ from conftest import ROOT, ScriptedJudge, keyword_judge
 
 from align_kit import answers, audits, evaluation, generation, judge_setup, models, rewards
 from align_kit.answers import CHOSEN, HeldOut
-from align_kit.configs import HONEYPOT_KINDS, DataArgs, EvalArgs, parse
+from align_kit.configs import DataArgs
+from align_kit.eval_args import HONEYPOT_KINDS, EvalArgs
 from align_kit.evaluation import CONFIG, evaluate_systems
 from align_kit.judge_config import read_judge_config
 from align_kit.judges import PairItem
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.parsing import parse
 from align_kit.reports import read_judgments
 
 EVAL_CONFIGS = sorted((ROOT / "eval" / "configs").glob("*.yaml"))

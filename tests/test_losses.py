@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, load_recipe, tiny_run_args
 
-from align_kit.configs import DataArgs, ModelArgs, parse
+from align_kit.configs import DataArgs, ModelArgs
 from align_kit.data import load_preferences, load_unpaired, to_unpaired
 from align_kit.losses import LossFunctionError, split_output
 from align_kit.models import load_model, load_tokenizer
+from align_kit.parsing import parse
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
@@ -152,8 +153,8 @@ def parse_dpo(*argv: str):
         ),
         (["--loss_type", "sigmoid", "sft", "--loss_weights", "1", "-1"], "loss_weights=.*>= 0"),
         (["--loss_type", "sigmoid", "--loss_weights", "0"], "not all 0"),
-        (["--beta", "0"], "beta=0.0: must be a positive number"),
-        (["--beta", "-0.1", "--loss_type", "ipo"], "beta=-0.1"),
+        (["--beta", "0"], "beta: 0.0 must be above 0"),
+        (["--beta", "-0.1", "--loss_type", "ipo"], "beta: -0.1"),
         (["--loss_type", "dpo"], r"loss_type: unknown \['dpo'\]"),
         (["--loss_type", "robust", "--label_smoothing", "0.5"], r"label_smoothing=0.5.*\[0, 0.5\)"),
         (["--loss_type", "sigmoid", "--label_smoothing", "0.1"], "label_smoothing=0.1 has no effect"),
@@ -166,7 +167,7 @@ def parse_dpo(*argv: str):
         (["--loss_type", "aot", "--use_weighting", "true"], "use_weighting"),
         (["--loss_function", f"{USER}:dpo_sigmoid", "--loss_type", "sigmoid"], "loss_type would be ignored"),
         (["--loss_function", f"{USER}:dpo_sigmoid", "--label_smoothing", "0.1"], "label_smoothing would be"),
-        (["--loss_function", f"{USER}:dpo_sigmoid", "--beta", "0"], "beta=0.0"),
+        (["--loss_function", f"{USER}:dpo_sigmoid", "--beta", "0"], "beta: 0.0"),
     ],
 )
 def test_meaningless_settings_fail_at_parse_time_naming_the_setting(argv, message):
@@ -439,7 +440,7 @@ def test_kto_with_a_new_adapter_uses_the_adapter_off_reference(micro_model_dir, 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--beta", "0"], "beta=0.0"),
+        (["--beta", "0"], "beta: 0.0"),
         (["--desirable_weight", "0"], "desirable_weight=0.0: must be > 0"),
         (["--undesirable_weight", "-1"], "undesirable_weight=-1.0"),
     ],

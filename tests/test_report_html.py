@@ -17,7 +17,8 @@ from conftest import ScriptedJudge
 from PIL import Image
 
 from align_kit import answers
-from align_kit.configs import DataArgs, EvalArgs
+from align_kit.configs import DataArgs
+from align_kit.eval_args import EvalArgs
 from align_kit.evaluation import evaluate_systems
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
