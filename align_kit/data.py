@@ -181,7 +181,9 @@ def _drop_too_long(
     if tokenizer is None:
         raise ValueError("max_pair_tokens needs a tokenizer")
     texts = [row["prompt"] + row[key] for row in rows for key in answer_keys]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    lengths = [
+        len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    ]  # counts only
     kept = []
     for i, row in enumerate(rows):
         per_answer = lengths[i * len(answer_keys) : (i + 1) * len(answer_keys)]

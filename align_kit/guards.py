@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import torch
 from transformers import TrainerCallback
 
-from align_kit import files
+from align_kit import files, quiet
 from align_kit.configs import ConfigError
 from align_kit.data import DataError
 from align_kit.runs import RunClock, RunRefused, last_checkpoint
@@ -126,5 +126,7 @@ def say(error: BaseException | str) -> None:
 
 
 def run_command(main: Callable[[], Any]) -> NoReturn:
-    """A recipe's ``if __name__ == "__main__"``: run ``main`` and exit with ``exit_status``."""
+    """A recipe's ``if __name__ == "__main__"``: run ``main`` (known-harmless library messages dropped,
+    ``quiet.install``) and exit with ``exit_status``."""
+    quiet.install()
     sys.exit(exit_status(main))

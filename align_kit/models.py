@@ -128,12 +128,27 @@ def ensure_embedded_default(path: str | Path | None = None) -> Path:
             return target
         target.mkdir(exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        build_tiny_gpt2().save_pretrained(tmp)
+        save_on_this_rank(build_tiny_gpt2(), tmp)
         build_byte_tokenizer().save_pretrained(tmp)
         for item in sorted(tmp.iterdir(), key=lambda item: item.name == "config.json"):
             os.replace(item, target / item.name)
         tmp.rmdir()
     return target
+
+
+def save_on_this_rank(model: PreTrainedModel, folder: Path) -> None:
+    """What ``model.save_pretrained(folder)`` writes (config, generation config, safetensors weights without
+    the tied copies), written by this process whatever its rank: transformers 5 writes nothing on a rank
+    other than 0 once torch.distributed is up, and the embedded default is built by whichever process takes
+    the lock first."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name not in tied}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
 
 
 def default_device(name: str | None = None) -> torch.device:

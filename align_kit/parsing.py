@@ -51,6 +51,7 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
         values, lines = load_yaml(path)
         set_environment(values.pop("env", {}), path)
     hints = field_types(dataclass_types)
+    settle_bf16(values, args)
     unknown = sorted(str(key) for key in values if key not in hints)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; see --help for the accepted fields")
@@ -72,6 +73,7 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
         """The error prefixed with the place its setting (the message's first word) came from."""
         return f"{source(str(error).split(':')[0].split(' ')[0])}: {error}"
 
+    check_evaluation_is_on(Settings(dataclass_types, values, args), source)
     parser = _parser_class()(dataclass_types, allow_abbrev=False)  # --learning_rat is a typo, not a prefix
     parser.set_defaults_with_config(**values)
     try:
@@ -90,10 +92,107 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
     except ConfigError as error:
         raise ConfigError(str(error) if str(error).startswith("command line:") else where(error)) from None
     except ValueError as error:  # a trainer config's own check in __post_init__ (transformers, TRL)
+        if "support bf16" in str(error):  # transformers: bf16 on (TRL's default) without a bf16 GPU
+            raise ConfigError(f"{source('bf16')}: {NO_BF16}") from None
         raise ConfigError(where(error)) from None
     for config in parsed:  # for checks made later, before the run starts (runs.start)
         setattr(config, SOURCES, {f.name: source(f.name) for f in dataclasses.fields(config)})
     return tuple(parsed)
+
+
+NO_BF16 = (
+    "bf16: true (TRL's default when unset) needs a GPU with bf16, and none is visible here: set bf16: auto "
+    "(bf16 where the GPU has it, float32 otherwise) or bf16: false, and use_cpu: true to train on the CPU"
+)
+
+
+def bf16_available() -> bool:
+    """Whether a visible GPU computes in bf16 (Ampere or newer, or ROCm/XPU that report it)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def settle_bf16(values: dict[str, Any], args: list[str]) -> None:
+    """``bf16: auto`` in the file or ``--bf16 auto`` becomes true where a GPU supports bf16 (and the run is not
+    told use_cpu), false otherwise: one config file for A100s, T4s and laptops."""
+    on_cpu = str(_given(values, args, "use_cpu", False)).lower() in ("true", "1", "yes")
+
+    def settled() -> str:  # asked only when a setting says auto: importing torch's CUDA check costs time
+        return "true" if bf16_available() and not on_cpu else "false"
+
+    if isinstance(values.get("bf16"), str) and values["bf16"].lower() == "auto":
+        values["bf16"] = settled() == "true"
+    for at, arg in enumerate(args):
+        if arg == "--bf16" and at + 1 < len(args) and args[at + 1].lower() == "auto":
+            args[at + 1] = settled()
+        elif arg.lower() == "--bf16=auto":
+            args[at] = f"--bf16={settled()}"
+
+
+def _given(values: dict[str, Any], args: list[str], name: str, default: Any) -> Any:
+    """A setting as given before parsing: the last ``--name value`` on the command line, else the file's."""
+    given = default if name not in values else values[name]
+    for at, arg in enumerate(args):
+        if arg == f"--{name}" and at + 1 < len(args):
+            given = args[at + 1]
+        elif arg.startswith(f"--{name}="):
+            given = arg.split("=", 1)[1]
+    return given
+
+
+@dataclasses.dataclass
+class Settings:
+    """The settings before TRL's configs parse them: file values, the command line, and field defaults."""
+
+    dataclass_types: tuple[type, ...]
+    values: dict[str, Any]
+    args: list[str]
+
+    def get(self, name: str) -> tuple[bool, Any]:
+        """(whether any of the configs has the field, its value as given or its default)."""
+        for cls in self.dataclass_types:
+            for f in dataclasses.fields(cls):
+                if f.name == name:
+                    default = (
+                        f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    )
+                    return True, _given(self.values, self.args, name, default)
+        return False, None
+
+    def given(self, name: str) -> bool:
+        """Whether the file or the command line sets ``name`` (otherwise its default applies)."""
+        flag = f"--{name}"
+        return name in self.values or any(a == flag or a.startswith(f"{flag}=") for a in self.args)
+
+
+def check_evaluation_is_on(settings: Settings, source: typing.Callable[[str], str]) -> None:
+    """Early stopping and load_best_model_at_end act on evaluations: with eval_strategy no they cannot work
+    (transformers would say so only after data and model load, or in its own words). The fix is in the message."""
+    has_eval, strategy = settings.get("eval_strategy")
+    if not has_eval or str(getattr(strategy, "value", strategy)).lower() != "no":
+        return
+    needs = []
+    _, patience = settings.get("early_stopping_patience")
+    if str(patience).lstrip("+").isdigit() and int(patience) >= 1:  # others: the field's own check says why
+        needs.append(("early_stopping_patience", patience, "stops on evaluations", "null"))
+    _, best = settings.get("load_best_model_at_end")
+    if str(best).lower() in ("true", "1", "yes"):
+        needs.append(("load_best_model_at_end", "true", "keeps the best evaluated checkpoint", "false"))
+    if needs:
+        place = {
+            name: source(name) if settings.given(name) else "default"
+            for name in ("eval_strategy", *(need[0] for need in needs))
+        }
+        first, *others = needs
+        what = f"{first[0]}: {first[1]} {first[2]}" + "".join(
+            f" and {name}: {value} ({place[name]}) {does}" for name, value, does, _ in others
+        )
+        off = " ".join(f"--{name} {none}" for name, _, _, none in needs)
+        raise ConfigError(
+            f"{place[first[0]]}: {what}, but eval_strategy is no ({place['eval_strategy']}): add {off} to "
+            "train without evaluation, or set eval_strategy: steps (with eval_steps) to keep them"
+        )
 
 
 SOURCES = "_setting_sources"  # attribute parse() gives each config: field -> where its value came from

@@ -3,6 +3,8 @@ data, the mask of answer tokens it trains on, and an entropy bonus added without
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from datasets import Dataset
 from torch.utils.hooks import RemovableHandle
@@ -59,7 +61,7 @@ def answer_token_mask(
 def add_entropy_bonus(
     policy: torch.nn.Module,
     coef: float,
-    context_length: int,
+    context_length: int | Callable[[], int],
     temperature: float,
     stop_token_id: int | None,
     gradient_accumulation_steps: int,
@@ -72,15 +74,18 @@ def add_entropy_bonus(
     entropy of pi(. | x / T) over the micro-batch's answer tokens (the mask TRL's policy loss averages
     over). With z = x / T, dH/dz = -p (log p + H_t). Forward values are untouched, so log-probabilities,
     ratios and TRL's logged statistics are unchanged; the gradient is divided by the accumulation steps
-    as accelerate divides the loss. Answers start at ``context_length``: prompts must be left padded to
-    exactly that width. Returns the handle; ``.remove()`` restores the plain policy.
+    as accelerate divides the loss. Answers start at ``context_length`` (a number, or a function giving the
+    width of the batch being trained on, ``BatchWidth.get``): prompts must be left padded to exactly that
+    width. Returns the handle; ``.remove()`` restores the plain policy.
     """
     scale = temperature + 1e-7  # TRL divides the training logits by this
+    width = context_length if callable(context_length) else lambda: context_length
 
     def on_forward(module, args, kwargs, output):
         logits = output.logits  # (B, T, V)
         if not (torch.is_grad_enabled() and logits.requires_grad):
             return None
+        context_length = width()
         input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]
         if logits.shape[1] <= context_length or not attention_mask[:, context_length - 1].all():
             raise ValueError(f"entropy bonus: prompts must be left padded to exactly {context_length} tokens")
@@ -105,7 +110,42 @@ def add_entropy_bonus(
     return policy.register_forward_hook(on_forward, with_kwargs=True)
 
 
-def left_padded(tokenizer, prompts: list[str], width: int) -> Dataset:
-    """PPO's data: prompt token ids only, left padded to ``width``."""
-    ids = tokenizer(prompts)["input_ids"]
-    return Dataset.from_dict({"input_ids": [[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids]})
+def prompt_dataset(tokenizer, prompts: list[str]) -> Dataset:
+    """PPO's data: prompt token ids only, unpadded; ``left_pad`` pads each batch to its own longest prompt."""
+    return Dataset.from_dict({"input_ids": tokenizer(prompts)["input_ids"]})
+
+
+def left_pad(pad_token_id: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """A collator padding a batch of prompts on the left to the batch's longest one (TRL's PPO generates
+    after the last prompt token and finds answers at the batch's width)."""
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        ids = [[pad_token_id] * (width - len(row["input_ids"])) + list(row["input_ids"]) for row in rows]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long)}
+
+    return collate
+
+
+class BatchWidth:
+    """The prompt width of the batch TRL's PPO loop is working on, for the entropy bonus.
+
+    Wraps the trainer's dataloader: TRL takes one batch, rolls it out and runs all its updates before taking
+    the next, so the width recorded as a batch is handed over is the one its updates see (recording it at
+    collation would not do: accelerate's loader collates one batch ahead)."""
+
+    def __init__(self, dataloader):
+        self.dataloader, self.width = dataloader, None
+
+    def __iter__(self):
+        for batch in self.dataloader:
+            self.width = batch["input_ids"].shape[1]
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def get(self) -> int:
+        if self.width is None:
+            raise RuntimeError("entropy bonus: no PPO batch has been taken yet")
+        return self.width

@@ -329,9 +329,8 @@ def train_summary(run: Run, trainer: Any, result: Any) -> dict[str, Any]:
     figures as transformers reports them (``this_process``)."""
     state = trainer.state
     logged = [(e["step"], e["loss"]) for e in state.log_history if "loss" in e and "step" in e]
-    steps = [
-        step - before for (step, _), before in zip(logged, [0] + [s for s, _ in logged[:-1]], strict=True)
-    ]
+    before = ([0] + [step for step, _ in logged])[:-1]  # the step of the previous logged loss
+    steps = [step - previous for (step, _), previous in zip(logged, before, strict=True)]
     total = sum(steps)
     clock = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RunClock)), None)
     return {

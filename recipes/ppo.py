@@ -19,7 +19,15 @@ from align_kit.data import distinct_prompts, load_preferences
 from align_kit.generation import policy_report
 from align_kit.models import load_reward_model, load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.ppo import CANNOT_RESUME, add_entropy_bonus, left_padded, ppo_classes, refuse_trl_model_paths
+from align_kit.ppo import (
+    CANNOT_RESUME,
+    BatchWidth,
+    add_entropy_bonus,
+    left_pad,
+    ppo_classes,
+    prompt_dataset,
+    refuse_trl_model_paths,
+)
 
 PPOConfig, PPOTrainer = ppo_classes()
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, PPOArgs, RunArgs, PPOConfig)
@@ -35,14 +43,12 @@ def main(argv: list[str] | None = None) -> dict:
     run = runs.start(args, *configs, cannot_resume=CANNOT_RESUME)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # PPO gathers every metric with an INFO line
 
-    # 3. data: prompts only, left padded to one width
+    # 3. data: prompts only, each batch left padded to its longest prompt
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
     splits, counts = load_preferences(data_args, tokenizer)
     runs.record_data(run, counts)
     prompts = {split: distinct_prompts(rows) for split, rows in splits.items()}
-    width = max(len(ids) for split in prompts.values() for ids in tokenizer(split)["input_ids"])
-    train = left_padded(tokenizer, prompts["train"], width)
-    test = left_padded(tokenizer, prompts["test"], width)
+    train, test = (prompt_dataset(tokenizer, prompts[split]) for split in ("train", "test"))
 
     # 4. policy, adapter and reference; reward and value models
     policy, ref_model = policy_and_reference(model_args, adapter_args)
@@ -62,12 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
         value_model=value_model,
         train_dataset=train,
         eval_dataset=test,
+        data_collator=left_pad(tokenizer.pad_token_id),
         callbacks=[*([rewards.DisagreementCallback(ensemble)] if ensemble else []), *guards.watch(run)],
     )
     bonus = None
     if ppo_args.entropy_coef:
+        trainer.dataloader = width = BatchWidth(trainer.dataloader)
         bonus = add_entropy_bonus(
-            policy, ppo_args.entropy_coef, width, args.temperature, trainer.stop_token_id,
+            policy, ppo_args.entropy_coef, width.get, args.temperature, trainer.stop_token_id,
             args.gradient_accumulation_steps,
         )  # fmt: skip
 

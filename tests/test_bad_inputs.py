@@ -63,6 +63,10 @@ CLI_CASES = {
     "unknown argument": ("sft", ["--lerning_rate", "0.1"], "command line: unknown argument(s) ['--lerning_rate', '0.1']"),
     "abbreviated option": ("sft", ["--learning_rat", "0.1"], "command line: unknown argument(s) ['--learning_rat', '0.1']"),
     "beta 0 on the command line": ("dpo", ["--beta", "0"], "command line: beta: 0.0 must be above 0"),
+    "evaluation off under a file's early stopping": (
+        "sft", ["--config", "sft_gpt2_hh", "--eval_strategy", "no"],
+        "sft_gpt2_hh.yaml:27: early_stopping_patience: 3 stops on evaluations and load_best_model_at_end: true",
+    ),
     "missing config file": ("sft", ["--config", "no_such_config.yaml"], "--config: no config 'no_such_config.yaml'"),
     "config flag without a file": ("sft", ["--config"], "command line: --config needs a file or a shipped config name"),
     "shipped DPO config before SFT ran": (

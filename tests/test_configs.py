@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import ROOT, load_recipe
 
-from align_kit.parsing import parse
+from align_kit.parsing import NO_BF16, bf16_available, parse
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 HEADER = re.compile(r"^# accelerate launch (?:--config_file \S+ )?recipes/(\w+)\.py --config (\S+)")
@@ -23,12 +23,39 @@ def test_recipe_yaml_parses_with_its_recipe(path):
     recipe, named = match.groups()
     assert named == f"recipes/configs/{path.name}"
     module = load_recipe(recipe)
-    # GPU configs ask for bf16, which transformers refuses on a CPU-only machine: parse them as CPU runs.
-    parsed = parse(module.CONFIG, ["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
+    # As given: GPU configs say bf16: auto (float32 where no GPU has bf16), CPU configs bf16: false.
+    parsed = parse(module.CONFIG, ["--config", str(path)])
     assert len(parsed) == len(module.CONFIG)
     assert parsed[-1].output_dir and parsed[-1].gradient_checkpointing is False  # TRL's default is on
-    if "gpt2" not in path.name:  # CPU configs turn TRL's bf16 default off themselves
-        assert parse(module.CONFIG, ["--config", str(path), "--use_cpu", "true"])[-1].bf16 is False
+    assert parsed[-1].bf16 is bf16_available()
+    if "gpt2" in path.name:
+        assert re.search(r"^bf16: auto\b", path.read_text(), re.M), path.name
+
+
+@pytest.mark.parametrize("given", [["--bf16", "auto"], ["--bf16=auto"], ["--bf16", "AUTO"]], ids=str)
+def test_bf16_auto_is_bf16_exactly_where_a_gpu_has_it(given, monkeypatch):
+    from align_kit import parsing
+
+    module = load_recipe("sft")
+    for gpu_has_bf16 in (True, False):
+        monkeypatch.setattr(parsing, "bf16_available", lambda answer=gpu_has_bf16: answer)
+        argv = ["--output_dir", "out", "--use_cpu", "true", *given]  # on a CPU run: never bf16
+        assert parse(module.CONFIG, argv)[-1].bf16 is False
+        if not gpu_has_bf16:  # transformers itself checks for the GPU when bf16 is on
+            assert parse(module.CONFIG, ["--output_dir", "out", *given])[-1].bf16 is False
+
+
+@pytest.mark.skipif(bf16_available(), reason="this machine has a GPU with bf16")
+def test_bf16_true_without_a_bf16_gpu_names_the_fix_at_parse_time(tmp_path):
+    from align_kit.configs import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse(load_recipe("sft").CONFIG, ["--config", "sft_gpt2_hh", "--bf16", "true"])
+    assert str(caught.value) == f"command line: {NO_BF16}" and "set bf16: auto" in NO_BF16
+    config = tmp_path / "gpu.yaml"
+    config.write_text("output_dir: out\nbf16: true\n")
+    with pytest.raises(ConfigError, match=rf"^{config}:2: bf16: true \(TRL's default when unset\)"):
+        parse(load_recipe("sft").CONFIG, ["--config", str(config)])
 
 
 def test_there_are_configs_for_the_embedded_default_and_for_gpt2_on_hh_rlhf():

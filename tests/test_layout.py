@@ -15,7 +15,7 @@ RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init
 # What trains a model and what judges one; the orchestrators (cli, demo, loss_sweep, loss_search) use both.
 TRAINING = {
     "adapters", "callbacks", "configs", "data", "files", "formats", "generation", "grpo", "guards",
-    "losses", "models", "parsing", "ppo", "prompts", "resources", "reward_funcs", "rewards", "runs", "task",
+    "losses", "models", "parsing", "ppo", "prompts", "quiet", "resources", "reward_funcs", "rewards", "runs", "task",
 }  # fmt: skip
 EVALUATION = {
     "answers", "audits", "eval_args", "evaluation", "judge_backends", "judge_cache", "judge_config",
@@ -62,7 +62,11 @@ def a_circle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_circle_finder_finds_a_circle_and_accepts_a_line():
     assert a_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert a_circle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
-    assert imported_modules(PACKAGE / "evaluation.py") >= {"answers", "audits", "reports"}  # the walk sees imports
+    assert imported_modules(PACKAGE / "evaluation.py") >= {
+        "answers",
+        "audits",
+        "reports",
+    }  # the walk sees imports
 
 
 def test_align_kit_imports_go_one_way():
@@ -70,7 +74,15 @@ def test_align_kit_imports_go_one_way():
 
 
 def test_every_module_is_filed_once_and_training_never_imports_the_evaluation():
-    orchestrators = {"cli", "demo", "loss_sweep", "loss_search", "loss_checks", "loss_sandbox", "loss_discovery"}
+    orchestrators = {
+        "cli",
+        "demo",
+        "loss_sweep",
+        "loss_search",
+        "loss_checks",
+        "loss_sandbox",
+        "loss_discovery",
+    }
     assert not TRAINING & EVALUATION
     assert set(MODULES) == TRAINING | EVALUATION | orchestrators  # a new module is placed on purpose
     crossings = {name: sorted(GRAPH[name] & EVALUATION) for name in TRAINING if GRAPH[name] & EVALUATION}
@@ -80,6 +92,8 @@ def test_every_module_is_filed_once_and_training_never_imports_the_evaluation():
 
 
 def test_modules_and_recipes_stay_short():
-    long_modules = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 500}
+    long_modules = {
+        name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 500
+    }
     long_recipes = {p.name: n for p in RECIPES if (n := len(p.read_text().splitlines())) > 150}
     assert long_modules == {} and long_recipes == {}

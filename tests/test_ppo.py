@@ -109,6 +109,18 @@ def test_entropy_bonus_adds_exactly_the_entropy_gradient(ppo):
     handle.remove()
 
 
+def test_each_ppo_batch_is_left_padded_to_its_own_longest_prompt_and_the_bonus_reads_that_width():
+    collate = ppo_lib.left_pad(PAD)
+    batches = [[{"input_ids": [5, 6]}, {"input_ids": [7]}], [{"input_ids": [1, 2, 3, 4]}, {"input_ids": [9]}]]
+    padded = [collate(rows)["input_ids"].tolist() for rows in batches]
+    assert padded == [[[5, 6], [PAD, 7]], [[1, 2, 3, 4], [PAD, PAD, PAD, 9]]]
+    width = ppo_lib.BatchWidth([collate(rows) for rows in batches])
+    with pytest.raises(RuntimeError, match="no PPO batch"):
+        width.get()
+    seen = [(batch["input_ids"].shape[1], width.get()) for batch in width]
+    assert seen == [(2, 2), (4, 4)] and len(width) == 2
+
+
 def ppo_args(out, reward_models, **overrides) -> list[str]:
     values = {
         "model_name_or_path": EMBEDDED_NAME,

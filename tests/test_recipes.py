@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, load_recipe, tiny_run_args
+from conftest import load_recipe, tiny_run_args
 
 from align_kit import callbacks
 from align_kit.configs import ModelArgs
@@ -85,48 +85,6 @@ def test_reference_is_loaded_from_disk_not_shared(sft_run):
     with torch.no_grad():
         next(policy.parameters()).add_(1.0)
     assert max_weight_change(policy, reference) > 0.5  # separate weights, not a view
-
-
-def test_gpt2_hh_configs_run_on_local_copies_of_model_and_data(tmp_path):
-    """The real GPU recipe's loading path: a GPT-2-style folder (no pad token) and local hh-rlhf files."""
-    from align_kit import task
-    from align_kit.models import build_byte_tokenizer, build_tiny_gpt2
-
-    model_dir, data_dir = tmp_path / "gpt2", tmp_path / "hh"
-    build_tiny_gpt2().save_pretrained(model_dir)
-    tokenizer = build_byte_tokenizer()
-    tokenizer.pad_token = None  # like GPT-2
-    tokenizer.save_pretrained(model_dir)
-    task.write(data_dir, 40, 16)
-    common = [
-        "--model_name_or_path",
-        str(model_dir),
-        "--dataset",
-        str(data_dir),
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "1",
-        "--max_length",
-        "128",
-        "--use_cpu",
-        "true",
-        "--bf16",
-        "false",
-        "--logging_steps",
-        "1",
-    ]
-    config = str(ROOT / "recipes/configs/sft_gpt2_hh.yaml")
-    sft = load_recipe("sft").main(["--config", config, "--output_dir", str(tmp_path / "sft"), *common])
-    assert sft["first_loss"] is not None
-    config = str(ROOT / "recipes/configs/dpo_gpt2_hh.yaml")
-    common[1] = str(tmp_path / "sft")
-    dpo = load_recipe("dpo").main(["--config", config, "--output_dir", str(tmp_path / "dpo"), *common])
-    assert dpo["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
-    counts = json.loads((tmp_path / "dpo" / "data_counts.json").read_text())
-    assert counts["kept"] == {"train": 40, "test": 16}
 
 
 def test_dpo_with_residual_adapter_trains_only_the_adapter_against_the_adapter_off_reference(
