@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align_kit import files
 from align_kit.configs import DataArgs
 from align_kit.formats import (  # noqa: F401  (TLDR_QUERY, embedded_folder, split_hh: read from here too)
     INSTRUCTION,
@@ -103,8 +104,7 @@ class DropCounts:
         return "\n".join(lines)
 
     def write(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        files.write_json(path, self.to_dict(), indent=2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from align_kit import files
 from align_kit.resources import locate
 
 OUT = Path("runs/demo")  # the output_dir of every recipes/configs/*_tiny.yaml and eval/configs/embedded.yaml
@@ -89,7 +90,7 @@ def summary(eval_dir: Path, timings: dict[str, float]) -> dict:
         print(f"  {kind:<40} {group['accuracy']:.3f} (n={group['n_pairs']})")
     print("  (a reward model that checks sums: README, 'Reward models, PPO and best-of-N')")
     out = {"timings_s": timings, "oracle": table, "reward_held_out": held}
-    (OUT / "summary.json").write_text(json.dumps(out, indent=2))
+    files.write_json(OUT / "summary.json", out, indent=2)
     print(f"\n[demo] stage times (s): {timings}")
     print(f"[demo] reports: {eval_dir}/<judge>/report.html and report.md; runs in {OUT}/")
     return out

@@ -39,8 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from align_kit import files, ratings, reports, stats
 from align_kit import judges as judges_lib
-from align_kit import ratings, reports, stats
 from align_kit.answers import (
     CHOSEN,
     HeldOut,
@@ -57,7 +57,7 @@ from align_kit.judge_setup import prepare_judges
 from align_kit.judges import PairResult
 from align_kit.models import load_tokenizer
 from align_kit.parsing import parse, save_resolved
-from align_kit.reports import headline, opening, to_jsonable, write_atomic, write_report
+from align_kit.reports import headline, opening, to_jsonable, write_report
 from align_kit.runs import log
 from align_kit.stats import Judgment
 from align_kit.verdicts import pair_score
@@ -398,7 +398,7 @@ def evaluate(
         results["metadata"]["judge calls this run"] = counts.get("calls")
         judge_dir = judge_folder(out_dir, judge.name)
         paths = write_report(judge_dir, results, judgments, examples, undecided)
-        write_atomic(
+        files.write_text(
             judge_dir / "audit_judgments.jsonl",
             "".join(json.dumps(j.to_row()) + "\n" for j in audit_judgments),
         )
@@ -413,7 +413,7 @@ def evaluate(
         for comparison in results.get("comparisons", []):
             log(f"  {judge.name}: {headline(comparison)}")
         log(f"judge {judge.name}: {counts.get('calls')} calls; report in {paths['report.md']}")
-    write_atomic(out_dir / "evaluation.json", json.dumps(to_jsonable(summary), indent=2))
+    files.write_text(out_dir / "evaluation.json", json.dumps(to_jsonable(summary), indent=2))
     if failed:
         raise JudgeFailed("\n".join(failed) + f"\n(reports and {out_dir / 'evaluation.json'} were written)")
     return summary

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from align_kit.answers import fingerprint, missing_local, split_spec, unfinished_run
+from align_kit.configs import ConfigError
 from align_kit.eval_args import EvalArgs
 from align_kit.judge_backends import build_judge
 from align_kit.judge_config import JudgeConfig, read_judge_config, read_template
@@ -21,7 +22,7 @@ LOCAL_BACKENDS = ("reward_model", "hf_logits")  # judges that load a model from 
 MODEL_BACKENDS = ("reward_model", "hf_logits", "openai")  # judges that take a `model`
 
 
-class JudgeSetupError(ValueError):
+class JudgeSetupError(ConfigError):
     """Judges that cannot work, found before anything is generated: one line per problem."""
 
 

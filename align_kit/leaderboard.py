@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from align_kit import plots, ratings, stats
+from align_kit import files, plots, ratings, stats
 from align_kit.answers import CHOSEN
+from align_kit.configs import ConfigError
 from align_kit.evaluation import judge_folder
 from align_kit.reports import (
     TEMPLATES,
@@ -36,12 +37,11 @@ from align_kit.reports import (
     _plain,
     read_judgments,
     to_jsonable,
-    write_atomic,
 )
 from align_kit.stats import Judgment
 
 
-class LeaderboardError(ValueError):
+class LeaderboardError(ConfigError):
     """Runs that cannot share a leaderboard, with the reason."""
 
 
@@ -215,9 +215,9 @@ def write(board: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("leaderboard.json", "leaderboard.md", "leaderboard.html")}
-    write_atomic(paths["leaderboard.json"], json.dumps(to_jsonable(board), indent=2, allow_nan=False))
-    write_atomic(paths["leaderboard.md"], render_leaderboard_markdown(board))
-    write_atomic(paths["leaderboard.html"], render_leaderboard_html(board))
+    files.write_text(paths["leaderboard.json"], json.dumps(to_jsonable(board), indent=2, allow_nan=False))
+    files.write_text(paths["leaderboard.md"], render_leaderboard_markdown(board))
+    files.write_text(paths["leaderboard.html"], render_leaderboard_html(board))
     return paths
 
 

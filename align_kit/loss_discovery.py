@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from align_kit import files
 from align_kit.loss_checks import (
     FUNCTIONAL_FUNCTIONS,
     MAX_RANGE,
@@ -31,7 +32,7 @@ from align_kit.loss_checks import (
     ProposalRefused,
     check_source,
 )
-from align_kit.loss_sandbox import LossSandbox, write_atomically, write_loss_file
+from align_kit.loss_sandbox import LossSandbox, write_loss_file
 
 logger = logging.getLogger("align_kit")
 
@@ -270,7 +271,7 @@ def discover(
                 prompt = build_prompt(table, refused, score_key=score_key, beta_hint=beta_hint)
                 record = _propose_and_check(generation, prompt, propose, sandbox, log_path.parent / "losses")
             if record["status"] == "checked":
-                write_atomically(pending_path, json.dumps(record))
+                files.write_text(pending_path, json.dumps(record))
                 _evaluate(record, evaluate)
             _append(log_path, record)
             pending_path.unlink(missing_ok=True)
@@ -292,7 +293,7 @@ def discover(
         "score_key": score_key,
         "table": table,
     }
-    write_atomically(summary_path, json.dumps(summary, indent=2) + "\n")
+    files.write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     log(f"discovery: {accepted} of {len(records)} proposals accepted; refused by reason: {refusals}")
     return Discovery(table, records, refusals, log_path, summary_path)
 

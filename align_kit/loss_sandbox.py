@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from align_kit import files
 from align_kit.loss_checks import SAFE_BUILTINS
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,12 +278,5 @@ def write_loss_file(folder: str | Path, generation: int, source: str, function: 
         f'"""Loss proposed in generation {generation} of a loss discovery run; it passed the checks of '
         'align_kit.loss_discovery."""\n\nimport torch\nimport torch.nn.functional as F\n\n\n'
     )
-    write_atomically(path, header + source.strip("\n") + "\n")
+    files.write_text(path, header + source.strip("\n") + "\n")
     return f"{path}:{function}"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

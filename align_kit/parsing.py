@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 
 from align_kit import files
 from align_kit.configs import ConfigError, GRPOArgs, RewardModelArgs, check_at_least
+from align_kit.resources import find_config
 
 
 def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
@@ -33,10 +35,6 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
     wrong type (``max_steps: 2.5``), a value a dataclass refuses, and a trainer setting that cannot train
     (``check_trainer_args``).
     """
-    import sys
-
-    from align_kit.resources import find_config
-
     args = list(sys.argv[1:] if argv is None else argv)
     path, values, lines = None, {}, {}
     if "--config" in args:

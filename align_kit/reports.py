@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader
 
-from align_kit import plots, stats
+from align_kit import files, plots, stats
 from align_kit.answers import HeldOut
 from align_kit.judges import PairResult
 from align_kit.stats import Judgment
@@ -59,22 +58,13 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("report.md", "report.html", "results.json", "judgments.csv")}
-    write_atomic(paths["report.md"], render_markdown(results))
-    write_atomic(paths["report.html"], render_html(results, judgments, examples))
-    write_atomic(paths["results.json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False))
+    files.write_text(paths["report.md"], render_markdown(results))
+    files.write_text(paths["report.html"], render_html(results, judgments, examples))
+    files.write_text(paths["results.json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False))
     columns = [f.name for f in dataclasses.fields(Judgment)]
     rows = [j.to_row() for j in judgments] + [dict(row) for row in undecided]
-    write_atomic(paths["judgments.csv"], pd.DataFrame(rows, columns=columns).to_csv(index=False))
+    files.write_text(paths["judgments.csv"], pd.DataFrame(rows, columns=columns).to_csv(index=False))
     return paths
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``: a reader (or a
-    crash) never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_judgments(path: str | Path) -> list[Judgment]:
