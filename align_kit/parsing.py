@@ -58,20 +58,14 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
             values[name] = check_value(name, value, *hints[name])
         except ConfigError as error:
             raise ConfigError(f"{path}:{lines[name]}: {error}") from None
-
-    def source(name: str) -> str:
-        """Where a setting came from: the command line, the file and line, or the file's defaults."""
-        if any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in args):
-            return "command line"
-        if name in lines:
-            return f"{path}:{lines[name]}"
-        return path or "command line"
+    settings = Settings(path, values, lines, args, field_defaults(dataclass_types))
+    source = settings.source
 
     def where(error: Exception) -> str:
         """The error prefixed with the place its setting (the message's first word) came from."""
         return f"{source(str(error).split(':')[0].split(' ')[0])}: {error}"
 
-    check_evaluation_is_on(Settings(dataclass_types, values, args), source)
+    check_evaluation_is_on(settings)
     parser = _parser_class()(dataclass_types, allow_abbrev=False)  # --learning_rat is a typo, not a prefix
     parser.set_defaults_with_config(**values)
     try:
@@ -114,7 +108,7 @@ def bf16_available() -> bool:
 def settle_bf16(values: dict[str, Any], args: list[str]) -> None:
     """``bf16: auto`` in the file or ``--bf16 auto`` becomes true where a GPU supports bf16 (and the run is not
     told use_cpu), false otherwise: one config file for A100s, T4s and laptops."""
-    on_cpu = str(_given(values, args, "use_cpu", False)).lower() in ("true", "1", "yes")
+    on_cpu = _true(_given(values, args, "use_cpu", False))
 
     def settled() -> str:  # asked only when a setting says auto: importing torch's CUDA check costs time
         return "true" if bf16_available() and not on_cpu else "false"
@@ -128,6 +122,10 @@ def settle_bf16(values: dict[str, Any], args: list[str]) -> None:
             args[at] = f"--bf16={settled()}"
 
 
+def _on_command_line(args: list[str], name: str) -> bool:
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in args)
+
+
 def _given(values: dict[str, Any], args: list[str], name: str, default: Any) -> Any:
     """A setting as given before parsing: the last ``--name value`` on the command line, else the file's."""
     given = default if name not in values else values[name]
@@ -139,47 +137,68 @@ def _given(values: dict[str, Any], args: list[str], name: str, default: Any) -> 
     return given
 
 
+def _true(value: Any) -> bool:
+    """Whether a setting as given reads as true to argparse's bool type (a YAML bool, or a word)."""
+    return value is True or str(value).lower() in TRUE_WORDS
+
+
+def field_defaults(dataclass_types: tuple[type, ...]) -> dict[str, Any]:
+    """Field name -> default over several config dataclasses (a field without one is left out)."""
+    out = {}
+    for cls in dataclass_types:
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            elif f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+    return out
+
+
 @dataclasses.dataclass
 class Settings:
-    """The settings before TRL's configs parse them: file values, the command line, and field defaults."""
+    """The settings before TRL's configs parse them: the file's values and key lines, the command line, and
+    the fields' defaults; where each came from."""
 
-    dataclass_types: tuple[type, ...]
+    path: str | None
     values: dict[str, Any]
+    lines: dict[str, int]
     args: list[str]
-
-    def get(self, name: str) -> tuple[bool, Any]:
-        """(whether any of the configs has the field, its value as given or its default)."""
-        for cls in self.dataclass_types:
-            for f in dataclasses.fields(cls):
-                if f.name == name:
-                    default = (
-                        f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                    )
-                    return True, _given(self.values, self.args, name, default)
-        return False, None
+    defaults: dict[str, Any]
 
     def given(self, name: str) -> bool:
         """Whether the file or the command line sets ``name`` (otherwise its default applies)."""
-        flag = f"--{name}"
-        return name in self.values or any(a == flag or a.startswith(f"{flag}=") for a in self.args)
+        return name in self.values or _on_command_line(self.args, name)
+
+    def value(self, name: str) -> Any:
+        """``name`` as given (the command line over the file), else its default."""
+        return _given(self.values, self.args, name, self.defaults.get(name))
+
+    def source(self, name: str) -> str:
+        """Where a setting came from: the command line, the file and line, or the file's defaults."""
+        if _on_command_line(self.args, name):
+            return "command line"
+        if name in self.lines:
+            return f"{self.path}:{self.lines[name]}"
+        return self.path or "command line"
 
 
-def check_evaluation_is_on(settings: Settings, source: typing.Callable[[str], str]) -> None:
+def check_evaluation_is_on(settings: Settings) -> None:
     """Early stopping and load_best_model_at_end act on evaluations: with eval_strategy no they cannot work
     (transformers would say so only after data and model load, or in its own words). The fix is in the message."""
-    has_eval, strategy = settings.get("eval_strategy")
-    if not has_eval or str(getattr(strategy, "value", strategy)).lower() != "no":
+    if "eval_strategy" not in settings.defaults:  # not a trainer's settings
+        return
+    strategy = settings.value("eval_strategy")
+    if str(getattr(strategy, "value", strategy)).lower() != "no":
         return
     needs = []
-    _, patience = settings.get("early_stopping_patience")
+    patience = settings.value("early_stopping_patience")
     if str(patience).lstrip("+").isdigit() and int(patience) >= 1:  # others: the field's own check says why
         needs.append(("early_stopping_patience", patience, "stops on evaluations", "null"))
-    _, best = settings.get("load_best_model_at_end")
-    if str(best).lower() in ("true", "1", "yes"):
+    if _true(settings.value("load_best_model_at_end")):
         needs.append(("load_best_model_at_end", "true", "keeps the best evaluated checkpoint", "false"))
     if needs:
         place = {
-            name: source(name) if settings.given(name) else "default"
+            name: settings.source(name) if settings.given(name) else "default"
             for name in ("eval_strategy", *(need[0] for need in needs))
         }
         first, *others = needs
@@ -284,7 +303,8 @@ def field_types(dataclass_types: tuple[type, ...]) -> dict[str, tuple[Any, bool]
 
 
 SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}  # what argparse's bool type reads
+TRUE_WORDS = {"true", "yes", "t", "y", "1"}  # what argparse's bool type (transformers' string_to_bool) reads
+BOOL_WORDS = TRUE_WORDS | {"false", "no", "f", "n", "0"}
 
 
 def check_value(name: str, value: Any, hint: Any, none_default: bool = False) -> Any:
