@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # transformers 5 renamed gradient checkpointing; TRL 1.12's configs and trainers still use the old names.
@@ -23,6 +24,19 @@ class Harmless:
     logger: str  # the library logger that emits it
     pattern: str  # a regular expression the whole message must match
     explanation: str | None  # said once instead, or None to drop it silently
+    when: Callable[[str], bool] | None = None  # a further test of the message, where a pattern cannot say it
+
+    def matches(self, message: str) -> bool:
+        return bool(re.fullmatch(self.pattern, message)) and (self.when is None or self.when(message))
+
+
+def _only_new_score_head(message: str) -> bool:
+    """Whether a transformers load report lists nothing but a MISSING ``score.weight`` (or ``score.bias``)."""
+    rows = [line for line in message.splitlines() if "|" in line and not set(line) <= set("-+| ")]
+    keyed = [[cell.strip() for cell in row.split("|")] for row in rows[1:]]  # the first row is the header
+    return bool(keyed) and all(
+        cells[0] in ("score.weight", "score.bias") and cells[1] == "MISSING" for cells in keyed
+    )
 
 
 TIED = r"\['lm_head\.weight'\]"
@@ -41,20 +55,12 @@ HARMLESS = (
     Harmless("transformers.trainer_utils", r"mtime may not be reliable on this filesystem.*", None),
     Harmless(
         "transformers.modeling_utils",
-        r"(?s).*LOAD REPORT.*",  # refined in ``_only_new_score_head``
+        r"(?s).*LOAD REPORT.*",
         "the reward model's score head is new (a causal LM has none) and starts from transformers' "
         "initialisation; training learns it",
+        when=_only_new_score_head,
     ),
 )
-
-
-def _only_new_score_head(message: str) -> bool:
-    """Whether a transformers load report lists nothing but a MISSING ``score.weight`` (or ``score.bias``)."""
-    rows = [line for line in message.splitlines() if "|" in line and not set(line) <= set("-+| ")]
-    keyed = [[cell.strip() for cell in row.split("|")] for row in rows[1:]]  # the first row is the header
-    return bool(keyed) and all(
-        cells[0] in ("score.weight", "score.bias") and cells[1] == "MISSING" for cells in keyed
-    )
 
 
 class _Filter(logging.Filter):
@@ -65,9 +71,7 @@ class _Filter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         for case in self.cases:
-            if not re.fullmatch(case.pattern, message):
-                continue
-            if "LOAD REPORT" in case.pattern and not _only_new_score_head(message):
+            if not case.matches(message):
                 continue
             if case.explanation and case.pattern not in self.explained:
                 self.explained.add(case.pattern)
