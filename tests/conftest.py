@@ -70,9 +70,12 @@ def tiny_run_args(output_dir: Path, **overrides) -> list[str]:
         "dataloader_num_workers": "0",
         "seed": "0",
     }
-    values.update({k: str(v) for k, v in overrides.items()})
-    args = [item for key, value in values.items() for item in (f"--{key}", value)]
-    return args + CPU_ARGS
+    return recipe_argv({**values, **overrides})
+
+
+def recipe_argv(values: dict, *extra: str) -> list[str]:
+    """``--key value`` for every setting (values as strings), then ``extra``, then the CPU settings."""
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))] + [*extra, *CPU_ARGS]
 
 
 class ScriptedJudge:

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_ARGS, load_recipe, max_change
+from conftest import load_recipe, max_change, recipe_argv
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl import GRPOConfig
@@ -214,10 +214,9 @@ def grpo_args(out, specs, **overrides) -> list[str]:
         "logging_steps": "1",
         "save_strategy": "no",
         "seed": "0",
-        **{k: str(v) for k, v in overrides.items()},
+        **overrides,
     }
-    args = [item for key, value in values.items() for item in (f"--{key}", value)]
-    return args + ["--reward_funcs", *specs] + CPU_ARGS
+    return recipe_argv(values, "--reward_funcs", *specs)
 
 
 def test_grpo_recipe_two_steps_move_the_policy_and_report(grpo, reward_folders, tmp_path):

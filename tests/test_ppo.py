@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CPU_ARGS, load_recipe, max_change
+from conftest import load_recipe, max_change, recipe_argv
 
 from align_kit import adapters
 from align_kit import ppo as ppo_lib
@@ -142,10 +142,9 @@ def ppo_args(out, reward_models, **overrides) -> list[str]:
         "logging_steps": "1",
         "save_strategy": "no",
         "seed": "0",
-        **{k: str(v) for k, v in overrides.items()},
+        **overrides,
     }
-    args = [item for key, value in values.items() for item in (f"--{key}", value)]
-    return args + ["--reward_models", *reward_models] + CPU_ARGS
+    return recipe_argv(values, "--reward_models", *reward_models)
 
 
 def test_ppo_full_fine_tuning_with_entropy_bonus_moves_the_policy_and_reports(ppo, reward_folders, tmp_path):
