@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # The report test screenshots report.html in a headless browser: install Debian's chromium when missing.
 browser:
-	@sh tools/ensure-browser.sh
+	@sh tests/ensure-browser.sh
 
 demo: $(STAMP)
 	$(PY) -m align_kit.demo

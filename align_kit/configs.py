@@ -13,8 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from align_kit.console import OneLineError
 
-class ConfigError(ValueError):
+
+class ConfigError(OneLineError, ValueError):
     """A setting that cannot work: raised at parse time, naming the setting (and the file, from parse)."""
 
 
@@ -208,7 +210,7 @@ TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class AdapterArgs:
-    """The hand-written MLP adapter (see align_kit/adapters.py). Flat keys so a run stays one flat YAML."""
+    """The hand-written MLP adapter (see align_kit/models/adapters.py). Flat keys so a run stays one flat YAML."""
 
     adapter: Literal["none", "residual", "replace"] = field(
         default="none",

@@ -13,26 +13,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 from align_kit import files
-from align_kit.resources import locate
+from align_kit.resources import load_script, locate
 
 OUT = Path("runs/demo")  # the output_dir of every recipes/configs/*_tiny.yaml and eval/configs/embedded.yaml
 STAGES = ["sft", "dpo", "reward", "ppo", "best_of_n"]
-
-
-def load_script(path: Path, name: str):
-    """Import a script (recipes are scripts, not a package) as module ``name``."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(name: str, script: str, config: str, done: Path) -> float:
@@ -49,7 +38,7 @@ def run(name: str, script: str, config: str, done: Path) -> float:
 
 def oracle_means(eval_dir: Path) -> dict[str, dict]:
     """Mean oracle score per system and family, from the answers the evaluation generated."""
-    from align_kit.generation import oracle_scores
+    from align_kit.models.generation import oracle_scores
 
     table = {}
     for path in sorted((eval_dir / "generations").glob("*.jsonl")):

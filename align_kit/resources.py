@@ -9,7 +9,9 @@ The judges (``eval/judges``), the evaluation configs (``eval/configs``) and the 
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the repository, when running from a checkout
@@ -60,3 +62,21 @@ def find_config(name_or_path: str) -> Path:
             return candidate
     looked = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(f"no config {name_or_path!r}: not a file here, nor shipped ({looked})")
+
+
+def load_script(path: Path, name: str):
+    """Import a script (recipes are scripts, not a package) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_recipe(recipe: str, name: str | None = None):
+    """The shipped (or checked-out) recipe ``recipes/<recipe>.py`` as a module, imported once per ``name``:
+    the one way the demo and the loss lab run a recipe."""
+    name = name or f"align_kit_recipe_{recipe}"
+    if name in sys.modules:
+        return sys.modules[name]
+    return load_script(shipped("recipes") / f"{recipe}.py", name)

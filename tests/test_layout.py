@@ -1,5 +1,6 @@
-"""The library's shape: imports go one way (no circles, training never imports the evaluation), modules stay
-small enough to read, recipes stay short."""
+"""The library's shape: one folder per layer, imports only to a lower rank or inside the same folder (no
+circles; `training/` and `judges/` never import each other; the evaluation never imports training), modules
+small enough to read, recipes short."""
 
 from __future__ import annotations
 
@@ -9,31 +10,48 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "align_kit"
-MODULES = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init__")
 
-# What trains a model and what judges one; the orchestrators (cli, demo, loss_sweep, loss_search) use both.
-TRAINING = {
-    "adapters", "callbacks", "configs", "data", "files", "formats", "generation", "grpo", "guards",
-    "losses", "models", "parsing", "ppo", "prompts", "quiet", "resources", "reward_funcs", "rewards", "runs", "task",
+# A unit is a top-level module or a folder; it may import units of a lower rank, and modules of its own folder.
+RANKS = {
+    "console": 0, "files": 0, "resources": 0,
+    "configs": 1,
+    "parsing": 2,
+    "data": 3,
+    "models": 4,
+    "training": 5, "judges": 5,
+    "evaluation": 6,
+    "loss_lab": 7,
+    "cli": 8, "demo": 8,
 }  # fmt: skip
-EVALUATION = {
-    "answers", "audits", "eval_args", "evaluation", "judge_backends", "judge_cache", "judge_config",
-    "judge_openai", "judge_setup", "judges", "leaderboard", "plots", "ratings", "reports", "stats", "verdicts",
-}  # fmt: skip
+
+
+def module_name(path: Path) -> str:
+    """``align_kit/models/loading.py`` -> ``models.loading``; ``align_kit/files.py`` -> ``files``."""
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
+
+
+def unit(module: str) -> str:
+    return module.split(".")[0]
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every align_kit module ``path`` imports, at the top or inside a function."""
+    """Every align_kit module ``path`` imports, at the top or inside a function (``models.loading``, ``files``)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module == "align_kit":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("align_kit."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "align_kit":
+            base = node.module.removeprefix("align_kit").lstrip(".")
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if base else alias.name)
+            found.add(base)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("align_kit.")}
-    return found & set(MODULES)
+            found |= {
+                a.name.removeprefix("align_kit.") for a in node.names if a.name.startswith("align_kit.")
+            }
+    return {name for name in found if name in MODULES}
 
 
 GRAPH = {name: imported_modules(path) - {name} for name, path in MODULES.items()}
@@ -59,36 +77,53 @@ def a_circle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_circle_finder_finds_a_circle_and_accepts_a_line():
+def upward(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Imports that go to a higher or equal rank outside the importer's own folder."""
+    bad = {}
+    for name, targets in graph.items():
+        wrong = [t for t in sorted(targets) if unit(t) != unit(name) and RANKS[unit(t)] >= RANKS[unit(name)]]
+        if wrong:
+            bad[name] = wrong
+    return bad
+
+
+def test_the_checks_find_a_circle_and_an_upward_import():
     assert a_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert a_circle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
-    assert imported_modules(PACKAGE / "evaluation.py") >= {
-        "answers",
-        "audits",
-        "reports",
+    assert imported_modules(PACKAGE / "evaluation" / "pipeline.py") >= {
+        "evaluation.answers",
+        "evaluation.audits",
+        "evaluation.reports",
     }  # the walk sees imports
+    assert upward({"models.loading": {"training.runs"}, "training.runs": {"judges.protocol"}}) == {
+        "models.loading": ["training.runs"],
+        "training.runs": ["judges.protocol"],
+    }
+    assert upward({"evaluation.pipeline": {"judges.protocol", "evaluation.stats", "files"}}) == {}
 
 
 def test_align_kit_imports_go_one_way():
     assert a_circle(GRAPH) is None
 
 
-def test_every_module_is_filed_once_and_training_never_imports_the_evaluation():
-    orchestrators = {
-        "cli",
-        "demo",
-        "loss_sweep",
-        "loss_search",
-        "loss_checks",
-        "loss_sandbox",
-        "loss_discovery",
-    }
-    assert not TRAINING & EVALUATION
-    assert set(MODULES) == TRAINING | EVALUATION | orchestrators  # a new module is placed on purpose
-    crossings = {name: sorted(GRAPH[name] & EVALUATION) for name in TRAINING if GRAPH[name] & EVALUATION}
-    assert crossings == {}
+def test_every_module_sits_in_a_ranked_folder_and_imports_only_downward():
+    assert {unit(name) for name in MODULES} == set(
+        RANKS
+    )  # a new folder or top-level module is ranked on purpose
+    assert all(name.count(".") <= 1 for name in MODULES)  # one folder level
+    assert upward(GRAPH) == {}
+
+
+def test_recipes_never_import_the_evaluation_or_the_loss_lab_internals():
     for recipe in RECIPES:
-        assert not imported_modules(recipe) & EVALUATION, recipe.name
+        reached = {unit(m) for m in imported_modules(recipe)}
+        if recipe.stem not in ("loss_sweep", "discover_loss"):
+            assert not reached & {"evaluation", "loss_lab"}, recipe.name
+
+
+def test_no_package_init_re_exports():
+    for init in PACKAGE.rglob("__init__.py"):
+        assert init.read_text().strip() == "" or init.read_text().lstrip().startswith('"""'), init
 
 
 def test_modules_and_recipes_stay_short():

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, tiny_run_args
 
 from align_kit import cli, resources
-from align_kit.judge_backends import load_judge
+from align_kit.judges.backends import load_judge
 
 BIN = Path(sys.executable).parent
 SHIPPED = {  # repository folder -> where the wheel puts it
@@ -151,7 +151,7 @@ def test_the_command_runs_sft_for_two_steps_from_a_shipped_config(tmp_path, monk
 
 
 def fake_tools(folder: Path, uid: int, with_apt: bool) -> Path:
-    """A PATH holding only what tools/ensure-browser.sh calls: id, and a fake apt-get that records its
+    """A PATH holding only what tests/ensure-browser.sh calls: id, and a fake apt-get that records its
     arguments and 'installs' chromium."""
     folder.mkdir()
     (folder / "id").write_text(f"#!/bin/sh\necho {uid}\n")
@@ -169,7 +169,7 @@ def fake_tools(folder: Path, uid: int, with_apt: bool) -> Path:
 def test_the_browser_step_installs_chromium_as_root_with_apt_and_otherwise_says_how(tmp_path, uid, with_apt):
     tools = fake_tools(tmp_path / "bin", uid, with_apt)
     done = subprocess.run(
-        ["/bin/sh", ROOT / "tools" / "ensure-browser.sh"],
+        ["/bin/sh", ROOT / "tests" / "ensure-browser.sh"],
         env={"PATH": str(tools)},
         capture_output=True,
         text=True,
@@ -189,4 +189,4 @@ def test_the_browser_step_installs_chromium_as_root_with_apt_and_otherwise_says_
 
 def test_the_makefile_runs_the_browser_step_before_the_tests():
     makefile = (ROOT / "Makefile").read_text()
-    assert "test: $(STAMP) browser" in makefile and "sh tools/ensure-browser.sh" in makefile
+    assert "test: $(STAMP) browser" in makefile and "sh tests/ensure-browser.sh" in makefile
