@@ -33,7 +33,7 @@ RUN_FILES = {
 WRAPPER = """
 import importlib.util, os, sys
 from pathlib import Path
-from align_kit import runs
+from align_kit.training import runs
 sys.path.insert(0, {tests!r})
 from test_multiprocess import weights_checksum
 
