@@ -71,12 +71,14 @@ class JudgeStats:
     rate_limited: int = 0
     server_errors: int = 0
     connection_errors: int = 0
+    bad_bodies: int = 0  # 2xx replies that were no chat completion (malformed JSON, HTML, no choices)
     parse_failures: int = 0
     prompt_tokens: int = 0  # from each response's usage (openai only)
     completion_tokens: int = 0
     cost: float = 0.0  # from the judge's prices per million tokens; 0 without prices
     logprob_fallbacks: int = 0  # verdict_from=logprobs answers read as text (a label not listed)
     lowest_concurrency: int = 0  # fewest requests let in flight after a timeout or 429 (openai; 0: no cut)
+    first_bad_body: str = ""  # the first bytes of the first bad body
 
 
 class Judge(Protocol):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from servers import TransformersServe, build_chat_model, serving_missing
 
-from align_kit.judge_backends import load_judge
+from align_kit.judge_backends import OpenAIJudge, load_judge
 from align_kit.judge_cache import JudgmentCache, cache_key
-from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeRequestError, OpenAIJudge
+from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeRequestError
 from align_kit.judges import PairItem, judge_both_orders
 
 pytestmark = pytest.mark.slow
