@@ -180,9 +180,10 @@ class OpenAIClient:
                     f"{self.where()}: no chat completion in {attempts} attempts: {server_message(err.body)}"
                 ) from err
             if err.status_code in (401, 403):
+                key = self.settings.api_key_env
+                hint = f"check the key in ${key}" if key else "no key was sent: api_key_env is null"
                 raise EndpointRefused(
-                    f"{self.where()}: HTTP {err.status_code}: {_reason(err)} (check the key in "
-                    f"{self.settings.api_key_env or 'api_key_env, which is unset'})"
+                    f"{self.where()}: HTTP {err.status_code}: {_reason(err)} ({hint})"
                 ) from None
             retried = err.status_code in (408, 409, 429) or err.status_code >= 500
             after = f" after {attempts} attempts" if retried else ""
