@@ -53,8 +53,9 @@ from align_kit.audits import AuditPair, audit_judge, honeypots, judge_traffic, l
 from align_kit.configs import DataArgs
 from align_kit.eval_args import EvalArgs
 from align_kit.judge_cache import JudgmentCache
+from align_kit.judge_openai import EndpointRefused
 from align_kit.judge_setup import prepare_judges
-from align_kit.judges import PairResult
+from align_kit.judges import PairResult, log_traffic
 from align_kit.models import load_tokenizer
 from align_kit.parsing import parse, save_resolved
 from align_kit.reports import headline, opening, to_jsonable, write_report
@@ -380,6 +381,8 @@ def evaluate(
             results, judgments, audit_judgments, examples, undecided = evaluate_judge(
                 judge, cache, held, answers, plan, honeypot_pairs, labelled, args
             )
+        except EndpointRefused:
+            raise  # a refused key is the user's to fix: one line, exit 2
         except Exception as error:  # the judge gets a report saying why; the other judges still run
             results, judgments, audit_judgments, examples, undecided = (
                 {"error": f"{type(error).__name__}: {error}"},
@@ -391,7 +394,8 @@ def evaluate(
             if judge.name not in args.optional_judges:
                 failed.append(f"judge {judge.name}: {results['error']}")
         counts = _since(before, _counters(judge.stats))
-        results["traffic"] = judge_traffic(counts, args.judge_retry_threshold)
+        earlier = log_traffic(judge_folder(out_dir, judge.name), counts)  # a rerun adds to earlier runs'
+        results["traffic"] = judge_traffic(counts, args.judge_retry_threshold, earlier)
         results["skipped"] = {**dict(honeypot_skipped), **results.get("skipped", {})}
         results["notes"] = list(notes)
         results["metadata"] = {"judge": judge.name, "judge identity": judge.identity, **metadata}
