@@ -19,7 +19,8 @@ TRAINING = {
 }  # fmt: skip
 EVALUATION = {
     "answers", "audits", "eval_args", "evaluation", "judge_backends", "judge_cache", "judge_config",
-    "judge_openai", "judge_setup", "judges", "leaderboard", "plots", "ratings", "reports", "stats", "verdicts",
+    "judge_openai", "judge_setup", "judges", "leaderboard", "plots", "ratings", "reports", "served", "stats",
+    "verdicts",
 }  # fmt: skip
 
 
