@@ -156,3 +156,33 @@ def test_a_refused_key_is_one_line_with_exit_2(server, tmp_path, monkeypatch, ca
     line = capsys.readouterr().err.strip()
     assert line.count("\n") == 0 and f"HTTP {status}: fake {status} (check the key in $SERVED_KEY)" in line
     assert "sk-wrong" not in line and server.seen["question 0"] + server.seen["question 1"] <= 4  # no retry
+
+
+def test_a_judge_refusing_the_key_stops_the_evaluation_in_one_line(server, tmp_path, capsys):
+    from align_kit.answers import held_out
+    from align_kit.configs import DataArgs
+    from align_kit.evaluation import evaluate_systems
+    from align_kit.judge_backends import load_judge
+
+    server.status = 401
+    sizes = {"embedded_train_size": 20, "embedded_test_size": 12}
+    held = held_out(EvalArgs(n_prompts=4), DataArgs(**sizes))
+    rows = [{"prompt": p, "answer": a} for p, a in zip(held.prompts, held.chosen, strict=True)]
+    (tmp_path / "copy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "prompt.txt").write_text("{instruction}\n1: {output_1}\n2: {output_2}\n")
+    (tmp_path / "judge" / "judge.yaml").write_text(
+        f"backend: openai\nmodel: m\ntemplate: prompt.txt\napi_key_env: null\nbase_url: {server.url}\n"
+    )
+    judge = load_judge(tmp_path / "judge")
+    settings = {**sizes, "n_prompts": 4, "n_honeypots": 0, "n_human": 0, "progress": False}
+
+    def main():
+        evaluate_systems(
+            {"copy": str(tmp_path / "copy.jsonl")}, "copy", [judge], tmp_path / "out", **settings
+        )
+
+    assert exit_status(main) == EXIT_MISTAKE
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("align-kit: judge judge at ") and "HTTP 401: fake 401 (no key was sent" in line
+    assert len(server.bodies) == 1  # the first request, no retry, nothing after it
