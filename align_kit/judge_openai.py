@@ -1,8 +1,8 @@
-"""The OpenAI-compatible chat-completions client (``OpenAIClient``) its transport.
+"""The OpenAI-compatible chat-completions client (``OpenAIClient``) and its transport.
 
-One client serves every endpoint align-kit talks to: a judge (``judge_backends.OpenAIJudge``), a served system under
-evaluation (``align_kit.served``) and the loss proposer (``align_kit.loss_discovery``), so all get the
-same metering, budget, proxy and retry handling.
+One client serves every endpoint align-kit talks to: a judge (``judge_backends.OpenAIJudge``), a served
+system under evaluation (``align_kit.served``) and the loss proposer (``align_kit.loss_discovery``), so
+all get the same metering, budget, proxy and retry handling.
 
 The openai client does the retrying (timeouts, connection errors, 408/409/429/5xx; backoff from 0.5 s
 doubling to 8 s, or the server's Retry-After). Under it, ``_GuardedTransport`` sees every HTTP attempt
