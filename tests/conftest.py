@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from align_kit.demo import load_script
-from align_kit.judges import JudgeStats
-from align_kit.models import (
+from align_kit.judges.protocol import JudgeStats
+from align_kit.models.loading import (
     EMBEDDED_NAME,
     TinyGPT2Shape,
     build_byte_tokenizer,
@@ -166,7 +166,7 @@ def reward_folders(tmp_path_factory) -> list[str]:
 
     import torch
 
-    from align_kit import rewards
+    from align_kit.models import rewards
 
     folders = []
     for seed in (0, 1):

@@ -8,17 +8,10 @@ import pytest
 from conftest import ASSETS
 
 from align_kit.configs import DataArgs
-from align_kit.data import (
-    ASSISTANT,
-    DataError,
-    RowError,
-    count_turns,
-    load_preferences,
-    split_by_prompt,
-    split_hh,
-    to_sft,
-)
-from align_kit.models import build_byte_tokenizer
+from align_kit.data.formats import DataError, RowError, split_hh
+from align_kit.data.loading import load_preferences, split_by_prompt, to_sft
+from align_kit.data.prompts import ASSISTANT, count_turns
+from align_kit.models.loading import build_byte_tokenizer
 
 HH = ASSETS / "hh_rlhf_tiny.jsonl"
 

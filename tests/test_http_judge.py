@@ -18,11 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from servers import free_port
 
-from align_kit.judge_backends import OpenAIJudge, load_judge
-from align_kit.judge_cache import JudgmentCache, cache_key
-from align_kit.judge_config import JudgeConfig
-from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeBudgetExceeded, JudgeRequestError
-from align_kit.judges import PairItem, judge_both_orders
+from align_kit.judges.backends import OpenAIJudge, load_judge
+from align_kit.judges.cache import JudgmentCache, cache_key
+from align_kit.judges.config import JudgeConfig
+from align_kit.judges.openai_client import REFUSED_ATTEMPTS, JudgeBudgetExceeded, JudgeRequestError
+from align_kit.judges.protocol import PairItem, judge_both_orders
 
 
 class WideBacklogServer(ThreadingHTTPServer):
@@ -518,7 +518,7 @@ def test_a_server_sending_bad_bodies_caches_nothing_and_a_healthy_rerun_gets_eve
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_refused_key_is_a_users_mistake_in_one_line(server, tmp_path, status):
     from align_kit.configs import ConfigError
-    from align_kit.guards import EXIT_MISTAKE, exit_status
+    from align_kit.training.guards import EXIT_MISTAKE, exit_status
 
     judge = make_judge(server.url, tmp_path)
 

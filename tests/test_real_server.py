@@ -12,10 +12,10 @@ import json
 import pytest
 from servers import TransformersServe, build_chat_model, serving_missing
 
-from align_kit.judge_backends import OpenAIJudge, load_judge
-from align_kit.judge_cache import JudgmentCache, cache_key
-from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeRequestError
-from align_kit.judges import PairItem, judge_both_orders
+from align_kit.judges.backends import OpenAIJudge, load_judge
+from align_kit.judges.cache import JudgmentCache, cache_key
+from align_kit.judges.openai_client import REFUSED_ATTEMPTS, JudgeRequestError
+from align_kit.judges.protocol import PairItem, judge_both_orders
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_a_wrong_model_name_stops_at_once_with_the_servers_message(serve, tmp_pa
 
 
 def test_a_served_system_answers_through_the_real_server_and_a_rerun_asks_nothing(serve, tmp_path):
-    from align_kit.evaluation import evaluate_systems
+    from align_kit.evaluation.pipeline import evaluate_systems
 
     def requests_served() -> int:  # uvicorn's access log, one line per request
         return serve.log.read_text(errors="replace").count("POST /v1/chat/completions")

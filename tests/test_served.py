@@ -13,12 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from align_kit.answers import System, resolve_systems
-from align_kit.eval_args import EvalArgs
-from align_kit.guards import EXIT_MISTAKE, exit_status
-from align_kit.judge_openai import EndpointRefused
-from align_kit.prompts import format_prompt
-from align_kit.served import ServedSystemFailed, served_answers, served_endpoint
+from align_kit.data.prompts import format_prompt
+from align_kit.evaluation.answers import System, resolve_systems
+from align_kit.evaluation.served import ServedSystemFailed, served_answers, served_endpoint
+from align_kit.evaluation.settings import EvalArgs
+from align_kit.judges.openai_client import EndpointRefused
+from align_kit.training.guards import EXIT_MISTAKE, exit_status
 
 
 class EchoServer:
@@ -159,10 +159,10 @@ def test_a_refused_key_is_one_line_with_exit_2(server, tmp_path, monkeypatch, ca
 
 
 def test_a_judge_refusing_the_key_stops_the_evaluation_in_one_line(server, tmp_path, capsys):
-    from align_kit.answers import held_out
     from align_kit.configs import DataArgs
-    from align_kit.evaluation import evaluate_systems
-    from align_kit.judge_backends import load_judge
+    from align_kit.evaluation.answers import held_out
+    from align_kit.evaluation.pipeline import evaluate_systems
+    from align_kit.judges.backends import load_judge
 
     server.status = 401
     sizes = {"embedded_train_size": 20, "embedded_test_size": 12}
