@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table, write_result  # noqa: E402
 
-from align_kit.data import task
+from align_kit.data import task  # noqa: E402
 from align_kit.models.generation import generate  # noqa: E402
 from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2  # noqa: E402
 

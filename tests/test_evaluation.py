@@ -697,6 +697,30 @@ def test_judge_traffic_is_reported_and_a_limping_run_is_flagged(tmp_path):
     assert "| cost_usd |" in "\n".join(lines) and "| timeouts | " + str(calls) + " |" in "\n".join(lines)
 
 
+def test_judge_traffic_accumulates_across_reruns_of_one_evaluation(tmp_path):
+    class Limping(ScriptedJudge):
+        def judge_batch(self, items):
+            self.stats.requests += 2 * len(items)
+            self.stats.retries += len(items)
+            self.stats.timeouts += len(items)
+            return super().judge_batch(items)
+
+    held, copy = copy_of_chosen(tmp_path)
+    first = evaluate_systems(
+        {"copy": copy}, "copy", [Limping(lambda i: "A", "limping", 64)], tmp_path, **SMALL
+    )
+    calls = first["judge_calls"]["limping"]
+    again = evaluate_systems(
+        {"copy": copy}, "copy", [Limping(lambda i: "A", "limping", 64)], tmp_path, **SMALL
+    )
+    traffic = again["judges"]["limping"]["traffic"]
+    assert again["judge_calls"]["limping"] == 0 and traffic["counts"]["timeouts"] == 0  # all from the cache
+    assert traffic["runs"] == 2 and traffic["all_runs"]["timeouts"] == calls and traffic["flagged"]
+    text = (tmp_path / "limping" / "report.md").read_text()
+    assert "| Counter | This run | All 2 runs |" in text and f"| timeouts | 0 | {calls} |" in text
+    assert f"{calls} of {2 * calls} requests retried over 2 runs (50%" in text
+
+
 def test_a_judge_that_dies_mid_run_gets_a_report_and_the_others_finish(tmp_path):
     class Dying(ScriptedJudge):
         def judge_batch(self, items):

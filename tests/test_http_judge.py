@@ -18,14 +18,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from servers import free_port
 
-from align_kit.judges.backends import load_judge
+from align_kit.judges.backends import OpenAIJudge, load_judge
 from align_kit.judges.cache import JudgmentCache, cache_key
 from align_kit.judges.config import JudgeConfig
 from align_kit.judges.openai_client import (
     REFUSED_ATTEMPTS,
     JudgeBudgetExceeded,
     JudgeRequestError,
-    OpenAIJudge,
 )
 from align_kit.judges.protocol import PairItem, judge_both_orders
 
@@ -40,6 +39,11 @@ class WideBacklogServer(ThreadingHTTPServer):
 TEMPLATE = "Q: {instruction}\nR1: {output_1}\nR2: {output_2}\n"
 CLIENT_TIMEOUT = 0.3
 CONTEXT_MESSAGE = "This model's maximum context length is 256 tokens. However, you requested 400 tokens."
+BAD_BODIES = {  # 200 replies that are no chat completion: (content type, body)
+    "html": ("text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "badjson": ("application/json", b'{"id": "chatcmpl-1", "choices": [{"index": 0, "mess'),
+    "nochoices": ("application/json", b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": []}'),
+}
 USAGE = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
 
 
@@ -50,7 +54,9 @@ class ChatServer:
     [429-once], [500-twice], [429-always], [500-always] fail that often first (5xx and 429 carry
     retry-after-ms: 10); [late] adds 0.3 s before answering; [status:NNN] always answers NNN with an
     OpenAI-style error (422: FastAPI's detail list); [500-context] a 500 saying the context is too
-    long; [500-bare] a plain-text 'Internal Server Error'; [junk] answers prose; [reason] a rationale
+    long; [500-bare] a plain-text 'Internal Server Error'; [html-once], [badjson-once], [nochoices-once]
+    answer 200 with an HTML page, cut JSON or an empty choices list the first time (``body_fault``
+    set to one of those kinds: every time); [junk] answers prose; [reason] a rationale
     then 'Verdict: N'; [close] and [one-label] shape the logprobs. Otherwise it answers '1' or '2' for
     the reply containing 'good', else 'tie'. ``one_at_a_time`` serves one request at a time, each
     taking ``latency`` seconds (as transformers serve does, also for clients that gave up)."""
@@ -63,6 +69,7 @@ class ChatServer:
         self.lock = threading.Lock()
         self.serial = threading.Lock() if one_at_a_time else None
         self.latency = latency
+        self.body_fault: str | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -128,6 +135,9 @@ class ChatServer:
         ):
             code = 429 if "[429" in question else 500
             return self.reply(request, code, {"error": {"message": "try again", "type": "server_error"}})
+        fault = next((k for k in BAD_BODIES if f"[{k}-once]" in question and n == 1), self.body_fault)
+        if fault is not None:
+            return self.send_bad_body(request, fault)
         if "[junk]" in question:
             answer = "I think Reply 1 is better."
         elif "good" in reply_1 and "good" not in reply_2:
@@ -170,6 +180,15 @@ class ChatServer:
         request.send_header("Content-Length", str(len(data)))
         if status == 429 or status >= 500:
             request.send_header("retry-after-ms", "10")  # honoured by the openai client: fast tests
+        request.end_headers()
+        request.wfile.write(data)
+
+    @staticmethod
+    def send_bad_body(request: BaseHTTPRequestHandler, kind: str) -> None:
+        content_type, data = BAD_BODIES[kind]
+        request.send_response(200)
+        request.send_header("Content-Type", content_type)
+        request.send_header("Content-Length", str(len(data)))
         request.end_headers()
         request.wfile.write(data)
 
@@ -460,3 +479,58 @@ def test_judge_options_are_checked_when_read(settings, message):
     values = {"backend": "openai", "model": "m", "template": "t.txt", **settings}
     with pytest.raises(ValueError, match=re.escape(message)):
         JudgeConfig(**values)
+
+
+def test_bad_bodies_are_server_faults_retried_and_counted(server, tmp_path):
+    kinds = list(BAD_BODIES)
+    questions = [prompt(f"[{kind}-once] pick") for kind in kinds]
+    cache = JudgmentCache(tmp_path / "verdicts.jsonl")
+    judge = make_judge(server.url, tmp_path, max_retries=2)
+    rows = judge_both_orders(judge, questions, ["good"] * 3, ["bad"] * 3, cache)
+    assert [r.outcome for r in rows] == ["win"] * 3  # every pair got its verdict on the retry
+    stats = judge.stats
+    assert (stats.bad_bodies, stats.retries, stats.requests, stats.parse_failures) == (6, 6, 12, 0)
+    assert stats.first_bad_body[:6] in ("<html>", '{"id":')
+    reread = JudgmentCache(cache.path)
+    keys = [cache_key(judge.identity, item.prompt, item.answer_a, item.answer_b) for item in judge.replies]
+    assert len(reread) == 6 and {reread.get(key) for key in keys} == {"A", "B"}  # no parse failure cached
+
+
+@pytest.mark.parametrize("kind", list(BAD_BODIES))
+def test_a_server_sending_bad_bodies_caches_nothing_and_a_healthy_rerun_gets_every_verdict(
+    server, tmp_path, kind
+):
+    server.body_fault = kind
+    cache = JudgmentCache(tmp_path / "verdicts.jsonl")
+    judge = make_judge(server.url, tmp_path, max_retries=1)
+    first_bytes = BAD_BODIES[kind][1][:20].decode()
+    with pytest.raises(
+        JudgeRequestError, match=r"no chat completion in 2 attempts: HTTP 200 with .*first bytes"
+    ) as caught:
+        judge_both_orders(judge, [prompt("pick")] * 1, ["good"], ["bad"], cache)
+    assert first_bytes in str(caught.value) and first_bytes in judge.stats.first_bad_body
+    stats = judge.stats
+    assert stats.bad_bodies == stats.requests >= 2 and stats.parse_failures == 0  # every reply was bad
+    assert len(JudgmentCache(cache.path)) == 0  # neither a verdict nor a parse failure was cached
+
+    server.body_fault = None
+    again = make_judge(server.url, tmp_path)
+    rows = judge_both_orders(again, [prompt("pick")], ["good"], ["bad"], JudgmentCache(cache.path))
+    assert [r.outcome for r in rows] == ["win"] and again.stats.calls == 2 and again.stats.bad_bodies == 0
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_is_a_users_mistake_in_one_line(server, tmp_path, status):
+    from align_kit.configs import ConfigError
+    from align_kit.console import EXIT_MISTAKE, exit_status
+
+    judge = make_judge(server.url, tmp_path)
+
+    def main():
+        judge.judge_batch([PairItem(prompt(f"[status:{status}] x"), "good", "bad")])
+
+    with pytest.raises(
+        ConfigError, match=rf"judge \S+ at \S+: HTTP {status}: fake {status} reason \(no key was sent"
+    ):
+        main()
+    assert exit_status(main) == EXIT_MISTAKE and judge.stats.retries == 0

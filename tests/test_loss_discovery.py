@@ -371,6 +371,17 @@ def test_the_proposer_retries_a_server_error_and_reads_the_key_from_the_environm
         OpenAIProposer(ProposerConfig(model="m", base_url=server.url, api_key_env="TEST_PROPOSER_KEY"))
 
 
+def test_the_proposer_is_metered_and_budgeted_by_the_judges_client(serve):
+    from align_kit.judges.openai_client import JudgeBudgetExceeded
+
+    server, proposer = serve(["```python\nx = 1\n```"], fail_first=1)
+    proposer.config.max_requests = 1  # the 500 spends the budget: the retry is refused before it is sent
+    with pytest.raises(JudgeBudgetExceeded, match=r"proposer proposer-test at .*: max_requests=1 reached"):
+        proposer("Write a loss.")
+    assert len(server.bodies) == 1
+    assert (proposer.stats.requests, proposer.stats.server_errors, proposer.stats.retries) == (1, 1, 0)
+
+
 def test_the_proposer_takes_an_openai_judges_endpoint_settings(tmp_path):
     from align_kit.judges.config import JudgeConfig
 

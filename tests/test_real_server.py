@@ -7,12 +7,14 @@ are what the judge expects."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from servers import TransformersServe, build_chat_model, serving_missing
 
-from align_kit.judges.backends import load_judge
+from align_kit.judges.backends import OpenAIJudge, load_judge
 from align_kit.judges.cache import JudgmentCache, cache_key
-from align_kit.judges.openai_client import REFUSED_ATTEMPTS, JudgeRequestError, OpenAIJudge
+from align_kit.judges.openai_client import REFUSED_ATTEMPTS, JudgeRequestError
 from align_kit.judges.protocol import PairItem, judge_both_orders
 
 pytestmark = pytest.mark.slow
@@ -125,3 +127,27 @@ def test_a_wrong_model_name_stops_at_once_with_the_servers_message(serve, tmp_pa
     ):
         judge.judge_batch([PairItem(p, "x", "y") for p in prompts(4)])
     assert judge.stats.requests == 1 and judge.stats.retries == 0
+
+
+def test_a_served_system_answers_through_the_real_server_and_a_rerun_asks_nothing(serve, tmp_path):
+    from align_kit.evaluation.pipeline import evaluate_systems
+
+    def requests_served() -> int:  # uvicorn's access log, one line per request
+        return serve.log.read_text(errors="replace").count("POST /v1/chat/completions")
+
+    settings = {"embedded_train_size": 20, "embedded_test_size": 12, "n_prompts": 6, "max_new_tokens": 4}
+    settings |= {"n_honeypots": 0, "n_human": 0, "n_boot": 50, "progress": False, "served_max_concurrency": 2}
+    systems = {"served": f"{serve.model}@{serve.url}"}
+    before = requests_served()
+    result = evaluate_systems(systems, "served", ["oracle"], tmp_path, **settings)
+    assert result["generated"] == {"served": 6} and requests_served() == before + 6
+    rows = [json.loads(line) for line in (tmp_path / "generations" / "served.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {row["answer"] for row in rows} == {"1111"}  # the model says '1' per token
+    assert rows[0]["model"] == f"served:{serve.model}" and rows[0]["generation"]["temperature"] == 0.0
+    log = (tmp_path / "served" / "served" / "traffic.jsonl").read_text().splitlines()
+    traffic = json.loads(log[0])
+    assert traffic["requests"] == traffic["calls"] == 6 and traffic["completion_tokens"] == 24
+
+    again = evaluate_systems(systems, "served", ["oracle"], tmp_path, **settings)
+    assert again["generated"] == {"served": 0} and requests_served() == before + 6  # no request
+    assert again["judges"]["oracle"]["comparisons"] == result["judges"]["oracle"]["comparisons"]

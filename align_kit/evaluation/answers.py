@@ -1,7 +1,8 @@
 """What the evaluation judges: the systems under test, the held-out prompts, and each system's answers.
 
 A system is a model (an align-kit run folder, a local model, a Hub id), a ``.jsonl`` file of precomputed
-answers, or best-of-N sampling from a policy with a reward model. Answers are kept in
+answers, a model served by an OpenAI-compatible endpoint (``served``), or best-of-N sampling from a policy
+with a reward model. Answers are kept in
 ``generations/<system>.jsonl`` and reused while the model, its weights, the decoding and the seed are the
 same; only missing prompts are generated, each process answering its share, and the file grows one
 generation batch at a time, so a crash loses at most the batch in progress.
@@ -20,6 +21,7 @@ from typing import Any
 from align_kit.configs import DataArgs, ModelArgs
 from align_kit.data.formats import DataError, load_raw
 from align_kit.data.loading import load_preferences, render_held_out, system_chat_format
+from align_kit.evaluation.served import served_answers, served_endpoint
 from align_kit.evaluation.settings import EvalArgs
 from align_kit.models import generation, rewards
 from align_kit.models.generation import best_of_n
@@ -35,7 +37,7 @@ ANSWER_FILE_SUFFIX = ".jsonl"
 
 @dataclass(frozen=True)
 class System:
-    """One system under evaluation: ``kind`` is 'model', 'answers' (a .jsonl file) or 'best_of_n'."""
+    """One system under evaluation: ``kind`` is 'model', 'answers' (a .jsonl file), 'served' or 'best_of_n'."""
 
     name: str
     path: str
@@ -73,6 +75,7 @@ def resolve_systems(args: EvalArgs, notes: list[str]) -> list[System]:
         if name == CHOSEN or name in {s.name for s in systems}:
             raise ValueError(f"systems entry {spec!r}: the name is taken ('{CHOSEN}' is reserved)")
         kind = "answers" if path.endswith(ANSWER_FILE_SUFFIX) else "model"
+        kind = "served" if served_endpoint(path) else kind
         systems.append(System(name, path, kind))
     if args.best_of_n_policy is not None:
         systems.append(System("best_of_n", args.best_of_n_policy, "best_of_n"))
@@ -81,7 +84,7 @@ def resolve_systems(args: EvalArgs, notes: list[str]) -> list[System]:
     kept = []
     for system in systems:
         reason = None
-        if missing_local(system.path):
+        if system.kind != "served" and missing_local(system.path):
             reason = f"{system.path} does not exist"
         elif unfinished_run(system.path):
             reason = f"{system.path} is an unfinished run (no run_complete.json)"
@@ -208,6 +211,12 @@ def system_answers(
     """
     if system.kind == "answers":
         return answers_from_file(system.path, held.prompts), 0
+    if system.kind == "served":  # asked by the main process, the one that judges
+        return (
+            served_answers(system.name, system.path, held.prompts, args, out_dir)
+            if state.is_main_process
+            else ([], 0)
+        )
     settings = generation_settings(args)
     if system.kind == "best_of_n":
         settings = {

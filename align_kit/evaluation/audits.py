@@ -15,7 +15,7 @@ from align_kit.evaluation import ratings, stats
 from align_kit.evaluation.answers import HeldOut, prompt_id
 from align_kit.evaluation.settings import HONEYPOT_KINDS
 from align_kit.evaluation.stats import Judgment
-from align_kit.judges.protocol import PairResult
+from align_kit.judges.protocol import PairResult, total_traffic
 from align_kit.judges.verdicts import Outcome
 
 AuditKind = Literal["honeypot", "labels"]
@@ -208,27 +208,36 @@ def trust_verdict(checks: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def judge_traffic(counts: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """A judge's request counters for one run (every ``JudgeStats`` field) and whether they flag it: more
-    than ``threshold`` of its requests retried. ``line`` says why when flagged."""
-    requests, retries = counts.get("requests") or 0, counts.get("retries") or 0
+def judge_traffic(
+    counts: dict[str, Any], threshold: float, earlier: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """A judge's request counters for this run (every ``JudgeStats`` field) and, with the counters of
+    ``earlier`` runs of the same evaluation, for all runs; they flag it when more than ``threshold`` of all
+    runs' requests were retried (a rerun answered from the cache keeps an earlier run's flag). ``line`` says
+    why when flagged."""
+    total = total_traffic([*earlier, counts])
+    requests, retries = total.get("requests") or 0, total.get("retries") or 0
     rate = retries / requests if requests else 0.0
     flagged = bool(requests) and rate > threshold
     failures = {
-        "timeouts": counts.get("timeouts", 0),
-        "429s": counts.get("rate_limited", 0),
-        "5xx": counts.get("server_errors", 0),
-        "connection errors": counts.get("connection_errors", 0),
+        "timeouts": total.get("timeouts", 0),
+        "429s": total.get("rate_limited", 0),
+        "5xx": total.get("server_errors", 0),
+        "bad bodies": total.get("bad_bodies", 0),
+        "connection errors": total.get("connection_errors", 0),
     }
     line = ""
     if flagged:
         causes = ", ".join(f"{v} {k}" for k, v in failures.items() if v) or "no cause counted"
+        runs = f" over {len(earlier) + 1} runs" if earlier else ""
         line = (
-            f"judge traffic: {retries} of {requests} requests retried ({100 * rate:.0f}%, over the "
+            f"judge traffic: {retries} of {requests} requests retried{runs} ({100 * rate:.0f}%, over the "
             f"{100 * threshold:g}% threshold; {causes}): the run limped, check the endpoint"
         )
     return {
         "counts": dict(counts),
+        "runs": len(earlier) + 1,
+        "all_runs": total,
         "retry_rate": rate,
         "threshold": threshold,
         "flagged": flagged,

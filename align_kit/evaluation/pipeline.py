@@ -65,7 +65,8 @@ from align_kit.evaluation.settings import EvalArgs
 from align_kit.evaluation.stats import Judgment
 from align_kit.judges import protocol as judges_lib
 from align_kit.judges.cache import JudgmentCache
-from align_kit.judges.protocol import PairResult
+from align_kit.judges.openai_client import EndpointRefused
+from align_kit.judges.protocol import PairResult, log_traffic
 from align_kit.judges.verdicts import pair_score
 from align_kit.models.loading import load_tokenizer
 from align_kit.parsing import parse, save_resolved
@@ -388,6 +389,8 @@ def evaluate(
             results, judgments, audit_judgments, examples, undecided = evaluate_judge(
                 judge, cache, held, answers, plan, honeypot_pairs, labelled, args
             )
+        except EndpointRefused:
+            raise  # a refused key is the user's to fix: one line, exit 2
         except Exception as error:  # the judge gets a report saying why; the other judges still run
             results, judgments, audit_judgments, examples, undecided = (
                 {"error": f"{type(error).__name__}: {error}"},
@@ -399,7 +402,8 @@ def evaluate(
             if judge.name not in args.optional_judges:
                 failed.append(f"judge {judge.name}: {results['error']}")
         counts = _since(before, _counters(judge.stats))
-        results["traffic"] = judge_traffic(counts, args.judge_retry_threshold)
+        earlier = log_traffic(judge_folder(out_dir, judge.name), counts)  # a rerun adds to earlier runs'
+        results["traffic"] = judge_traffic(counts, args.judge_retry_threshold, earlier)
         results["skipped"] = {**dict(honeypot_skipped), **results.get("skipped", {})}
         results["notes"] = list(notes)
         results["metadata"] = {"judge": judge.name, "judge identity": judge.identity, **metadata}

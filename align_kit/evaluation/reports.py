@@ -316,15 +316,15 @@ def _group_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[str], l
 
 
 def _traffic_table(traffic: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    runs, total = traffic.get("runs", 1), traffic.get("all_runs", {})
     rows = [[name, _plain(value)] for name, value in traffic["counts"].items()]
-    rows.append(
-        [
-            "retried fraction of requests",
-            f"{_pct(traffic['retry_rate'])} (flag above {_pct(traffic['threshold'])})",
-        ]
-    )
-    rows.append(["flagged", "YES" if traffic["flagged"] else "no"])
-    return ["Counter (this run)", "Value"], rows
+    if runs > 1:  # this run beside all runs of this evaluation folder
+        rows = [row + [_plain(total.get(row[0], ""))] for row in rows]
+    rate = f"{_pct(traffic['retry_rate'])} (flag above {_pct(traffic['threshold'])})"
+    rows.append(["retried fraction of requests", *([""] if runs > 1 else []), rate])
+    rows.append(["flagged", *([""] if runs > 1 else []), "YES" if traffic["flagged"] else "no"])
+    headers = ["Counter", "This run", f"All {runs} runs"] if runs > 1 else ["Counter (this run)", "Value"]
+    return headers, rows
 
 
 def _unparseable_table(shown: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:

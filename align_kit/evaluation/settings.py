@@ -19,7 +19,8 @@ class EvalArgs:
         default_factory=lambda: ["sft=runs/demo/sft", "dpo=runs/demo/dpo"],
         metadata={
             "help": "Systems as name=path: a model folder (an align-kit run or any causal LM), a Hub id, "
-            "'tiny-gpt2', or a .jsonl file of precomputed answers with 'prompt' and 'answer' keys. A local "
+            "'tiny-gpt2', a .jsonl file of precomputed answers with 'prompt' and 'answer' keys, or MODEL@BASE_URL, "
+            "a model served by an OpenAI-compatible endpoint (e.g. m@http://127.0.0.1:8000/v1). A local "
             "path that does not exist, or an align-kit run without run_complete.json, is skipped with a note."
         },
     )
@@ -143,6 +144,22 @@ class EvalArgs:
         default=3.0,
         metadata={"help": "Seconds the check before generation waits for a judge's endpoint to accept."},
     )
+    served_api_key_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "Served systems (MODEL@BASE_URL): environment variable holding the key; null sends 'EMPTY'."
+        },
+    )
+    served_timeout: float = field(
+        default=120.0, metadata={"help": "Served systems: seconds before a request counts as timed out."}
+    )
+    served_max_retries: int = field(
+        default=3,
+        metadata={"help": "Served systems: retries after a timeout, 429, 5xx, bad body or lost connection."},
+    )
+    served_max_concurrency: int = field(
+        default=4, metadata={"help": "Served systems: most requests in flight (the window starts at 1)."}
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -160,7 +177,8 @@ class EvalArgs:
         if unknown:
             raise ConfigError(f"honeypot_kinds: {unknown} not among {list(HONEYPOT_KINDS)}")
         check_at_least(self, 1, "n_prompts", "max_new_tokens", "batch_size", "best_of_n_n", "n_boot")
-        check_at_least(self, 0, "n_honeypots", "n_human", "n_examples", "seed")
+        check_at_least(self, 0, "n_honeypots", "n_human", "n_examples", "seed", "served_max_retries")
+        check_at_least(self, 1, "served_max_concurrency")
         check_fraction(self, "top_p")
         check_fraction(self, "level", high_open=True)
         for name in ("temperature", "best_of_n_temperature"):

@@ -8,6 +8,10 @@ cache, needs only the config and template, so a rerun answered from the cache lo
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ import torch
 from align_kit.configs import ModelArgs
 from align_kit.data.task import OracleScorer
 from align_kit.judges.config import JudgeConfig, judge_identity, read_judge_config, read_template
-from align_kit.judges.openai_client import OpenAIJudge
+from align_kit.judges.openai_client import OpenAIClient
 from align_kit.judges.protocol import (
     Judge,
     JudgeStats,
@@ -261,3 +265,116 @@ class HFLogitsJudge:
         ]
         self.stats.parse_failures += sum(r.verdict is None for r in replies)
         return replies
+
+
+# ---------------------------------------------------------------------------------------------------
+# An OpenAI-compatible endpoint
+
+
+@dataclass(frozen=True)
+class JudgeReply(Reply):
+    """A ``Reply`` (verdict, raw text, rationale in mode: reason) with what only this backend knows."""
+
+    margin: float | None = None  # verdict_from: logprobs, logprob(label A) - logprob(label B)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class OpenAIJudge(OpenAIClient):
+    """An OpenAI-compatible chat-completions judge (see the module docstring).
+
+    ``replies`` keeps the reply (raw text, rationale, margin, tokens) of every pair this judge answered,
+    keyed by its ``PairItem``.
+    """
+
+    def __init__(self, config: JudgeConfig, template: str):
+        super().__init__(config.name, config, "judge")
+        self.config, self.template = config, template
+        self.batch_size = config.batch_size
+        self.identity = judge_identity(config, template)
+        self.replies: dict[PairItem, JudgeReply] = {}
+
+    def messages(self, item: PairItem) -> list[dict[str, str]]:
+        messages = (
+            [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        )
+        messages.append({"role": "user", "content": render_prompt(self.template, item)})
+        return messages
+
+    def ask(self, item: PairItem) -> JudgeReply:
+        """One pair in one order; raises JudgeRequestError when it fails for good."""
+        config = self.config
+        request: dict[str, Any] = {
+            "temperature": config.temperature,
+            config.max_tokens_field: config.max_new_tokens,
+        }
+        if config.verdict_from == "logprobs":
+            request.update(logprobs=True, top_logprobs=config.top_logprobs)
+        return self.reply(self.complete(self.messages(item), **request))
+
+    def reply(self, response: Any) -> JudgeReply:
+        """Verdict, text and tokens of one (metered) response; counts parse failures."""
+        config = self.config
+        choice = response.choices[0] if response.choices else None
+        text = choice.message.content if choice is not None else None
+        usage = getattr(response, "usage", None)
+        tokens = {
+            "prompt_tokens": getattr(usage, "prompt_tokens", None) or 0,
+            "completion_tokens": getattr(usage, "completion_tokens", None) or 0,
+        }
+        margin = label_margin(choice, config.labels) if config.verdict_from == "logprobs" else None
+        if margin is not None:
+            return JudgeReply(verdict_from_margin(margin, config.tie_margin), text, margin=margin, **tokens)
+        if config.verdict_from == "logprobs":
+            self.count(logprob_fallbacks=1)
+        regex = config.parse_regex if config.parser == "regex" else None
+        verdict = parse_verdict(text, config.labels, config.tie_label, regex)
+        if verdict is None:
+            self.count(parse_failures=1)
+        rationale = rationale_of(text, regex) if config.mode == "reason" else None
+        return JudgeReply(verdict, text, rationale, **tokens)
+
+    def judge_stream(self, items: list[PairItem]) -> Iterator[tuple[int, JudgeReply]]:
+        """``(index in items, reply)`` for each pair, in the order the answers arrive (``stream``)."""
+        for index, reply in self.stream(items, self.ask):
+            self.replies[items[index]] = reply
+            yield index, reply
+
+    def judge_batch(self, items: list[PairItem]) -> list[JudgeReply]:
+        """One reply per item; raises as ``judge_stream`` does, after all replies it got are in ``replies``."""
+        replies: dict[int, JudgeReply] = dict(self.judge_stream(items))
+        return [replies[index] for index in range(len(items))]
+
+
+def label_margin(choice: Any, labels: list[str]) -> float | None:
+    """log P(label A) - log P(label B) at the first answer token, from its top_logprobs (tokens that
+    spell the same label, such as '1' and ' 1', are summed); None when either label is not listed."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    by_label: dict[str, list[float]] = {label.strip(): [] for label in labels}
+    for candidate in content[0].top_logprobs or []:
+        if candidate.token.strip() in by_label:
+            by_label[candidate.token.strip()].append(candidate.logprob)
+    first, second = (by_label[label.strip()] for label in labels)
+    if not first or not second:
+        return None
+    return _logsumexp(first) - _logsumexp(second)
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def rationale_of(text: str | None, regex: str | None) -> str | None:
+    """mode: reason: the regex's group 'rationale', else the text before the verdict; None without a match."""
+    if text is None or regex is None:
+        return None
+    match = re.fullmatch(regex, text.strip(), flags=re.DOTALL)
+    if match is None:
+        return None
+    if "rationale" in match.re.groupindex:
+        return (match.group("rationale") or "").strip()
+    group = "verdict" if "verdict" in match.re.groupindex else 1
+    return match.string[: match.start(group)].strip()

@@ -1,47 +1,47 @@
-"""The OpenAI-compatible chat-completions judge: one request per pair and order, concurrent.
+"""The OpenAI-compatible chat-completions client (``OpenAIClient``) and its transport.
+
+One client serves every endpoint align-kit talks to: a judge (``judge_backends.OpenAIJudge``), a served
+system under evaluation (``align_kit.evaluation.served``) and the loss proposer (``align_kit.loss_lab.discovery``), so
+all get the same metering, budget, proxy and retry handling.
 
 The openai client does the retrying (timeouts, connection errors, 408/409/429/5xx; backoff from 0.5 s
 doubling to 8 s, or the server's Retry-After). Under it, ``_GuardedTransport`` sees every HTTP attempt
 and
 
-- counts requests, retries, timeouts, 429s, 5xx and connection errors into the judge's ``JudgeStats``;
+- counts requests, retries, timeouts, 429s, 5xx and connection errors into the client's ``JudgeStats``;
+- turns a 2xx reply that is not a chat completion (malformed JSON, an HTML page, no ``choices``) into a
+  server fault: counted as a bad body with its first bytes, retried like a 5xx, never handed on as an
+  answer (so never cached as a verdict or a parse failure);
 - stops at once, with the server's own message, on failures that no retry can fix: a 4xx other than
-  408/409/429 (the client does not retry those) and a 5xx whose message says the prompt is longer than
-  the model's context or the model has no chat template; a refused connection stops after
-  ``REFUSED_ATTEMPTS`` attempts with "nothing listening at URL";
+  408/409/429 (the client does not retry those; a 401/403 is ``EndpointRefused``, a user's mistake) and
+  a 5xx whose message says the prompt is longer than the model's context or the model has no chat
+  template; a refused connection stops after ``REFUSED_ATTEMPTS`` attempts with "nothing listening at URL";
 - holds the requests in flight to what the server takes (``_InFlightLimit``): from 1, doubled while
   requests succeed, halved after a timeout or 429, then raised by one per round of successes;
 - checks the budget (``max_requests``, ``max_cost``) before each attempt.
 
-``judge_stream`` hands back each reply as it arrives, so a caller caches it at once; when a request
-fails for good, no new request starts, the ones in flight finish and are handed back, then the error
-is raised. ``judge_batch`` (the ``Judge`` protocol) returns the replies as a list.
+``OpenAIClient.stream`` hands back each answer as it arrives, so a caller caches it at once; when a
+request fails for good, no new request starts, the ones in flight finish and are handed back, then the
+error is raised.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 import openai
 
-from align_kit.judges.config import JudgeConfig, judge_identity
+from align_kit.configs import ConfigError
 from align_kit.judges.protocol import (
     JudgeStats,
-    PairItem,
-    Reply,
-    parse_verdict,
-    render_prompt,
-    verdict_from_margin,
 )
 
 REFUSED_ATTEMPTS = 3  # a refused connection is tried this often (about 1.5 s of backoff), then the run stops
@@ -54,15 +54,24 @@ BARE_500_HINT = (
     "the server gave no reason; transformers serve answers this way for a prompt longer than the model's "
     "context, a model without a chat template, or a model it cannot load; its log names the cause"
 )
+BAD_BODY_STATUS = 502  # a 2xx reply that is no chat completion is handed to the openai client as this
+BAD_BODY_HEADER = "x-align-kit-bad-body"
+BAD_BODY_BYTES = 80  # how much of a bad body the traffic table and the error line show
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
 
 
 class JudgeRequestError(RuntimeError):
-    """A request that failed for good (permanent error, retries spent, nothing listening); the verdicts
+    """A request that failed for good (permanent error, retries spent, nothing listening); the answers
     handed back before it are kept."""
 
 
 class JudgeBudgetExceeded(JudgeRequestError):
-    """The judge's ``max_requests`` or ``max_cost`` was reached; every verdict paid for was handed back."""
+    """The ``max_requests`` or ``max_cost`` budget was reached; every answer paid for was handed back."""
+
+
+class EndpointRefused(JudgeRequestError, ConfigError):
+    """A 401 or 403: the key (or its permissions) is wrong; the user's to fix, printed as one line."""
 
 
 class _Stop(openai.OpenAIError):
@@ -73,30 +82,21 @@ class _Stop(openai.OpenAIError):
         self.error = error
 
 
-@dataclass(frozen=True)
-class JudgeReply(Reply):
-    """A ``Reply`` (verdict, raw text, rationale in mode: reason) with what only this backend knows."""
+class OpenAIClient:
+    """One OpenAI-compatible chat-completions endpoint, metered (see the module docstring).
 
-    margin: float | None = None  # verdict_from: logprobs, logprob(label A) - logprob(label B)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class OpenAIJudge:
-    """An OpenAI-compatible chat-completions judge (see the module docstring).
-
-    ``replies`` keeps the reply (raw text, rationale, margin, tokens) of every pair this judge answered,
-    keyed by its ``PairItem``.
+    ``settings`` holds the endpoint fields of ``JudgeConfig``: ``model``, ``base_url``, ``api_key_env``,
+    ``timeout``, ``max_retries`` and, where it has them, ``max_concurrency`` (default 1), ``max_requests``,
+    ``max_cost`` and the two prices per million tokens. ``role`` names the client in every message
+    ("judge", "system", "proposer").
     """
 
-    def __init__(self, config: JudgeConfig, template: str):
-        self.config, self.template = config, template
-        self.name, self.batch_size = config.name, config.batch_size
-        self.identity = judge_identity(config, template)
-        self.url = config.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    def __init__(self, name: str, settings: Any, role: str = "judge"):
+        self.name, self.settings, self.role = name, settings, role
+        self.url = settings.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        self.max_concurrency = getattr(settings, "max_concurrency", 1)
         self.stats = JudgeStats()
-        self.replies: dict[PairItem, JudgeReply] = {}
-        self.in_flight = _InFlightLimit(config.max_concurrency)
+        self.in_flight = _InFlightLimit(self.max_concurrency)
         self._lock = threading.Lock()
         self.halt = threading.Event()
         self.client: openai.OpenAI | None = None  # made on first use: a rerun from the cache needs no key
@@ -105,23 +105,25 @@ class OpenAIJudge:
         """The openai client over the guarded transport, made once (in the caller's thread)."""
         if self.client is not None:
             return self.client
-        config = self.config
+        settings = self.settings
         key = "EMPTY"
-        if config.api_key_env:
-            key = os.environ.get(config.api_key_env, "")
+        if settings.api_key_env:
+            key = os.environ.get(settings.api_key_env, "")
             if not key:
-                raise ValueError(f"judge {config.name}: set the environment variable {config.api_key_env}")
+                raise ValueError(
+                    f"{self.role} {self.name}: set the environment variable {settings.api_key_env}"
+                )
         # httpx reads proxies from the environment only when it builds its own transport, so the inner one
         # is given the environment's proxy for this URL
         inner = httpx2.HTTPTransport(
             proxy=_environment_proxy(self.url),
-            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=config.max_concurrency),
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=self.max_concurrency),
         )
         self.client = openai.OpenAI(
             base_url=self.url,
             api_key=key,
-            max_retries=config.max_retries,
-            timeout=config.timeout,
+            max_retries=settings.max_retries,
+            timeout=settings.timeout,
             http_client=openai.DefaultHttpxClient(transport=_GuardedTransport(self, inner)),
         )
         return self.client
@@ -132,14 +134,7 @@ class OpenAIJudge:
                 setattr(self.stats, key, getattr(self.stats, key) + value)
 
     def where(self) -> str:
-        return f"judge {self.name} at {self.url}"
-
-    def messages(self, item: PairItem) -> list[dict[str, str]]:
-        messages = (
-            [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
-        )
-        messages.append({"role": "user", "content": render_prompt(self.template, item)})
-        return messages
+        return f"{self.role} {self.name} at {self.url}"
 
     # -- one request --------------------------------------------------------------------------------
 
@@ -147,13 +142,14 @@ class OpenAIJudge:
         """Count one HTTP attempt, or refuse it: the run is stopping, or the budget is spent."""
         if self.halt.is_set():
             raise _Stop(None)
-        config = self.config
+        max_requests = getattr(self.settings, "max_requests", None)
+        max_cost = getattr(self.settings, "max_cost", None)
         with self._lock:
-            if config.max_requests is not None and self.stats.requests >= config.max_requests:
-                raise self.stop(f"{self.where()}: max_requests={config.max_requests} reached", budget=True)
-            if config.max_cost is not None and self.stats.cost >= config.max_cost:
+            if max_requests is not None and self.stats.requests >= max_requests:
+                raise self.stop(f"{self.where()}: max_requests={max_requests} reached", budget=True)
+            if max_cost is not None and self.stats.cost >= max_cost:
                 spent = f"spent {self.stats.cost:.6g}"
-                raise self.stop(f"{self.where()}: max_cost={config.max_cost} reached ({spent})", budget=True)
+                raise self.stop(f"{self.where()}: max_cost={max_cost} reached ({spent})", budget=True)
             self.stats.requests += 1
             self.stats.retries += is_retry
 
@@ -162,72 +158,63 @@ class OpenAIJudge:
         self.halt.set()
         return _Stop((JudgeBudgetExceeded if budget else JudgeRequestError)(message))
 
-    def ask(self, item: PairItem) -> JudgeReply:
-        """One pair in one order; raises JudgeRequestError when it fails for good."""
-        config = self.config
-        request: dict[str, Any] = {
-            "model": config.model,
-            "messages": self.messages(item),
-            "temperature": config.temperature,
-            config.max_tokens_field: config.max_new_tokens,
-        }
-        if config.verdict_from == "logprobs":
-            request.update(logprobs=True, top_logprobs=config.top_logprobs)
+    def complete(self, messages: list[dict[str, str]], **request: Any) -> Any:
+        """One chat completion (``request`` adds fields such as temperature or max_tokens), its tokens
+        and cost counted; raises JudgeRequestError when it fails for good."""
+        attempts = self.settings.max_retries + 1
         try:
-            response = self.connect().chat.completions.create(**request)
+            response = self.connect().chat.completions.create(
+                model=self.settings.model, messages=messages, **request
+            )
         except _Stop as stop:
             raise stop.error or _Halted() from None
         except openai.APITimeoutError as err:  # before APIConnectionError, its parent class
             raise JudgeRequestError(
-                f"{self.where()}: no answer within {config.timeout} s in any of {config.max_retries + 1} attempts"
+                f"{self.where()}: no answer within {self.settings.timeout} s in any of {attempts} attempts"
             ) from err
         except openai.APIConnectionError as err:
             raise JudgeRequestError(
-                f"{self.where()}: connection failed {config.max_retries + 1} times: {_cause(err)}"
+                f"{self.where()}: connection failed {attempts} times: {_cause(err)}"
             ) from err
         except openai.APIStatusError as err:
+            if err.response.headers.get(BAD_BODY_HEADER):
+                raise JudgeRequestError(
+                    f"{self.where()}: no chat completion in {attempts} attempts: {server_message(err.body)}"
+                ) from err
+            if err.status_code in (401, 403):
+                key = self.settings.api_key_env
+                hint = f"check the key in ${key}" if key else "no key was sent: api_key_env is null"
+                raise EndpointRefused(
+                    f"{self.where()}: HTTP {err.status_code}: {_reason(err)} ({hint})"
+                ) from None
             retried = err.status_code in (408, 409, 429) or err.status_code >= 500
-            attempts = f" after {config.max_retries + 1} attempts" if retried else ""
-            raise JudgeRequestError(
-                f"{self.where()}: HTTP {err.status_code}{attempts}: {_reason(err)}"
-            ) from err
-        return self.reply(response)
+            after = f" after {attempts} attempts" if retried else ""
+            raise JudgeRequestError(f"{self.where()}: HTTP {err.status_code}{after}: {_reason(err)}") from err
+        self.meter(response)
+        return response
 
-    def reply(self, response: Any) -> JudgeReply:
-        """Verdict, text and tokens of one response; counts tokens, cost and parse failures."""
-        config = self.config
-        choice = response.choices[0] if response.choices else None
-        text = choice.message.content if choice is not None else None
+    def meter(self, response: Any) -> None:
+        """Count one response's tokens and cost (from the prices per million tokens)."""
+        settings = self.settings
         usage = getattr(response, "usage", None)
         prompt_tokens = getattr(usage, "prompt_tokens", None) or 0
         completion_tokens = getattr(usage, "completion_tokens", None) or 0
-        if usage is None and config.max_cost is not None:
+        if usage is None and getattr(settings, "max_cost", None) is not None:
             raise JudgeRequestError(f"{self.where()}: the response has no usage, so max_cost cannot be kept")
+        prices = (
+            getattr(settings, "input_price_per_million", None),
+            getattr(settings, "output_price_per_million", None),
+        )
         cost = 0.0
-        if config.input_price_per_million is not None and config.output_price_per_million is not None:
-            cost = (
-                prompt_tokens * config.input_price_per_million
-                + completion_tokens * config.output_price_per_million
-            )
-            cost /= 1e6
+        if None not in prices:
+            cost = (prompt_tokens * prices[0] + completion_tokens * prices[1]) / 1e6
         self.count(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)
-        tokens = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        margin = label_margin(choice, config.labels) if config.verdict_from == "logprobs" else None
-        if margin is not None:
-            return JudgeReply(verdict_from_margin(margin, config.tie_margin), text, margin=margin, **tokens)
-        if config.verdict_from == "logprobs":
-            self.count(logprob_fallbacks=1)
-        regex = config.parse_regex if config.parser == "regex" else None
-        verdict = parse_verdict(text, config.labels, config.tie_label, regex)
-        if verdict is None:
-            self.count(parse_failures=1)
-        rationale = rationale_of(text, regex) if config.mode == "reason" else None
-        return JudgeReply(verdict, text, rationale, **tokens)
 
     # -- many requests ------------------------------------------------------------------------------
 
-    def judge_stream(self, items: list[PairItem]) -> Iterator[tuple[int, JudgeReply]]:
-        """``(index in items, reply)`` for each pair, in the order the answers arrive.
+    def stream(self, items: list[Item], ask: Callable[[Item], Answer]) -> Iterator[tuple[int, Answer]]:
+        """``(index in items, ask(item))`` for each item, ``max_concurrency`` at a time, in the order the
+        answers arrive.
 
         After the first failure no new request starts; the requests in flight finish and are handed
         back, then that failure is raised (a JudgeBudgetExceeded when the budget stopped the run).
@@ -239,40 +226,34 @@ class OpenAIJudge:
         self.halt.clear()
         error: JudgeRequestError | None = None
         skipped = 0
-        pool = ThreadPoolExecutor(max_workers=min(self.config.max_concurrency, len(items)))
-        futures = {pool.submit(self._ask_unless_halted, item): index for index, item in enumerate(items)}
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items)))
+        futures = {pool.submit(self._ask_unless_halted, ask, item): index for index, item in enumerate(items)}
         try:
             for future in as_completed(futures):
                 try:
-                    reply = future.result()
+                    answer = future.result()
                 except _Halted:
                     skipped += 1
                     continue
                 except JudgeRequestError as err:
                     error = error or err
                     continue
-                self.replies[items[futures[future]]] = reply
-                yield futures[future], reply
+                yield futures[future], answer
         finally:
             self.halt.set()  # also when the caller stops early: nothing new starts
             pool.shutdown(wait=True, cancel_futures=True)
         if error is not None:
             raise error
         if skipped:  # halted by a response that the client then retried after all (x-should-retry)
-            raise JudgeRequestError(f"{self.where()}: {skipped} of {len(items)} pairs not asked")
+            raise JudgeRequestError(f"{self.where()}: {skipped} of {len(items)} requests not sent")
 
-    def judge_batch(self, items: list[PairItem]) -> list[JudgeReply]:
-        """One reply per item; raises as ``judge_stream`` does, after all replies it got are in ``replies``."""
-        replies: dict[int, JudgeReply] = dict(self.judge_stream(items))
-        return [replies[index] for index in range(len(items))]
-
-    def _ask_unless_halted(self, item: PairItem) -> JudgeReply:
+    def _ask_unless_halted(self, ask: Callable[[Item], Answer], item: Item) -> Answer:
         if self.halt.is_set():
             raise _Halted()
         try:
-            return self.ask(item)
+            return ask(item)
         except JudgeRequestError:
-            self.halt.set()  # here, not in judge_stream, so no worker starts another request meanwhile
+            self.halt.set()  # here, not in stream, so no worker starts another request meanwhile
             raise
 
 
@@ -317,49 +298,70 @@ class _InFlightLimit:
 
 
 class _GuardedTransport(httpx2.BaseTransport):
-    """Every HTTP attempt of the judge's client passes here (see the module docstring)."""
+    """Every HTTP attempt of the client passes here (see the module docstring)."""
 
-    def __init__(self, judge: OpenAIJudge, inner: httpx2.BaseTransport):
-        self.judge, self.inner = judge, inner
+    def __init__(self, client: OpenAIClient, inner: httpx2.BaseTransport):
+        self.client, self.inner = client, inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        judge = self.judge
+        client = self.client
         attempt = int(request.headers.get("x-stainless-retry-count", "0"))
-        with judge.in_flight:  # a free slot, then the halt and budget checks, the request and its verdict
-            judge.start_request(is_retry=attempt > 0)
+        with client.in_flight:  # a free slot, then the halt and budget checks, the request and its answer
+            client.start_request(is_retry=attempt > 0)
             try:
                 response = self.inner.handle_request(request)
             except httpx2.TimeoutException:
-                judge.count(timeouts=1)
+                client.count(timeouts=1)
                 self._lower()
                 raise
             except httpx2.TransportError as err:
-                judge.count(connection_errors=1)
+                client.count(connection_errors=1)
                 if _refused(err) and attempt + 1 >= REFUSED_ATTEMPTS:
-                    raise judge.stop(
-                        f"judge {judge.name}: nothing listening at {judge.url} (connection refused "
+                    raise client.stop(
+                        f"{client.role} {client.name}: nothing listening at {client.url} (connection refused "
                         f"{attempt + 1} times; is the server running?)"
                     ) from err
                 raise
             status = response.status_code
             if status == 429:
-                judge.count(rate_limited=1)
+                client.count(rate_limited=1)
                 self._lower()
             elif status >= 500:
-                judge.count(server_errors=1)
+                client.count(server_errors=1)
                 response.read()
                 message = server_message(_body(response))
                 if PERMANENT_MESSAGE.search(message):
-                    raise judge.stop(f"{judge.where()}: HTTP {status}: {message}")
+                    raise client.stop(f"{client.where()}: HTTP {status}: {message}")
             elif status >= 400 and status not in (408, 409):
-                judge.halt.set()  # the client raises it without a retry; no other request may start first
+                client.halt.set()  # the client raises it without a retry; no other request may start first
+            elif 200 <= status < 300 and request.url.path.endswith("/chat/completions"):
+                response.read()
+                fault = not_a_completion(response.content)
+                if fault is not None:
+                    return self._bad_body(request, response, fault)
+                client.in_flight.succeeded()
             else:
-                judge.in_flight.succeeded()
+                client.in_flight.succeeded()
             return response
 
+    def _bad_body(self, request: httpx2.Request, response: httpx2.Response, fault: str) -> httpx2.Response:
+        """A 2xx reply that is no chat completion, counted with its first bytes and handed to the openai
+        client as a 5xx so that it retries (and in the end raises) as it does for a server error."""
+        first = response.content[:BAD_BODY_BYTES].decode("utf-8", errors="replace")
+        with self.client._lock:
+            self.client.stats.bad_bodies += 1
+            self.client.stats.first_bad_body = self.client.stats.first_bad_body or first
+        message = f"HTTP {response.status_code} with {fault}, first bytes {first!r}"
+        return httpx2.Response(
+            BAD_BODY_STATUS,
+            json={"error": {"message": message}},
+            headers={BAD_BODY_HEADER: "1"},
+            request=request,
+        )
+
     def _lower(self) -> None:
-        self.judge.in_flight.lower()
-        self.judge.stats.lowest_concurrency = self.judge.in_flight.lowest
+        self.client.in_flight.lower()
+        self.client.stats.lowest_concurrency = self.client.in_flight.lowest
 
     def close(self) -> None:
         self.inner.close()
@@ -369,38 +371,20 @@ class _GuardedTransport(httpx2.BaseTransport):
 # Reading answers and errors
 
 
-def label_margin(choice: Any, labels: list[str]) -> float | None:
-    """log P(label A) - log P(label B) at the first answer token, from its top_logprobs (tokens that
-    spell the same label, such as '1' and ' 1', are summed); None when either label is not listed."""
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
-    if not content:
-        return None
-    by_label: dict[str, list[float]] = {label.strip(): [] for label in labels}
-    for candidate in content[0].top_logprobs or []:
-        if candidate.token.strip() in by_label:
-            by_label[candidate.token.strip()].append(candidate.logprob)
-    first, second = (by_label[label.strip()] for label in labels)
-    if not first or not second:
-        return None
-    return _logsumexp(first) - _logsumexp(second)
-
-
-def _logsumexp(values: list[float]) -> float:
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
-
-
-def rationale_of(text: str | None, regex: str | None) -> str | None:
-    """mode: reason: the regex's group 'rationale', else the text before the verdict; None without a match."""
-    if text is None or regex is None:
-        return None
-    match = re.fullmatch(regex, text.strip(), flags=re.DOTALL)
-    if match is None:
-        return None
-    if "rationale" in match.re.groupindex:
-        return (match.group("rationale") or "").strip()
-    group = "verdict" if "verdict" in match.re.groupindex else 1
-    return match.string[: match.start(group)].strip()
+def not_a_completion(content: bytes) -> str | None:
+    """What is wrong with a 2xx body that should be a chat completion, or None when it is one."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return "a body that is not JSON"
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "no choices"
+    if not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
+        return "a choice without a message"
+    return None
 
 
 def server_message(body: Any) -> str:

@@ -22,9 +22,11 @@ next to a prompt template in which ``{instruction}``, ``{output_1}`` (slot A) an
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
@@ -71,12 +73,51 @@ class JudgeStats:
     rate_limited: int = 0
     server_errors: int = 0
     connection_errors: int = 0
+    bad_bodies: int = 0  # 2xx replies that were no chat completion (malformed JSON, HTML, no choices)
     parse_failures: int = 0
     prompt_tokens: int = 0  # from each response's usage (openai only)
     completion_tokens: int = 0
     cost: float = 0.0  # from the judge's prices per million tokens; 0 without prices
     logprob_fallbacks: int = 0  # verdict_from=logprobs answers read as text (a label not listed)
     lowest_concurrency: int = 0  # fewest requests let in flight after a timeout or 429 (openai; 0: no cut)
+    first_bad_body: str = ""  # the first bytes of the first bad body
+
+
+TRAFFIC_LOG = "traffic.jsonl"  # one line of counters per run, in a judge's (or a served system's) folder
+
+
+def log_traffic(folder: str | Path, counts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Append one run's counters (``JudgeStats`` fields) to ``folder/traffic.jsonl`` and return those of
+    the runs before it, so a rerun of one evaluation reports its traffic beside all of theirs; a line
+    cut short by a crash is ignored."""
+    path = Path(folder) / TRAFFIC_LOG
+    earlier = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                earlier.append(dict(json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(counts, ensure_ascii=False, default=str) + "\n")
+    return earlier
+
+
+def total_traffic(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counters of several runs added up: numbers summed, ``lowest_concurrency`` the smallest cut (0: none),
+    any other value the first one given."""
+    total: dict[str, Any] = {}
+    for run in runs:
+        for key, value in run.items():
+            before = total.get(key)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                total[key] = before if before else value
+            elif key == "lowest_concurrency":
+                total[key] = min(v for v in (before, value) if v) if before or value else 0
+            else:
+                total[key] = (before or 0) + value
+    return total
 
 
 class Judge(Protocol):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from align_kit import files
+from align_kit.judges.openai_client import OpenAIClient
 from align_kit.loss_lab.checks import (
     FUNCTIONAL_FUNCTIONS,
     MAX_RANGE,
@@ -67,6 +68,19 @@ class ProposerConfig:
     )
     max_new_tokens: int = field(default=2048, metadata={"help": "Longest reply (max_tokens)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    max_requests: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many HTTP requests, retries included (None: no limit)."},
+    )
+    max_cost: float | None = field(
+        default=None, metadata={"help": "Stop once the priced tokens cost this much (needs both prices)."}
+    )
+    input_price_per_million: float | None = field(
+        default=None, metadata={"help": "Price per million prompt tokens."}
+    )
+    output_price_per_million: float | None = field(
+        default=None, metadata={"help": "Price per million completion tokens."}
+    )
 
     @classmethod
     def from_judge(cls, judge: Any, **overrides: Any) -> ProposerConfig:
@@ -76,35 +90,24 @@ class ProposerConfig:
 
 
 class OpenAIProposer:
-    """``prompt -> reply`` through an OpenAI-compatible chat-completions endpoint."""
+    """``prompt -> reply`` through an OpenAI-compatible chat-completions endpoint, over the judge's client
+    (``judge_openai.OpenAIClient``: its retries, metering in ``stats``, budget and proxy handling)."""
 
-    def __init__(self, config: ProposerConfig, client: Any = None):
+    def __init__(self, config: ProposerConfig):
         self.config = config
-        if client is None:
-            from openai import OpenAI
-
-            key = "EMPTY"
-            if config.api_key_env:
-                key = os.environ.get(config.api_key_env, "")
-                if not key:
-                    raise ValueError(f"proposer: set the environment variable {config.api_key_env}")
-            client = OpenAI(
-                base_url=config.base_url, api_key=key, max_retries=config.max_retries, timeout=config.timeout
-            )
-        self.client = client
+        self.client = OpenAIClient(config.model, config, role="proposer")
+        self.client.connect()  # a missing key fails here, before any loss is trained
+        self.stats = self.client.stats
 
     def __call__(self, prompt: str) -> str:
         messages = (
             [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         )
         messages.append({"role": "user", "content": prompt})
-        response = self.client.chat.completions.create(
-            model=self.config.model,
-            messages=messages,
-            temperature=self.config.temperature,
-            max_tokens=self.config.max_new_tokens,
+        response = self.client.complete(
+            messages, temperature=self.config.temperature, max_tokens=self.config.max_new_tokens
         )
-        return (response.choices[0].message.content if response.choices else None) or ""
+        return response.choices[0].message.content or ""
 
 
 _CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
