@@ -41,7 +41,7 @@ from align_kit.evaluation.stats import Judgment
 from align_kit.judges.protocol import PairResult
 
 TEMPLATES = Environment(
-    loader=PackageLoader("align_kit.evaluation.pipeline", "templates"),
+    loader=PackageLoader("align_kit.evaluation", "templates"),
     autoescape=True,
     trim_blocks=True,
     lstrip_blocks=True,
