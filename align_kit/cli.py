@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "align_kit.recipes.grpo",
         "GRPO: groups of sampled answers scored by reward functions, with a KL penalty (TRL GRPOTrainer)",
     ),
+    "rloo": (
+        "align_kit.recipes.rloo",
+        "RLOO: sampled answers scored by reward functions, leave-one-out baseline, KL penalty (TRL RLOOTrainer)",
+    ),
     "best-of-n": (
         "align_kit.recipes.best_of_n",
         "best-of-N fine-tuning: sample, keep the best by reward, fine-tune",
