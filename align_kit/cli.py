@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "align_kit.recipes.reward",
         "a Bradley-Terry reward model from preference pairs (TRL RewardTrainer)",
     ),
+    "label": (
+        "align_kit.recipes.label",
+        "a policy's sampled answers judged in pairs: a preference dataset and the judge's labelling audit",
+    ),
     "dpo": ("align_kit.recipes.dpo", "direct preference optimisation and its loss family (TRL DPOTrainer)"),
     "kto": ("align_kit.recipes.kto", "KTO from answers labelled desirable or undesirable (TRL KTOTrainer)"),
     "loss-sweep": (

@@ -436,3 +436,47 @@ class GRPOArgs:
         metadata={"help": "Held-out prompts for the final report (reward, KL to the reference, samples)."},
     )
     report_max_new_tokens: int = field(default=48, metadata={"help": "Answer length in the final report."})
+
+
+@dataclass
+class LabelArgs:
+    """Labelling: sample answers from a policy, judge pairs of them, write a preference dataset and its audit."""
+
+    output_dir: str = field(
+        metadata={"help": "Folder of the labelled dataset (train.jsonl, test.jsonl), its audit and cache."}
+    )
+    judge: str = field(
+        default="oracle",
+        metadata={
+            "help": "Any judge the evaluation takes: a name under eval/judges ('oracle', 'reward_model', "
+            "'local_hf_pairwise', 'openai_pairwise'), 'name=model' (e.g. reward_model=runs/demo/reward), or "
+            "a folder or judge.yaml path."
+        },
+    )
+    samples_per_prompt: int = field(default=4, metadata={"help": "k: answers sampled per prompt."})
+    pairs_per_prompt: int = field(
+        default=2, metadata={"help": "Pairs of distinct sampled answers judged per prompt (seeded draw)."}
+    )
+    max_prompts: int = field(default=512, metadata={"help": "Training prompts labelled (seeded draw)."})
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of labelled prompts written to test.jsonl (held out)."}
+    )
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest sampled answer."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch."})
+    n_honeypots: int = field(
+        default=64,
+        metadata={"help": "Held-out chosen answers planted against truncated, shuffled and empty copies."},
+    )
+    n_human: int = field(
+        default=128, metadata={"help": "Held-out human-labelled pairs the judge's agreement is measured on."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of prompts, sampling, pairing and audits."})
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 2, "samples_per_prompt")
+        check_at_least(self, 1, "pairs_per_prompt", "max_prompts", "max_new_tokens", "generation_batch_size")
+        check_at_least(self, 0, "n_honeypots", "n_human")
+        check_fraction(self, "test_fraction", low_open=False, high_open=True)
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: {self.temperature} must be above 0")

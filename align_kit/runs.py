@@ -25,7 +25,8 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align_kit import adapters, files
-from align_kit.configs import ConfigError, RunArgs
+from align_kit.configs import ConfigError, DataArgs, RunArgs
+from align_kit.data import LABELLING_MARK, labelling_mark
 from align_kit.models import source_problem
 from align_kit.parsing import save_resolved, setting_source, to_dict
 
@@ -129,9 +130,25 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
         if changes:
             record_changes(output_dir, changes, resume_from)
         save_resolved(str(output_dir / RUN_CONFIG), *configs, args)
+    record_labelling_mark(output_dir, configs)
     if resume_from:
         log(f"resuming from {resume_from}")
     return Run(output_dir, resume_from)
+
+
+def record_labelling_mark(output_dir: Path, configs: tuple[Any, ...]) -> None:
+    """A dataset labelled by a judge that failed its audits (``data.labelling_mark``): its mark is copied
+    into the run folder under the same name and the run says so; nothing for any other dataset."""
+    data_args = next((c for c in configs if isinstance(c, DataArgs)), None)
+    mark = labelling_mark(data_args) if data_args is not None else None
+    if mark is None:
+        return
+    if is_main_process():
+        files.write_json(output_dir / LABELLING_MARK, mark, indent=2)
+    log(
+        f"WARNING: {data_args.dataset} was labelled by a judge that failed its audits "
+        f"({', '.join(mark.get('failed', [])) or 'see the mark'}); recorded in {output_dir / LABELLING_MARK}"
+    )
 
 
 def refuse_output_dir(output_dir: Path) -> None:
