@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "align_kit.recipes.grpo",
         "GRPO: groups of sampled answers scored by reward functions, with a KL penalty (TRL GRPOTrainer)",
     ),
+    "online-dpo": (
+        "align_kit.recipes.online_dpo",
+        "online DPO: two sampled answers per prompt labelled by a judge or reward functions (TRL OnlineDPOTrainer)",
+    ),
     "rloo": (
         "align_kit.recipes.rloo",
         "RLOO: sampled answers scored by reward functions, leave-one-out baseline, KL penalty (TRL RLOOTrainer)",

@@ -480,3 +480,18 @@ class LabelArgs:
         check_fraction(self, "test_fraction", low_open=False, high_open=True)
         if self.temperature <= 0:
             raise ConfigError(f"temperature: {self.temperature} must be above 0")
+
+
+@dataclass
+class JudgeLabellerArgs:
+    """Online DPO's labeller when it is a pairwise judge rather than reward functions."""
+
+    judge: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pairwise judge as the labeller, as the evaluation names it ('oracle', "
+            "'reward_model=<folder>', 'local_hf_pairwise', 'openai_pairwise', a judge.yaml path): each pair of "
+            "sampled answers is judged in both orders (cached). reward_funcs then only score the final report "
+            "(default: the oracle on the embedded task)."
+        },
+    )

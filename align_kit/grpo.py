@@ -30,15 +30,16 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 
 def _fill_positions(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     mask = kwargs.get("attention_mask")
-    tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if kwargs.get("position_ids") is None and mask is not None and tokens is not None and not args:
+    tokens = args[0] if len(args) == 1 else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if kwargs.get("position_ids") is None and mask is not None and tokens is not None and len(args) <= 1:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T_mask), 0 at the first real token
         kwargs["position_ids"] = positions[:, -tokens.shape[1] :]  # the last T positions (after a cache)
     return args, kwargs
 
 
 def positions_from_padding(model: nn.Module) -> RemovableHandle:
-    """Make every keyword call of ``model`` that passes an attention mask but no ``position_ids`` use
+    """Make every call of ``model`` (input ids as the only positional argument, or by keyword; TRL's online
+    DPO passes them positionally) that passes an attention mask but no ``position_ids`` use
     positions counted over the mask, as ``generate`` does. Right-padded and unpadded batches get 0..T-1,
     what they got before. Returns the handle; ``.remove()`` restores the plain model."""
     return model.register_forward_pre_hook(_fill_positions, with_kwargs=True)

@@ -15,6 +15,7 @@ chosen/rejected rows, accuracy and Cohen's kappa). Each figure is checked agains
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -28,7 +29,7 @@ from align_kit.configs import ConfigError
 from align_kit.judge_backends import load_judge
 from align_kit.judge_cache import JudgmentCache
 from align_kit.judges import Judge, PairResult, judge_both_orders
-from align_kit.verdicts import AUDIT_THRESHOLDS, Outcome, cohens_kappa
+from align_kit.verdicts import AUDIT_THRESHOLDS, OUTCOME_SCORES, Outcome, cohens_kappa
 
 HONEYPOT_KINDS = ("truncated", "shuffled", "empty")  # corruptions any answer of two words or more allows
 CHECKED = ("flip_rate", "first_slot_rate", "parse_failure_rate", "honeypot_pass_rate", "human_kappa")
@@ -192,3 +193,32 @@ def judge_pairs(judge: Judge, pairs: Sequence[tuple[str, ...]], cache: JudgmentC
     return judge_both_orders(
         judge, [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs], cache
     )
+
+
+class PairwiseLabeller:
+    """A judge as the reward function of TRL's online DPO. TRL hands over 2B answers to B prompts, answer i
+    and answer i + B sampled for the same prompt; each pair is judged in both orders (cached) and answer i
+    gets 1 (won both orders), 0.5 (tie, or unparseable) or 0, answer i + B the rest. TRL trains on every
+    pair, the first answer as chosen on a tie: ``counts`` says how many pairs that was."""
+
+    def __init__(self, judge: Judge, cache: JudgmentCache | None = None):
+        self.judge, self.cache, self.results = judge, cache, []
+        self.__name__ = f"judge_{judge.name}"  # TRL logs rewards/<name>/mean
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **unused: Any) -> list[float]:
+        half = len(completions) // 2
+        results = judge_both_orders(
+            self.judge, list(prompts[:half]), list(completions[:half]), list(completions[half:]), self.cache
+        )
+        self.results += results
+        first = [OUTCOME_SCORES[r.outcome] if r.outcome else 0.5 for r in results]
+        return first + [1.0 - s for s in first]
+
+    def stats(self) -> dict[str, Any]:
+        """Outcomes of every pair labelled, position bias and parse failures, and the judge's traffic."""
+        outcomes = Counter(r.outcome or "unparseable" for r in self.results)
+        return {
+            "outcomes": dict(outcomes),
+            **slot_figures(self.results),
+            "traffic": dataclasses.asdict(self.judge.stats),
+        }
