@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "align_kit.recipes.grpo",
         "GRPO: groups of sampled answers scored by reward functions, with a KL penalty (TRL GRPOTrainer)",
     ),
+    "iterative-dpo": (
+        "align_kit.recipes.iterative_dpo",
+        "iterative DPO: rounds of sample, judge in both orders, DPO from the last round's policy",
+    ),
     "online-dpo": (
         "align_kit.recipes.online_dpo",
         "online DPO: two sampled answers per prompt labelled by a judge or reward functions (TRL OnlineDPOTrainer)",

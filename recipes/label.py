@@ -22,10 +22,11 @@ from pathlib import Path
 from transformers import set_seed
 
 from align_kit import guards, runs
-from align_kit.configs import DataArgs, LabelArgs, ModelArgs
+from align_kit.configs import DataArgs, ModelArgs
 from align_kit.data import LABELLING_MARK, distinct_prompts, load_preferences
 from align_kit.generation import generate
 from align_kit.judge_cache import JudgmentCache
+from align_kit.label_args import LabelArgs
 from align_kit.labelling import (
     HONEYPOT_KINDS,
     candidate_pairs,

@@ -20,7 +20,6 @@ from align_kit.configs import (
     ConfigError,
     DataArgs,
     GRPOArgs,
-    JudgeLabellerArgs,
     ModelArgs,
     RewardModelArgs,
     RunArgs,
@@ -40,7 +39,6 @@ CONFIG = (
     AdapterArgs,
     RewardModelArgs,
     GRPOArgs,
-    JudgeLabellerArgs,
     RunArgs,
     OnlineDPOConfig,
 )

@@ -19,11 +19,13 @@ TRAINING = {
 }  # fmt: skip
 EVALUATION = {
     "answers", "audits", "eval_args", "evaluation", "judge_backends", "judge_cache", "judge_config",
-    "judge_openai", "judge_setup", "judges", "labelling", "leaderboard", "plots", "ratings", "reports", "stats",
+    "judge_openai", "judge_setup", "judges", "label_args", "labelling", "leaderboard", "plots", "ratings", "reports", "stats",
     "verdicts",
 }  # fmt: skip
 # The judges (judges/ after the move): below the evaluation, beside training; a recipe may use them (label.py).
-JUDGES = {"judge_backends", "judge_cache", "judge_config", "judge_openai", "judges", "labelling", "verdicts"}
+JUDGES = {
+    "judge_backends", "judge_cache", "judge_config", "judge_openai", "judges", "label_args", "labelling", "verdicts",
+}  # fmt: skip
 
 
 def imported_modules(path: Path) -> set[str]:
