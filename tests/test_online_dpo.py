@@ -42,7 +42,10 @@ def online_args(out, model, *extra, **overrides) -> list[str]:
     return recipe_argv(values, *extra)
 
 
-@pytest.mark.parametrize("labeller", ["folder_and_oracle", "ensemble_and_function", "judge"])
+@pytest.mark.parametrize(
+    "labeller",  # the ensemble and module:function specs are GRPO's code (test_grpo): opt-in here, for time
+    ["folder_and_oracle", pytest.param("ensemble_and_function", marks=pytest.mark.quality), "judge"],
+)
 def test_two_online_dpo_steps_with_each_labeller(
     online_dpo, reward_folders, micro_model_dir, tmp_path, labeller
 ):

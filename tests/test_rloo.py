@@ -81,7 +81,10 @@ def rloo_args(out, specs, **overrides) -> list[str]:
     return recipe_argv(values, "--reward_funcs", *specs)
 
 
-@pytest.mark.parametrize("kind", ["folder_and_oracle", "ensemble_and_function"])
+@pytest.mark.parametrize(
+    "kind",  # the ensemble and module:function specs are GRPO's code (test_grpo): opt-in here, for time
+    ["folder_and_oracle", pytest.param("ensemble_and_function", marks=pytest.mark.quality)],
+)
 def test_rloo_recipe_two_steps_with_each_reward_spec(rloo, reward_folders, tmp_path, kind):
     out = tmp_path / f"rloo_{kind}"
     specs = {
