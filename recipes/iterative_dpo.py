@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         pairs, skipped = candidate_pairs(
             [s["prompt"] for s in sampled], [s["answers"] for s in sampled], it_args.pairs_per_prompt, seed
         )
+        calls = judge.stats.calls
         results = judge_pairs(judge, pairs, cache)
         rows, outcomes = preference_rows(pairs, results)
         if not rows:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             "round": index,
             "started_from": start,
             "labels": {"pairs": len(pairs), "rows": len(rows), "outcomes": dict(outcomes), **dict(skipped)},
-            "judge": {**slot_figures(results), "calls": judge.stats.calls},
+            "judge": {**slot_figures(results), "calls": judge.stats.calls - calls},
             "reward_greedy_held_out": greedy_reward(
                 model, tokenizer, scorer, held_out, it_args.max_new_tokens
             )[0],

@@ -38,7 +38,7 @@ from align_kit.labelling import (
     preference_rows,
 )
 from align_kit.models import load_model, load_tokenizer, tokenizer_source
-from align_kit.parsing import parse, save_resolved
+from align_kit.parsing import parse, save_resolved, to_dict
 
 CONFIG = (DataArgs, ModelArgs, LabelArgs)
 
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(label_args.seed)
     out = Path(label_args.output_dir)
     runs.refuse_output_dir(out)
+    changes = runs.changed_settings(out, to_dict(data_args, model_args, label_args))
+    if changes:  # a rerun reuses the samples: only with the settings they were drawn with
+        raise runs.RunRefused(f"{out} holds an unfinished labelling with other settings {sorted(changes)}")
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(str(out / runs.RUN_CONFIG), data_args, model_args, label_args)
     run = runs.Run(out, None)
