@@ -402,17 +402,19 @@ def round_dir(run: Run, index: int) -> Path:
 
 
 def round_model(run: Run, index: int) -> Path:
-    """Where best-of-N round ``index`` keeps its policy: the next round (or a resume) starts from it."""
+    """Where round ``index`` (best-of-N, iterative DPO) keeps its policy: the next round (or a resume) starts
+    from it."""
     return round_dir(run, index) / "model"
 
 
 def started_rounds(output_dir: Path) -> bool:
-    """True when a best-of-N run in ``output_dir`` got as far as sampling a round."""
+    """True when a run of rounds (best-of-N, iterative DPO) in ``output_dir`` got as far as sampling one."""
     return any(output_dir.glob("round_*/samples.jsonl"))
 
 
 def finished_rounds(run: Run) -> list[dict[str, Any]]:
-    """The reports of the best-of-N rounds finished in order from round 1 (report and model both written)."""
+    """The reports of the rounds (best-of-N, iterative DPO) finished in order from round 1 (report and model
+    both written)."""
     reports = []
     while _whole_json(round_dir(run, len(reports) + 1) / ROUND_REPORT):
         index = len(reports) + 1

@@ -18,6 +18,7 @@ def iterative_dpo():
     return load_recipe("iterative_dpo")
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_round_two_resumes_there(
     iterative_dpo, reward_folders, micro_model_dir, tmp_path, monkeypatch
 ):
