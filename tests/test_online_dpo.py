@@ -9,9 +9,11 @@ import json
 import math
 
 import pytest
-from conftest import load_recipe, max_change, recipe_argv
+from conftest import ScriptedJudge, load_recipe, max_change, recipe_argv
 
 from align_kit.configs import ModelArgs
+from align_kit.judge_cache import JudgmentCache
+from align_kit.labelling import PairwiseLabeller
 from align_kit.models import load_model
 
 
@@ -79,3 +81,17 @@ def test_a_judge_off_the_embedded_task_needs_a_report_scorer(online_dpo, micro_m
         online_dpo.main(
             online_args(tmp_path / "x", micro_model_dir, "--judge", "oracle", dataset=str(tmp_path))
         )
+
+
+def test_the_judge_labeller_pairs_answer_i_with_answer_i_plus_b(tmp_path):
+    """TRL passes 2B answers, the first B then the second B answers to the same B prompts."""
+    judge = ScriptedJudge(
+        lambda item: "A" if "good" in item.answer_a else "B" if "good" in item.answer_b else "tie"
+    )
+    labeller = PairwiseLabeller(judge, JudgmentCache(tmp_path / "cache.jsonl"))
+    prompts = ["p1", "p2", "p3"] * 2
+    answers = ["good 1", "bad 2", "meh 3", "bad 1", "good 2", "meh 3b"]
+    assert labeller(prompts=prompts, completions=answers) == [1.0, 0.0, 0.5, 0.0, 1.0, 0.5]
+    stats = labeller.stats()
+    assert stats["outcomes"] == {"win": 1, "loss": 1, "tie": 1} and stats["flip_rate"] == 0.0
+    assert labeller.__name__ == "judge_scripted" and stats["traffic"]["calls"] == 6  # both orders
