@@ -27,6 +27,7 @@ from align_kit.configs import (
 from align_kit.data import distinct_prompts, load_preferences
 from align_kit.generation import policy_report
 from align_kit.judge_cache import JudgmentCache
+from align_kit.label_args import JudgeLabellerArgs
 from align_kit.labelling import PairwiseLabeller, judge_from_spec
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.online_dpo import OnlineDPOConfig, OnlineDPOTrainerWithReference
@@ -39,6 +40,7 @@ CONFIG = (
     AdapterArgs,
     RewardModelArgs,
     GRPOArgs,
+    JudgeLabellerArgs,
     RunArgs,
     OnlineDPOConfig,
 )
