@@ -19,18 +19,25 @@ import random
 
 from datasets import Dataset
 
-from align_kit import guards, runs
+from align_kit import console
 from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, RewardModelArgs, RunArgs
-from align_kit.data import distinct_prompts, load_preferences
-from align_kit.formats import DataError
-from align_kit.generation import generate, greedy_reward, policy_report
-from align_kit.judge_cache import JudgmentCache
-from align_kit.label_args import IterativeDPOArgs
-from align_kit.labelling import candidate_pairs, judge_from_spec, judge_pairs, preference_rows, slot_figures
-from align_kit.losses import DPOConfig, DPOTrainer
-from align_kit.models import load_model, load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.data.formats import DataError
+from align_kit.data.loading import distinct_prompts, load_preferences
+from align_kit.judges.cache import JudgmentCache
+from align_kit.judges.label_args import IterativeDPOArgs
+from align_kit.judges.labelling import (
+    candidate_pairs,
+    judge_from_spec,
+    judge_pairs,
+    preference_rows,
+    slot_figures,
+)
+from align_kit.models.generation import generate, greedy_reward, policy_report
+from align_kit.models.loading import load_model, load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.reward_funcs import WeightedRewards, build_reward_funcs
+from align_kit.training import guards, runs
+from align_kit.training.losses import DPOConfig, DPOTrainer
+from align_kit.training.reward_funcs import WeightedRewards, build_reward_funcs
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, IterativeDPOArgs, RunArgs, DPOConfig)
 
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = runs.start(args, data_args, model_args, adapter_args, it_args, run_args)
     reports = runs.finished_rounds(run)[: it_args.rounds]
     if reports:
-        runs.log(f"resuming after round {len(reports)}, from {runs.round_model(run, len(reports))}")
+        console.log(f"resuming after round {len(reports)}, from {runs.round_model(run, len(reports))}")
 
     # 3. data: prompts only; each round samples its own
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             "log_history": trainer.state.log_history,
         }
         round_run.write_json(runs.ROUND_REPORT, report)  # last: the round is finished
-        runs.log(
+        console.log(
             f"round {index}: {len(rows)} of {len(pairs)} pairs labelled; reward {report['reward_greedy_held_out']:+.3f}"
         )
         reports.append(report)
@@ -129,4 +136,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

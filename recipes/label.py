@@ -21,13 +21,12 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from align_kit import guards, runs
+from align_kit import console
 from align_kit.configs import DataArgs, ModelArgs
-from align_kit.data import LABELLING_MARK, distinct_prompts, load_preferences
-from align_kit.generation import generate
-from align_kit.judge_cache import JudgmentCache
-from align_kit.label_args import LabelArgs
-from align_kit.labelling import (
+from align_kit.data.loading import LABELLING_MARK, distinct_prompts, load_preferences
+from align_kit.judges.cache import JudgmentCache
+from align_kit.judges.label_args import LabelArgs
+from align_kit.judges.labelling import (
     HONEYPOT_KINDS,
     candidate_pairs,
     honeypot_pairs,
@@ -37,8 +36,10 @@ from align_kit.labelling import (
     labelling_audit,
     preference_rows,
 )
-from align_kit.models import load_model, load_tokenizer, tokenizer_source
+from align_kit.models.generation import generate
+from align_kit.models.loading import load_model, load_tokenizer, tokenizer_source
 from align_kit.parsing import parse, save_resolved, to_dict
+from align_kit.training import runs
 
 CONFIG = (DataArgs, ModelArgs, LabelArgs)
 
@@ -131,11 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
         run.write_json(
             LABELLING_MARK, {"judge": judge.name, "failed": audit["failed"], "checks": audit["checks"]}
         )
-        runs.log(
+        console.log(
             f"WARNING: judge {judge.name} failed its audits ({', '.join(audit['failed'])}): dataset marked"
         )
     figures = audit["figures"]
-    runs.log(
+    console.log(
         f"labelled {len(rows)} of {len(pairs)} pairs ({dict(outcomes)}); flip rate {figures['flip_rate']:.3f}, "
         f"first slot {figures['first_slot_rate']:.3f}, honeypots {figures['honeypot_pass_rate']}, "
         f"human kappa {figures['human_kappa']}"
@@ -144,4 +145,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

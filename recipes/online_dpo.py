@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from align_kit import adapters, guards, rewards, runs
+from align_kit import console
 from align_kit.configs import (
     AdapterArgs,
     ConfigError,
@@ -24,15 +24,17 @@ from align_kit.configs import (
     RewardModelArgs,
     RunArgs,
 )
-from align_kit.data import distinct_prompts, load_preferences
-from align_kit.generation import policy_report
-from align_kit.judge_cache import JudgmentCache
-from align_kit.label_args import JudgeLabellerArgs
-from align_kit.labelling import PairwiseLabeller, judge_from_spec
-from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
-from align_kit.online_dpo import OnlineDPOConfig, OnlineDPOTrainerWithReference
+from align_kit.data.loading import distinct_prompts, load_preferences
+from align_kit.judges.cache import JudgmentCache
+from align_kit.judges.label_args import JudgeLabellerArgs
+from align_kit.judges.labelling import PairwiseLabeller, judge_from_spec
+from align_kit.models import adapters, rewards
+from align_kit.models.generation import policy_report
+from align_kit.models.loading import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.reward_funcs import WeightedRewards, build_reward_funcs
+from align_kit.training import guards, runs
+from align_kit.training.online_dpo import OnlineDPOConfig, OnlineDPOTrainerWithReference
+from align_kit.training.reward_funcs import WeightedRewards, build_reward_funcs
 
 CONFIG = (
     DataArgs,
@@ -73,16 +75,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. policy, adapter and reference; the labeller
     policy, ref_model = policy_and_reference(model_args, adapter_args)
-    runs.log(adapters.describe_parameters(policy))
+    console.log(adapters.describe_parameters(policy))
     report_funcs, ensemble = build_reward_funcs(report_specs, reward_args, tokenizer, args.reward_weights)
     labeller = None
     if labeller_args.judge:
         labeller = PairwiseLabeller(
             judge_from_spec(labeller_args.judge), JudgmentCache(run.path("judge_cache.jsonl"))
         )
-        runs.log(f"labeller: judge {labeller.judge.name} (both orders); report scored by {report_specs}")
+        console.log(f"labeller: judge {labeller.judge.name} (both orders); report scored by {report_specs}")
     else:
-        runs.log(f"labeller: {report_specs}, weights {args.reward_weights or 'all 1'}")
+        console.log(f"labeller: {report_specs}, weights {args.reward_weights or 'all 1'}")
 
     # 5. trainer
     trainer = OnlineDPOTrainerWithReference(
@@ -108,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     extra = {"ensemble": ensemble.stats()} if ensemble else {}
     if labeller:
         extra["labeller"] = labeller.stats()
-        runs.log(f"labeller: {extra['labeller']['outcomes']}, flip rate {extra['labeller']['flip_rate']:.3f}")
+        console.log(
+            f"labeller: {extra['labeller']['outcomes']}, flip rate {extra['labeller']['flip_rate']:.3f}"
+        )
     scorer = WeightedRewards(report_funcs, args.reward_weights, tokenizer)
     report, samples = policy_report(
         policy, ref_model, tokenizer, scorer, prompts["test"][: grpo_args.report_prompts],
@@ -121,4 +125,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

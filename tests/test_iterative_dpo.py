@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import load_recipe, recipe_argv
 
-from align_kit import runs
+from align_kit.training import runs
 
 
 @pytest.fixture(scope="module")

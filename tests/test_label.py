@@ -1,4 +1,4 @@
-"""Protects recipes/label.py and align_kit/labelling.py: the labelled dataset is the preference layout that
+"""Protects recipes/label.py and align_kit/judges/labelling.py: the labelled dataset is the preference layout that
 recipes/dpo.py and recipes/reward.py read (``load_preferences``) (chosen = the answer the judge preferred in both orders, ties
 counted and left out); the labelling audit's position-bias, honeypot and human-agreement figures equal those
 of a scripted judge whose bias is known exactly; a judge that fails its audits marks the dataset and the
@@ -12,13 +12,13 @@ import zlib
 import pytest
 from conftest import ScriptedJudge, load_recipe, recipe_argv
 
-from align_kit import labelling
 from align_kit.configs import ConfigError, DataArgs
-from align_kit.data import LABELLING_MARK, load_preferences
-from align_kit.judge_cache import JudgmentCache
-from align_kit.models import EMBEDDED_NAME, build_byte_tokenizer
-from align_kit.task import generate as generate_task
-from align_kit.task import oracle_score
+from align_kit.data.loading import LABELLING_MARK, load_preferences
+from align_kit.data.task import generate as generate_task
+from align_kit.data.task import oracle_score
+from align_kit.judges import labelling
+from align_kit.judges.cache import JudgmentCache
+from align_kit.models.loading import EMBEDDED_NAME, build_byte_tokenizer
 
 
 def biased(prompt: str) -> bool:

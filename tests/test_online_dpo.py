@@ -12,9 +12,9 @@ import pytest
 from conftest import ScriptedJudge, load_recipe, max_change, recipe_argv
 
 from align_kit.configs import ModelArgs
-from align_kit.judge_cache import JudgmentCache
-from align_kit.labelling import PairwiseLabeller
-from align_kit.models import load_model
+from align_kit.judges.cache import JudgmentCache
+from align_kit.judges.labelling import PairwiseLabeller
+from align_kit.models.loading import load_model
 
 
 @pytest.fixture(scope="module")

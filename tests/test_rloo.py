@@ -14,10 +14,11 @@ from datasets import Dataset
 from test_grpo import PAD, first_token_probability, peaked_tiny_gpt2, starts_with_rewarded_token
 from trl import RLOOConfig
 
-from align_kit import models, rewards
 from align_kit.configs import ModelArgs
-from align_kit.grpo import RLOOTrainerWithReference
-from align_kit.models import EMBEDDED_NAME, build_byte_tokenizer, load_model
+from align_kit.models import loading as models
+from align_kit.models import rewards
+from align_kit.models.loading import EMBEDDED_NAME, build_byte_tokenizer, load_model
+from align_kit.training.grpo import RLOOTrainerWithReference
 
 
 def distinct_characters(completions, **kwargs) -> list[float]:
