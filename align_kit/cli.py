@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "align_kit.recipes.reward",
         "a Bradley-Terry reward model from preference pairs (TRL RewardTrainer)",
     ),
+    "label": (
+        "align_kit.recipes.label",
+        "a policy's sampled answers judged in pairs: a preference dataset and the judge's labelling audit",
+    ),
     "dpo": ("align_kit.recipes.dpo", "direct preference optimisation and its loss family (TRL DPOTrainer)"),
     "kto": ("align_kit.recipes.kto", "KTO from answers labelled desirable or undesirable (TRL KTOTrainer)"),
     "loss-sweep": (
@@ -38,6 +42,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": (
         "align_kit.recipes.grpo",
         "GRPO: groups of sampled answers scored by reward functions, with a KL penalty (TRL GRPOTrainer)",
+    ),
+    "iterative-dpo": (
+        "align_kit.recipes.iterative_dpo",
+        "iterative DPO: rounds of sample, judge in both orders, DPO from the last round's policy",
+    ),
+    "online-dpo": (
+        "align_kit.recipes.online_dpo",
+        "online DPO: two sampled answers per prompt labelled by a judge or reward functions (TRL OnlineDPOTrainer)",
+    ),
+    "rloo": (
+        "align_kit.recipes.rloo",
+        "RLOO: sampled answers scored by reward functions, leave-one-out baseline, KL penalty (TRL RLOOTrainer)",
     ),
     "best-of-n": (
         "align_kit.recipes.best_of_n",

@@ -20,7 +20,19 @@ from align_kit.data import task
 from align_kit.models.loading import build_byte_tokenizer, build_tiny_gpt2
 
 CONFIGS = ROOT / "recipes" / "configs"
-ORDER = ["sft", "reward", "dpo", "kto", "ppo", "best_of_n", "grpo"]  # the README's order
+ORDER = [
+    "sft",
+    "reward",
+    "dpo",
+    "kto",
+    "ppo",
+    "best_of_n",
+    "grpo",
+    "rloo",
+    "label",
+    "online_dpo",
+    "iterative_dpo",
+]
 SMALL = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_length", "128"]
 EVALUATED = ["--max_steps", "2", "--eval_steps", "1", "--save_steps", "1", "--max_eval_samples", "8", *SMALL]
 CUTS = {
@@ -36,7 +48,14 @@ CUTS = {
     "grpo": ["--max_steps", "1", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
              "--num_generations", "2", "--max_completion_length", "8", "--report_prompts", "4",
              "--report_max_new_tokens", "8"],
+    "label": ["--max_prompts", "4", "--samples_per_prompt", "2", "--pairs_per_prompt", "1", "--max_new_tokens", "8",
+              "--generation_batch_size", "4", "--n_honeypots", "2", "--n_human", "4"],
+    "online_dpo": ["--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                   "--max_new_tokens", "8", "--report_prompts", "4", "--report_max_new_tokens", "8"],
+    "iterative_dpo": ["--rounds", "1", "--samples_per_prompt", "2", "--prompts_per_round", "4", "--max_new_tokens",
+                      "8", "--generation_batch_size", "4", "--report_prompts", "4", *SMALL],
 }  # fmt: skip
+CUTS["rloo"] = CUTS["grpo"]
 CPU = ["--use_cpu", "true", "--bf16", "auto", "--logging_steps", "1"]  # auto: float32 here, bf16 on an A100
 
 
@@ -61,7 +80,8 @@ def chain(tmp_path_factory):
             argv = ["--config", str(CONFIGS / f"{stage}_gpt2_hh.yaml"), "--dataset", str(data_dir)]
             if stage == "sft":
                 argv += ["--model_name_or_path", str(model_dir)]
-            results[stage] = load_recipe(stage).main([*argv, *CUTS[stage], *CPU])
+            trainer = [] if stage == "label" else CPU  # labelling trains nothing: no trainer settings
+            results[stage] = load_recipe(stage).main([*argv, *CUTS[stage], *trainer])
     return root, results
 
 
@@ -78,7 +98,10 @@ def test_each_stage_reads_what_the_one_before_wrote(chain):
             assert config["model_name_or_path"] == recipe_config("sft")["output_dir"], stage
     for stage in ("ppo", "best_of_n"):
         assert recipe_config(stage)["reward_models"] == [recipe_config("reward")["output_dir"]]
-    assert recipe_config("grpo")["reward_funcs"] == [recipe_config("reward")["output_dir"]]
+    for stage in ("grpo", "rloo", "online_dpo"):
+        assert recipe_config(stage)["reward_funcs"] == [recipe_config("reward")["output_dir"]]
+    for stage in ("label", "iterative_dpo"):
+        assert recipe_config(stage)["judge"] == f"reward_model={recipe_config('reward')['output_dir']}"
 
 
 def test_the_stages_start_where_the_math_says(chain):
@@ -92,7 +115,7 @@ def test_the_stages_start_where_the_math_says(chain):
         assert any(key.startswith("eval_") for entry in history for key in entry), stage
     counts = json.loads((root / "runs/gpt2-hh/dpo/data_counts.json").read_text())
     assert counts["kept"]["train"] == 40 and counts["kept"]["test"] == 8  # max_eval_samples cut, counted
-    for stage in ("ppo", "grpo", "best_of_n"):
+    for stage in ("ppo", "grpo", "best_of_n", "rloo", "online_dpo", "iterative_dpo"):
         report = results[stage]["report"]
         assert report["n_prompts"] == 4 and math.isfinite(report["kl_to_reference"]), stage
 
@@ -101,7 +124,7 @@ def test_the_eval_config_compares_every_tuned_stage_with_sft_and_chosen(chain):
     root, _ = chain
     eval_config = yaml.safe_load((ROOT / "eval" / "configs" / "gpt2_hh.yaml").read_text())
     systems = dict(item.split("=", 1) for item in eval_config["systems"])
-    tuned = {stage: recipe_config(stage)["output_dir"] for stage in ORDER if stage != "reward"}
+    tuned = {stage: recipe_config(stage)["output_dir"] for stage in ORDER if stage not in ("reward", "label")}
     assert systems == tuned and eval_config["base"] == "sft"
     # The config itself on the chain's folders; the oracle stands in for the API and local LLM judges.
     cuts = ["--judges", "oracle", "--n_prompts", "6", "--max_new_tokens", "8", "--n_honeypots", "4",

@@ -357,6 +357,21 @@ def to_unpaired(rows: list[dict], seed: int) -> list[dict[str, Any]]:
     return out
 
 
+# Written by recipes/label.py beside a judge-labelled dataset whose judge failed its audits; a run trained on
+# such a dataset copies it into its folder (``runs.start``), so the weakness travels with the model.
+LABELLING_MARK = "judge_failed_audits.json"
+
+
+def labelling_mark(args: DataArgs) -> dict[str, Any] | None:
+    """The failed-audit mark of a local dataset labelled by a judge (in its folder, or beside its file), or
+    None when the dataset carries none."""
+    path = Path(args.dataset)
+    folder = path if path.is_dir() else path.parent if path.is_file() else None
+    if folder is None or not (folder / LABELLING_MARK).is_file():
+        return None
+    return json.loads((folder / LABELLING_MARK).read_text(encoding="utf-8"))
+
+
 def distinct_prompts(rows: list[dict]) -> list[str]:
     """The prompts of ``rows`` in order of first appearance, each once (what an online method samples)."""
     return list(dict.fromkeys(row["prompt"] for row in rows))

@@ -21,19 +21,10 @@ import statsmodels.api as sm
 from scipy import stats as scipy_stats
 from statsmodels.tools.sm_exceptions import ModelWarning
 
+from align_kit.judges.verdicts import AUDIT_THRESHOLDS, cohens_kappa  # defined beside labelling's audit too
+
 VERDICT_SCORES = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 SLOT_VERDICTS = ("A", "B", "tie")  # single-order verdicts; A is the answer shown first
-
-# Allowed closed range [low, high] of each audit figure; a figure outside fails the audit.
-AUDIT_THRESHOLDS: dict[str, tuple[float, float]] = {
-    "flip_rate": (0.0, 0.25),  # a verdict that changes when the order is swapped is noise
-    "first_slot_rate": (0.4, 0.6),  # an unbiased judge picks slot A half of the decided times
-    "parse_failure_rate": (0.0, 0.05),
-    "honeypot_pass_rate": (0.9, 1.0),  # honeypots have an obvious answer
-    "human_kappa": (0.4, 1.0),  # at least "moderate" agreement (Landis & Koch, 1977)
-    "n_intransitive": (0.0, 0.0),
-}
-
 
 TEXT_FIELDS = ("first_order_text", "swapped_order_text", "first_order_rationale", "swapped_order_rationale")
 
@@ -327,23 +318,6 @@ def position_bias(judgments: Sequence[Judgment]) -> dict[str, Any]:
 def parse_failure_rate(judgments: Sequence[Judgment]) -> float:
     """Fraction of pairs where at least one judge output did not parse."""
     return sum(1 for j in judgments if j.parse_failures > 0) / len(judgments) if judgments else math.nan
-
-
-def cohens_kappa(labels_a: Sequence[str], labels_b: Sequence[str]) -> float:
-    """Cohen's (1960) kappa, (p_o - p_e) / (1 - p_e), with p_o the observed agreement and
-    p_e = sum_k P_a(k) P_b(k) the agreement expected by chance from each rater's marginals.
-    NaN when p_e = 1 (both raters always give the same single label)."""
-    if len(labels_a) != len(labels_b):
-        raise ValueError(f"label lists differ in length: {len(labels_a)} vs {len(labels_b)}")
-    if not labels_a:
-        return math.nan
-    n = len(labels_a)
-    observed = sum(1 for a, b in zip(labels_a, labels_b, strict=True) if a == b) / n
-    chance = sum(
-        (sum(1 for a in labels_a if a == k) / n) * (sum(1 for b in labels_b if b == k) / n)
-        for k in set(labels_a) | set(labels_b)
-    )
-    return (observed - chance) / (1.0 - chance) if chance < 1.0 else math.nan
 
 
 def agreement(predicted: Sequence[str], expected: Sequence[str]) -> dict[str, Any]:

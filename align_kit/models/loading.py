@@ -162,7 +162,9 @@ def resolve(name_or_path: str) -> str:
 
 
 # recipes whose run folders later stages load models from
-RUN_STAGES = ("sft", "reward", "dpo", "ppo", "best_of_n", "grpo", "kto")
+RUN_STAGES = (
+    "sft", "reward", "dpo", "ppo", "best_of_n", "grpo", "rloo", "kto", "online_dpo", "iterative_dpo",
+)  # fmt: skip
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 RUN_COMPLETE = "run_complete.json"  # runs.COMPLETE (runs imports this module, not the reverse)
 

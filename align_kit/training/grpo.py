@@ -1,7 +1,10 @@
-"""TRL's GRPOTrainer with the reference model passed in, and with positions that follow the padding.
+"""TRL's GRPOTrainer and RLOOTrainer with the reference model passed in, and with positions that follow
+the padding.
 
 GRPO (Shao et al. 2024, Eq. 3) maximises the clipped group-relative advantage minus ``beta`` times the KL
-to a reference pi_ref. TRL 1.12's GRPOTrainer needs two corrections here:
+to a reference pi_ref. RLOO (Ahmadian et al. 2024, Eq. 6) uses the same sampled groups with the
+leave-one-out baseline b_i = mean_{j != i} r_j, and puts ``beta`` times the sequence's log-ratio to pi_ref
+into the reward. TRL 1.12 builds both trainers the same way and both need two corrections here:
 
 - With ``beta > 0`` it builds pi_ref itself by reloading ``model.config._name_or_path``: for a model built
   from a config that fails, and for a fine-tuned folder it can silently be another model.
@@ -21,39 +24,44 @@ from typing import Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 
 
 def _fill_positions(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     mask = kwargs.get("attention_mask")
-    tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if kwargs.get("position_ids") is None and mask is not None and tokens is not None and not args:
+    tokens = args[0] if len(args) == 1 else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if kwargs.get("position_ids") is None and mask is not None and tokens is not None and len(args) <= 1:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T_mask), 0 at the first real token
         kwargs["position_ids"] = positions[:, -tokens.shape[1] :]  # the last T positions (after a cache)
     return args, kwargs
 
 
 def positions_from_padding(model: nn.Module) -> RemovableHandle:
-    """Make every keyword call of ``model`` that passes an attention mask but no ``position_ids`` use
+    """Make every call of ``model`` (input ids as the only positional argument, or by keyword; TRL's online
+    DPO passes them positionally) that passes an attention mask but no ``position_ids`` use
     positions counted over the mask, as ``generate`` does. Right-padded and unpadded batches get 0..T-1,
     what they got before. Returns the handle; ``.remove()`` restores the plain model."""
     return model.register_forward_pre_hook(_fill_positions, with_kwargs=True)
 
 
-class GRPOTrainerWithReference(GRPOTrainer):
-    """``GRPOTrainer(..., ref_model=reference)``, with ``positions_from_padding`` on the policy and the
-    reference (handles in ``position_hooks``; they stay, harmless, after training). The reference is
-    prepared for the run's device or sharding, and is kept with ``beta = 0`` too (TRL does not use it
-    then), so reports can measure the KL.
+class _ExplicitReference:
+    """``Trainer(..., ref_model=reference)`` for TRL's GRPO and RLOO trainers (mixed in before them), with
+    ``positions_from_padding`` on the policy and the reference (handles in ``position_hooks``; they stay,
+    harmless, after training). The reference is prepared for the run's device or sharding, and is kept with
+    ``beta = 0`` too (TRL does not use it then), so reports can measure the KL.
 
     Not combined with ``sync_ref_model`` (it would rewrite the reference), ``use_liger_kernel`` or
     ``cast_lm_head_to_fp32`` (TRL sets those up for its own reference at construction).
     """
 
-    def __init__(self, *, model: nn.Module, ref_model: nn.Module, args: GRPOConfig, **kwargs: Any):
+    def __init__(
+        self, *, model: nn.Module, ref_model: nn.Module, args: GRPOConfig | RLOOConfig, **kwargs: Any
+    ):
         unsupported = [
-            n for n in ("sync_ref_model", "use_liger_kernel", "cast_lm_head_to_fp32") if getattr(args, n)
+            n
+            for n in ("sync_ref_model", "use_liger_kernel", "cast_lm_head_to_fp32")
+            if getattr(args, n, False)
         ]
         if unsupported:
             raise ValueError(f"{unsupported}: not supported with an explicit reference model; set them false")
@@ -70,3 +78,11 @@ class GRPOTrainerWithReference(GRPOTrainer):
             self.ref_model = prepare_fsdp(ref_model, self.accelerator)
         else:
             self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
+
+
+class GRPOTrainerWithReference(_ExplicitReference, GRPOTrainer):
+    """``GRPOTrainer(..., ref_model=reference)``: see ``_ExplicitReference``."""
+
+
+class RLOOTrainerWithReference(_ExplicitReference, RLOOTrainer):
+    """``RLOOTrainer(..., ref_model=reference)``: see ``_ExplicitReference``."""

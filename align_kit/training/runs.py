@@ -25,8 +25,9 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align_kit import files
-from align_kit.configs import ConfigError, RunArgs
+from align_kit.configs import ConfigError, DataArgs, RunArgs
 from align_kit.console import OneLineError, is_main_process, log
+from align_kit.data.loading import LABELLING_MARK, labelling_mark
 from align_kit.models import adapters
 from align_kit.models.loading import source_problem
 from align_kit.parsing import save_resolved, setting_source, to_dict
@@ -121,9 +122,25 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
         if changes:
             record_changes(output_dir, changes, resume_from)
         save_resolved(str(output_dir / RUN_CONFIG), *configs, args)
+    record_labelling_mark(output_dir, configs)
     if resume_from:
         log(f"resuming from {resume_from}")
     return Run(output_dir, resume_from)
+
+
+def record_labelling_mark(output_dir: Path, configs: tuple[Any, ...]) -> None:
+    """A dataset labelled by a judge that failed its audits (``data.labelling_mark``): its mark is copied
+    into the run folder under the same name and the run says so; nothing for any other dataset."""
+    data_args = next((c for c in configs if isinstance(c, DataArgs)), None)
+    mark = labelling_mark(data_args) if data_args is not None else None
+    if mark is None:
+        return
+    if is_main_process():
+        files.write_json(output_dir / LABELLING_MARK, mark, indent=2)
+    log(
+        f"WARNING: {data_args.dataset} was labelled by a judge that failed its audits "
+        f"({', '.join(mark.get('failed', [])) or 'see the mark'}); recorded in {output_dir / LABELLING_MARK}"
+    )
 
 
 def refuse_output_dir(output_dir: Path) -> None:
@@ -377,17 +394,19 @@ def round_dir(run: Run, index: int) -> Path:
 
 
 def round_model(run: Run, index: int) -> Path:
-    """Where best-of-N round ``index`` keeps its policy: the next round (or a resume) starts from it."""
+    """Where round ``index`` (best-of-N, iterative DPO) keeps its policy: the next round (or a resume) starts
+    from it."""
     return round_dir(run, index) / "model"
 
 
 def started_rounds(output_dir: Path) -> bool:
-    """True when a best-of-N run in ``output_dir`` got as far as sampling a round."""
+    """True when a run of rounds (best-of-N, iterative DPO) in ``output_dir`` got as far as sampling one."""
     return any(output_dir.glob("round_*/samples.jsonl"))
 
 
 def finished_rounds(run: Run) -> list[dict[str, Any]]:
-    """The reports of the best-of-N rounds finished in order from round 1 (report and model both written)."""
+    """The reports of the rounds (best-of-N, iterative DPO) finished in order from round 1 (report and model
+    both written)."""
     reports = []
     while _whole_json(round_dir(run, len(reports) + 1) / ROUND_REPORT):
         index = len(reports) + 1
