@@ -96,7 +96,10 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     resume_from = args.resume_from_checkpoint
     if resume_from is not None and not _whole_json(Path(resume_from) / TRAINER_STATE_NAME):
         where = setting_source(args, "resume_from_checkpoint")
-        raise ConfigError(f"{where}: resume_from_checkpoint: {resume_from} is no complete checkpoint")
+        raise ConfigError(
+            f"{where}: resume_from_checkpoint: {resume_from} is no complete checkpoint",
+            field="resume_from_checkpoint",
+        )
     if resume_from is None and output_dir.is_dir():
         resume_from = last_checkpoint(output_dir)
     if resume_from and cannot_resume:
@@ -149,11 +152,12 @@ def check_model_sources(configs: tuple[Any, ...]) -> None:
             for source in value if isinstance(value, list) else [value]:
                 problem = source_problem(str(source)) if source else None
                 if problem:
-                    raise ConfigError(f"{setting_source(config, name)}: {name}: {problem}")
+                    raise ConfigError(f"{setting_source(config, name)}: {name}: {problem}", field=name)
         weights = getattr(config, "weights_file", None)
         if weights and not Path(weights).is_file():
             raise ConfigError(
-                f"{setting_source(config, 'weights_file')}: weights_file: no such file {weights}"
+                f"{setting_source(config, 'weights_file')}: weights_file: no such file {weights}",
+                field="weights_file",
             )
 
 
