@@ -92,6 +92,7 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
         raise where(error) from None
     for config in parsed:  # for checks made later, before the run starts (runs.start)
         setattr(config, SOURCES, {f.name: source(f.name) for f in dataclasses.fields(config)})
+        setattr(config, CONFIG_FILE, path)
     return tuple(parsed)
 
 
@@ -217,6 +218,12 @@ def check_evaluation_is_on(settings: Settings) -> None:
 
 
 SOURCES = "_setting_sources"  # attribute parse() gives each config: field -> where its value came from
+CONFIG_FILE = "_config_file"  # attribute parse() gives each config: the --config file it read, resolved
+
+
+def config_file(config: Any) -> str | None:
+    """The file ``parse`` read ``config`` from (a shipped name resolved to its path), or None."""
+    return getattr(config, CONFIG_FILE, None)
 
 
 def setting_source(config: Any, name: str) -> str:

@@ -48,10 +48,10 @@ from typing import Any
 import torch
 import yaml
 
-from align_kit.configs import AdapterArgs, DataArgs, ModelArgs
+from align_kit.configs import AdapterArgs, ConfigError, DataArgs, ModelArgs
 from align_kit.evaluation import plots
 from align_kit.evaluation.settings import EvalArgs
-from align_kit.parsing import parse
+from align_kit.parsing import config_file, load_yaml, parse
 from align_kit.resources import load_recipe
 from align_kit.training import losses
 from align_kit.training.losses import DPO_LOSS_TYPES, DPOConfig
@@ -206,13 +206,18 @@ class Sweep:
         *self.extra, self.sweep_args, self.data_args, self.model_args, self.adapter_args, self.args = parse(
             extra + CONFIG, self.argv
         )
-        config_path = self.argv[self.argv.index("--config") + 1]
-        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+        config_path = config_file(self.args)  # a shipped name (loss_sweep_tiny) resolved by parse
+        if config_path is None:
+            raise ConfigError("command line: --config: a loss sweep needs its YAML file (losses, betas, ...)")
+        raw, _ = load_yaml(config_path)
         self.overrides = override_groups(self.argv)
         own_keys = {f.name for t in (SweepArgs, *extra) for f in dataclasses.fields(t)}
         per_member = sorted(set(PER_MEMBER_KEYS) & (set(raw) | {k for k, _ in self.overrides}))
         if per_member:
-            raise ValueError(f"{config_path}: {per_member} are set per member, by `losses` and `betas`")
+            raise ConfigError(
+                f"{config_path}: {per_member} are set per member, by `losses` and `betas`",
+                field=per_member[0],
+            )
         self.config_path = config_path
         self.shared = {k: v for k, v in raw.items() if k not in own_keys}
         # the sweep's output_dir holds the members' folders; each member's is set in its own YAML
