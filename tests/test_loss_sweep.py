@@ -222,3 +222,11 @@ def test_per_member_settings_in_the_sweep_yaml_are_refused(tmp_path, micro_model
     )
     with pytest.raises(ValueError, match=r"\['beta'\] are set per member"):
         Sweep(["--config", str(config)])
+
+
+def test_a_key_given_twice_in_a_sweep_yaml_is_refused_with_its_lines(tmp_path, micro_model_dir):
+    config = tmp_path / "twice.yaml"
+    text = yaml.safe_dump({**SWEEP, "model_name_or_path": str(micro_model_dir), "output_dir": "x"})
+    config.write_text(text + "betas: [0.3]\n")
+    with pytest.raises(ValueError, match=r"twice.yaml:\d+: .*'betas' given twice"):
+        Sweep(["--config", str(config)])

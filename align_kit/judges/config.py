@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from align_kit.parsing import load_yaml
 from align_kit.resources import judges_dir
 
 BACKENDS = ("oracle", "reward_model", "hf_logits", "openai")
@@ -274,9 +273,7 @@ def read_judge_config(name_or_path: str | Path, **overrides: Any) -> JudgeConfig
     if not path.is_file():
         shipped = sorted(p.name for p in judges_dir().iterdir() if (p / "judge.yaml").exists())
         raise FileNotFoundError(f"no judge {str(name_or_path)!r}: not a judge.yaml path nor one of {shipped}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of judge settings")
+    values, _ = load_yaml(str(path))  # the strict reader: a key given twice is refused with its lines
     _check_keys(values, str(path))
     _check_keys(overrides, "overrides")
     values.update(overrides)
