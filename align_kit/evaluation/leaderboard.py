@@ -37,7 +37,6 @@ from align_kit.evaluation.reports import (
     _pct,
     _plain,
     read_judgments,
-    to_jsonable,
 )
 from align_kit.evaluation.stats import Judgment
 
@@ -216,7 +215,9 @@ def write(board: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("leaderboard.json", "leaderboard.md", "leaderboard.html")}
-    files.write_text(paths["leaderboard.json"], json.dumps(to_jsonable(board), indent=2, allow_nan=False))
+    files.write_text(
+        paths["leaderboard.json"], json.dumps(files.to_jsonable(board), indent=2, allow_nan=False)
+    )
     files.write_text(paths["leaderboard.md"], render_leaderboard_markdown(board))
     files.write_text(paths["leaderboard.html"], render_leaderboard_html(board))
     return paths

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader
 
@@ -64,7 +62,7 @@ def write_report(
     paths = {name: out_dir / name for name in ("report.md", "report.html", "results.json", "judgments.csv")}
     files.write_text(paths["report.md"], render_markdown(results))
     files.write_text(paths["report.html"], render_html(results, judgments, examples))
-    files.write_text(paths["results.json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False))
+    files.write_text(paths["results.json"], json.dumps(files.to_jsonable(results), indent=2, allow_nan=False))
     columns = [f.name for f in dataclasses.fields(Judgment)]
     rows = [j.to_row() for j in judgments] + [dict(row) for row in undecided]
     files.write_text(paths["judgments.csv"], pd.DataFrame(rows, columns=columns).to_csv(index=False))
@@ -79,24 +77,6 @@ def read_judgments(path: str | Path) -> list[Judgment]:
     frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])  # only empty cells are None
     rows = frame.to_dict(orient="records")
     return [Judgment.from_row(row) for row in rows if isinstance(row["verdict"], str)]
-
-
-def to_jsonable(value: Any) -> Any:
-    """`value` with numpy scalars as Python numbers, NaN and infinities as None, tuples and Paths as lists
-    and strings, and dataclasses as dicts, so that json.dumps(..., allow_nan=False) accepts it."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [to_jsonable(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------------------

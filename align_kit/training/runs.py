@@ -301,9 +301,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]] | None:
     """The rows ``write_jsonl`` wrote, or None when the file is absent."""
-    if not path.exists():
-        return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return files.read_jsonl(path) if path.exists() else None
 
 
 def record_policy(run: Run, report: dict[str, Any], samples: list[dict[str, Any]]) -> None:
