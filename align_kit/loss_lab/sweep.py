@@ -224,6 +224,7 @@ class Sweep:
         self.overrides = [(k, v) for k, v in self.overrides if k not in own_keys | {"output_dir"}]
         self.root = Path(self.args.output_dir)
         self._measure: dict[str, Any] | None = None
+        self._prepared: dict[str, tuple[list[str], tuple[Any, ...]]] = {}  # member -> (argv, parsed configs)
 
     def members(self) -> list[Member]:
         return [parse_member(s, b) for s in self.sweep_args.losses for b in self.sweep_args.betas]
@@ -246,17 +247,25 @@ class Sweep:
         path.write_text(header + yaml.safe_dump(values, sort_keys=False))
         return ["--config", str(path)] + [item for k, v in overrides for item in (f"--{k}", *v)]
 
+    def prepare(self, member: Member) -> tuple[list[str], tuple[Any, ...]]:
+        """The member's recipe argv and its parsed configs: its YAML is written and parsed once per sweep."""
+        if member.name not in self._prepared:
+            argv = self.member_argv(member)
+            self._prepared[member.name] = (argv, parse(load_recipe(member.recipe).CONFIG, argv))
+        return self._prepared[member.name]
+
     def check(self, members: list[Member]) -> None:
         """Parse every member's config before any is trained: a bad spec fails in seconds, not in member 9."""
         for member in members:
-            parse(load_recipe(member.recipe).CONFIG, self.member_argv(member))
+            self.prepare(member)
 
     def train(self, member: Member) -> dict[str, float] | None:
         """Train the member unless its folder holds a finished run: its wall and CPU seconds, or None."""
         if (self.root / member.name / "run_complete.json").exists():
             return None
         start, cpu = time.time(), time.process_time()
-        load_recipe(member.recipe).main(self.member_argv(member))
+        argv, configs = self.prepare(member)
+        load_recipe(member.recipe).main(argv, configs=configs)  # the module loaded once per sweep
         gc.collect()
         return {"train_s": time.time() - start, "train_cpu_s": time.process_time() - cpu}
 
