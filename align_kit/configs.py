@@ -17,7 +17,15 @@ from align_kit.console import OneLineError
 
 
 class ConfigError(OneLineError, ValueError):
-    """A setting that cannot work: raised at parse time, naming the setting (and the file, from parse)."""
+    """A setting that cannot work: raised at parse time, naming the setting (and the file, from parse).
+
+    ``field`` is the setting the error is about (None when it is about no one setting): ``parsing.parse``
+    reads it to prefix the message with where that setting came from (``file.yaml:LINE``).
+    """
+
+    def __init__(self, message: str = "", field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def check_choices(config: Any) -> None:
@@ -28,7 +36,7 @@ def check_choices(config: Any) -> None:
         choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
         value = getattr(config, f.name)
         if choices and value not in choices:
-            raise ConfigError(f"{f.name}: {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{f.name}: {value!r} is not one of {list(choices)}", field=f.name)
 
 
 def check_at_least(config: Any, minimum: float, *names: str) -> None:
@@ -36,7 +44,7 @@ def check_at_least(config: Any, minimum: float, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if value is not None and value < minimum:
-            raise ConfigError(f"{name}: {value} must be at least {minimum}")
+            raise ConfigError(f"{name}: {value} must be at least {minimum}", field=name)
 
 
 def check_fraction(config: Any, name: str, low_open: bool = True, high_open: bool = False) -> None:
@@ -47,7 +55,7 @@ def check_fraction(config: Any, name: str, low_open: bool = True, high_open: boo
     high_ok = value < 1 if high_open else value <= 1
     if not (low_ok and high_ok):
         interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ConfigError(f"{name}: {value} must be in {interval}")
+        raise ConfigError(f"{name}: {value} must be in {interval}", field=name)
 
 
 def as_list(config: Any, name: str) -> None:
@@ -149,17 +157,23 @@ class DataArgs:
     def __post_init__(self) -> None:
         check_choices(self)
         if not 0.0 < self.test_size < 1.0:
-            raise ConfigError(f"test_size: {self.test_size} must be between 0 and 1 (a fraction held out)")
+            raise ConfigError(
+                f"test_size: {self.test_size} must be between 0 and 1 (a fraction held out)",
+                field="test_size",
+            )
         for name in ("max_train_samples", "max_eval_samples", "max_pair_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be at least 1 (or None: no cap)")
+                raise ConfigError(
+                    f"{name}: {getattr(self, name)} must be at least 1 (or None: no cap)", field=name
+                )
         if self.chat_template not in ("auto", "hh", "tokenizer"):
             if not self.chat_template.endswith(".jinja"):
                 raise ConfigError(
-                    f"chat_template: {self.chat_template!r} is not auto, hh, tokenizer or a .jinja file"
+                    f"chat_template: {self.chat_template!r} is not auto, hh, tokenizer or a .jinja file",
+                    field="chat_template",
                 )
             if not os.path.isfile(self.chat_template):
-                raise ConfigError(f"chat_template: {self.chat_template}: no such file")
+                raise ConfigError(f"chat_template: {self.chat_template}: no such file", field="chat_template")
         check_at_least(self, 1, "embedded_train_size")
         check_at_least(self, 0, "embedded_test_size", "split_seed")
 
@@ -200,9 +214,14 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         if self.torch_dtype not in TORCH_DTYPES:
-            raise ConfigError(f"torch_dtype: {self.torch_dtype!r} is not one of {list(TORCH_DTYPES)}")
+            raise ConfigError(
+                f"torch_dtype: {self.torch_dtype!r} is not one of {list(TORCH_DTYPES)}", field="torch_dtype"
+            )
         if self.model_config and not self.weights_file:
-            raise ConfigError("model_config: describes the architecture of weights_file, which is not set")
+            raise ConfigError(
+                "model_config: describes the architecture of weights_file, which is not set",
+                field="model_config",
+            )
 
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
@@ -242,11 +261,12 @@ class AdapterArgs:
     def __post_init__(self) -> None:
         check_choices(self)
         if self.adapter_rank < 1:
-            raise ConfigError(f"adapter_rank: {self.adapter_rank} must be at least 1")
+            raise ConfigError(f"adapter_rank: {self.adapter_rank} must be at least 1", field="adapter_rank")
         check_fraction(self, "adapter_dropout", low_open=False, high_open=True)
         if not re.fullmatch(r"all|\s*\d+\s*(,\s*\d+\s*)*", self.adapter_layers):
             raise ConfigError(
-                f"adapter_layers: {self.adapter_layers!r} must be 'all' or block indices such as '0,1,5'"
+                f"adapter_layers: {self.adapter_layers!r} must be 'all' or block indices such as '0,1,5'",
+                field="adapter_layers",
             )
 
 
@@ -399,10 +419,14 @@ class BestOfNArgs:
         check_at_least(self, 1, "rounds", "samples_per_prompt", "keep_top_k", "prompts_per_round")
         check_at_least(self, 1, "max_new_tokens", "generation_batch_size", "report_prompts")
         if self.sampling_temperature <= 0:
-            raise ConfigError(f"sampling_temperature: {self.sampling_temperature} must be above 0")
+            raise ConfigError(
+                f"sampling_temperature: {self.sampling_temperature} must be above 0",
+                field="sampling_temperature",
+            )
         if self.keep_top_k > self.samples_per_prompt:
             raise ConfigError(
-                f"keep_top_k: {self.keep_top_k} is more than samples_per_prompt ({self.samples_per_prompt})"
+                f"keep_top_k: {self.keep_top_k} is more than samples_per_prompt ({self.samples_per_prompt})",
+                field="keep_top_k",
             )
 
 

@@ -42,7 +42,7 @@ def oracle_means(eval_dir: Path) -> dict[str, dict]:
 
     table = {}
     for path in sorted((eval_dir / "generations").glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = files.read_jsonl(path)
         table[path.stem] = oracle_scores([r["prompt"] for r in rows], [r["answer"] for r in rows])
     return table
 

@@ -44,7 +44,7 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
         try:
             path = str(find_config(args[at + 1]))
         except FileNotFoundError as error:
-            raise ConfigError(f"--config: {error}") from None
+            raise ConfigError(f"--config: {error}", field="config") from None
         del args[at : at + 2]
         values, lines = load_yaml(path)
         set_environment(values.pop("env", {}), path)
@@ -57,13 +57,15 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
         try:
             values[name] = check_value(name, value, *hints[name])
         except ConfigError as error:
-            raise ConfigError(f"{path}:{lines[name]}: {error}") from None
+            raise ConfigError(f"{path}:{lines[name]}: {error}", field=name) from None
     settings = Settings(path, values, lines, args, field_defaults(dataclass_types))
     source = settings.source
 
-    def where(error: Exception) -> str:
-        """The error prefixed with the place its setting (the message's first word) came from."""
-        return f"{source(str(error).split(':')[0].split(' ')[0])}: {error}"
+    def where(error: Exception) -> ConfigError:
+        """The error prefixed with the place its setting (its ``field``) came from; the file (or the command
+        line) for an error about no one setting, such as a trainer config's own ValueError."""
+        field = getattr(error, "field", None)
+        return ConfigError(f"{source(field) if field else path or 'command line'}: {error}", field=field)
 
     check_evaluation_is_on(settings)
     parser = _parser_class()(dataclass_types, allow_abbrev=False)  # --learning_rat is a typo, not a prefix
@@ -79,16 +81,18 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
             )  # GRPO names its reward models in reward_funcs
             if isinstance(config, RewardModelArgs) and not config.reward_models and not grpo:
                 raise ConfigError(
-                    "reward_models: none given; name at least one reward-model folder (recipes/reward.py writes one)"
+                    "reward_models: none given; name at least one reward-model folder (recipes/reward.py writes one)",
+                    field="reward_models",
                 )
     except ConfigError as error:
-        raise ConfigError(str(error) if str(error).startswith("command line:") else where(error)) from None
+        raise (error if str(error).startswith("command line:") else where(error)) from None
     except ValueError as error:  # a trainer config's own check in __post_init__ (transformers, TRL)
         if "support bf16" in str(error):  # transformers: bf16 on (TRL's default) without a bf16 GPU
-            raise ConfigError(f"{source('bf16')}: {NO_BF16}") from None
-        raise ConfigError(where(error)) from None
+            raise ConfigError(f"{source('bf16')}: {NO_BF16}", field="bf16") from None
+        raise where(error) from None
     for config in parsed:  # for checks made later, before the run starts (runs.start)
         setattr(config, SOURCES, {f.name: source(f.name) for f in dataclasses.fields(config)})
+        setattr(config, CONFIG_FILE, path)
     return tuple(parsed)
 
 
@@ -208,11 +212,18 @@ def check_evaluation_is_on(settings: Settings) -> None:
         off = " ".join(f"--{name} {none}" for name, _, _, none in needs)
         raise ConfigError(
             f"{place[first[0]]}: {what}, but eval_strategy is no ({place['eval_strategy']}): add {off} to "
-            "train without evaluation, or set eval_strategy: steps (with eval_steps) to keep them"
+            "train without evaluation, or set eval_strategy: steps (with eval_steps) to keep them",
+            field=first[0],
         )
 
 
 SOURCES = "_setting_sources"  # attribute parse() gives each config: field -> where its value came from
+CONFIG_FILE = "_config_file"  # attribute parse() gives each config: the --config file it read, resolved
+
+
+def config_file(config: Any) -> str | None:
+    """The file ``parse`` read ``config`` from (a shipped name resolved to its path), or None."""
+    return getattr(config, CONFIG_FILE, None)
 
 
 def setting_source(config: Any, name: str) -> str:
@@ -319,7 +330,7 @@ def check_value(name: str, value: Any, hint: Any, none_default: bool = False) ->
         note = ""
         if isinstance(value, bool):
             note = " (YAML reads unquoted yes/no/on/off as true/false: quote it)"
-        raise ConfigError(f"{name} must be {wanted}, got {shown}{note}")
+        raise ConfigError(f"{name} must be {wanted}, got {shown}{note}", field=name)
     arms = [arm for arm in typing.get_args(hint) if arm is not type(None)] or [hint]
     if (
         len(arms) == 1
@@ -391,17 +402,23 @@ def check_trainer_args(args: Any) -> None:
         return
     if hasattr(args, "total_episodes"):  # TRL's online trainers count episodes, not steps
         if args.total_episodes is not None and args.total_episodes < 1:
-            raise ConfigError(f"total_episodes: {args.total_episodes} gives no training step")
+            raise ConfigError(
+                f"total_episodes: {args.total_episodes} gives no training step", field="total_episodes"
+            )
         if args.total_episodes is None and args.num_train_epochs <= 0:
-            raise ConfigError(f"num_train_epochs: {args.num_train_epochs} gives no training step")
+            raise ConfigError(
+                f"num_train_epochs: {args.num_train_epochs} gives no training step", field="num_train_epochs"
+            )
     else:
         if args.max_steps == 0 or args.max_steps < -1:
             raise ConfigError(
-                f"max_steps: {args.max_steps} must be a positive number of steps, or -1 to train num_train_epochs"
+                f"max_steps: {args.max_steps} must be a positive number of steps, or -1 to train num_train_epochs",
+                field="max_steps",
             )
         if args.max_steps == -1 and args.num_train_epochs <= 0:
             raise ConfigError(
-                f"num_train_epochs: {args.num_train_epochs} gives no training step (max_steps is -1)"
+                f"num_train_epochs: {args.num_train_epochs} gives no training step (max_steps is -1)",
+                field="num_train_epochs",
             )
     check_at_least(args, 1, "per_device_train_batch_size", "per_device_eval_batch_size")
     check_at_least(args, 1, "gradient_accumulation_steps", "save_total_limit")
@@ -412,15 +429,17 @@ def check_trainer_args(args: Any) -> None:
     for strategy, steps in (("logging", "logging_steps"), ("save", "save_steps"), ("eval", "eval_steps")):
         chosen, value = getattr(args, f"{strategy}_strategy"), getattr(args, steps)
         if getattr(chosen, "value", chosen) == "steps" and value is not None and value <= 0:
-            raise ConfigError(f"{steps}: {value} must be above 0 with {strategy}_strategy steps")
+            raise ConfigError(f"{steps}: {value} must be above 0 with {strategy}_strategy steps", field=steps)
     if hasattr(args, "beta"):
         zero_ok = any(cls.__name__ in BETA_MAY_BE_ZERO for cls in type(args).__mro__)
         if args.beta < 0 or (args.beta == 0 and not zero_ok):
-            raise ConfigError(f"beta: {args.beta} must be above 0{' (or 0: no KL term)' if zero_ok else ''}")
+            raise ConfigError(
+                f"beta: {args.beta} must be above 0{' (or 0: no KL term)' if zero_ok else ''}", field="beta"
+            )
     if hasattr(args, "kl_coef") and args.kl_coef < 0:
-        raise ConfigError(f"kl_coef: {args.kl_coef} must not be negative")
+        raise ConfigError(f"kl_coef: {args.kl_coef} must not be negative", field="kl_coef")
     if hasattr(args, "temperature") and not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise ConfigError(f"temperature: {args.temperature} must be above 0")
+        raise ConfigError(f"temperature: {args.temperature} must be above 0", field="temperature")
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from align_kit import console
 from align_kit.evaluation import leaderboard
 
 
@@ -18,4 +19,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    console.run_command(main)

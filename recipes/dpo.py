@@ -24,9 +24,9 @@ from align_kit.training.losses import DPOConfig, DPOTrainer  # TRL's, plus check
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, DPOConfig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    # 1. config
-    data_args, model_args, adapter_args, stopping, run_args, args = parse(CONFIG, argv)
+def main(argv: list[str] | None = None, configs: tuple | None = None) -> dict:
+    # 1. config (the loss sweep passes the configs it parsed when it checked its members)
+    data_args, model_args, adapter_args, stopping, run_args, args = configs or parse(CONFIG, argv)
 
     # 2. seed, logging, run directory
     run = runs.start(args, data_args, model_args, adapter_args, stopping, run_args)

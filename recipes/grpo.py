@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     if reward_args.reward_models:
         raise ConfigError(
             "reward_models: not read by this recipe; list reward models in reward_funcs "
-            "(a folder, or 'ensemble:<folder>,<folder>' with ensemble_aggregation)"
+            "(a folder, or 'ensemble:<folder>,<folder>' with ensemble_aggregation)",
+            field="reward_models",
         )
 
     # 2. seed, logging, run directory

@@ -292,6 +292,12 @@ def test_loader_rejects_unknown_keys_and_bad_values(tmp_path):
         read_judge_config("no_such_judge")
 
 
+def test_a_key_given_twice_in_a_judge_yaml_is_refused_with_its_lines(tmp_path):
+    (tmp_path / "judge.yaml").write_text("backend: oracle\ntie_margin: 0.1\ntie_margin: 0.2\n")
+    with pytest.raises(ValueError, match=r"judge.yaml:3: .*'tie_margin' given twice \(lines 2 and 3\)"):
+        read_judge_config(tmp_path)
+
+
 def test_identity_changes_with_template_text_and_decoding_only():
     config = JudgeConfig(backend="hf_logits", model="m", template="t.txt")
     same = dataclasses.replace(config, batch_size=99, max_concurrency=3, name="other")

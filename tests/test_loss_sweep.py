@@ -6,13 +6,17 @@ and evaluated as the discovery loop asks."""
 from __future__ import annotations
 
 import json
+import sys
+from collections import Counter
 
 import pytest
 import torch
 import yaml
 from conftest import load_recipe
 
+from align_kit import resources
 from align_kit.loss_lab.sweep import Sweep, override_groups, parse_member
+from align_kit.resources import load_script
 from align_kit.training.losses import implicit_reward_accuracy, pair_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
@@ -143,6 +147,9 @@ SWEEP = {
 }
 
 
+EXECUTIONS: Counter = Counter()  # recipe module name -> times its code ran during the sweep_run fixture
+
+
 @pytest.fixture(scope="module")
 def sweep_run(micro_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep")
@@ -150,7 +157,16 @@ def sweep_run(micro_model_dir, tmp_path_factory):
     header = f"# accelerate launch recipes/loss_sweep.py --config {config}\n"
     config.write_text(header + yaml.safe_dump({**SWEEP, "model_name_or_path": str(micro_model_dir)}))
     argv = ["--config", str(config), "--output_dir", str(folder / "out")]
-    return folder / "out", argv, load_recipe("loss_sweep").main(argv)
+
+    def counted(path, name):
+        EXECUTIONS[name] += 1
+        return load_script(path, name)
+
+    with pytest.MonkeyPatch.context() as patch:  # the members' recipes start unloaded, and are counted
+        for recipe in ("dpo", "kto"):
+            patch.delitem(sys.modules, f"align_kit_recipe_{recipe}", raising=False)
+        patch.setattr(resources, "load_script", counted)
+        return folder / "out", argv, load_recipe("loss_sweep").main(argv)
 
 
 def test_sweep_trains_each_member_with_its_recipe_and_writes_a_ranked_table(sweep_run):
@@ -174,6 +190,15 @@ def test_sweep_trains_each_member_with_its_recipe_and_writes_a_ranked_table(swee
     table = (out / "loss_sweep.md").read_text()
     assert "`sigmoid` (dpo)" in table and "`kto` (kto)" in table and "[95% CI]" in table
     assert (out / "loss_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_members_recipe_module_runs_once(sweep_run):
+    out, _, payload = sweep_run
+    trainers = {row["trainer"] for row in payload["ranking"]}
+    assert trainers == {"dpo", "kto"}
+    assert EXECUTIONS == {
+        f"align_kit_recipe_{t}": 1 for t in trainers
+    }  # checked and trained: one import each
 
 
 def test_every_member_runs_its_recipe_on_its_own_yaml_with_the_shared_budget(sweep_run):
@@ -221,4 +246,12 @@ def test_per_member_settings_in_the_sweep_yaml_are_refused(tmp_path, micro_model
         yaml.safe_dump({**SWEEP, "model_name_or_path": str(micro_model_dir), "beta": 0.3, "output_dir": "x"})
     )
     with pytest.raises(ValueError, match=r"\['beta'\] are set per member"):
+        Sweep(["--config", str(config)])
+
+
+def test_a_key_given_twice_in_a_sweep_yaml_is_refused_with_its_lines(tmp_path, micro_model_dir):
+    config = tmp_path / "twice.yaml"
+    text = yaml.safe_dump({**SWEEP, "model_name_or_path": str(micro_model_dir), "output_dir": "x"})
+    config.write_text(text + "betas: [0.3]\n")
+    with pytest.raises(ValueError, match=r"twice.yaml:\d+: .*'betas' given twice"):
         Sweep(["--config", str(config)])

@@ -448,3 +448,18 @@ def test_kto_with_a_new_adapter_uses_the_adapter_off_reference(micro_model_dir, 
 def test_kto_settings_that_make_the_loss_constant_fail_when_parsed(argv, message):
     with pytest.raises(ValueError, match=message):
         parse(load_recipe("kto").CONFIG, [*argv, "--output_dir", "unused", "--use_cpu", "true"])
+
+
+def test_a_field_equals_value_error_names_its_file_and_line(tmp_path):
+    """``loss_weights=[1.0]: ...`` starts with no bare setting name: parse reads the error's field, not its text."""
+    from align_kit.configs import ConfigError
+
+    config = tmp_path / "dpo.yaml"
+    config.write_text("output_dir: unused\nuse_cpu: true\nloss_type: [sigmoid, ipo]\nloss_weights: [1.0]\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{config}:4: loss_weights=\[1.0\]: 1 weight\(s\) for 2"
+    ) as caught:
+        parse(load_recipe("dpo").CONFIG, ["--config", str(config)])
+    assert caught.value.field == "loss_weights"
+    with pytest.raises(ConfigError, match=r"^command line: loss_weights=\[1.0\]"):
+        parse(load_recipe("dpo").CONFIG, ["--config", str(config), "--loss_weights", "1.0"])

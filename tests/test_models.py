@@ -93,3 +93,34 @@ def test_gpt2_style_tokenizer_without_pad_gets_eos_as_pad(tmp_path):
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.pad_token == loaded.eos_token
     assert loaded.padding_side == "right"
+
+
+def test_one_rule_says_whether_a_model_folder_is_missing_or_an_unfinished_run(tmp_path, monkeypatch):
+    """models.loading.source_state: what training refuses (source_problem) and evaluation skips (answers)."""
+    from align_kit.evaluation import answers
+    from align_kit.evaluation.settings import EvalArgs
+    from align_kit.models.loading import source_problem, source_state
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    (tmp_path / "runs" / "sft" / "run_config.json").write_text("{}")
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    expected = {
+        "tiny-gpt2": None,
+        "gpt2": None,  # a Hub id is left to the loader
+        "runs/sft": "unfinished",
+        "runs/dpo": "missing",
+        "./gone": "missing",
+        "sft": "missing",  # a bare stage name is a run folder not made yet
+        "weights.safetensors": "weights file",
+    }
+    assert {name: source_state(name) for name in expected} == expected
+    assert "run sft first" in source_problem("sft")
+    notes: list[str] = []
+    args = EvalArgs(systems=["b=tiny-gpt2", "s=runs/sft", "d=runs/dpo", "w=weights.safetensors"], base="b")
+    assert [s.name for s in answers.resolve_systems(args, notes)] == ["b"]
+    assert [note.split(":")[0] for note in notes] == [
+        "system s skipped",
+        "system d skipped",
+        "system w skipped",
+    ]

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from align_kit import files
 from align_kit.evaluation import ratings, reports, stats
 from align_kit.evaluation.stats import Judgment
 
@@ -133,7 +134,7 @@ def test_results_json_round_trips(written):
     _, paths, results, _ = written
     loaded = json.loads(paths["results.json"].read_text())
     checks = loaded["audit_checks"]
-    assert loaded == reports.to_jsonable(results)
+    assert loaded == files.to_jsonable(results)
     assert {c["name"]: c["passed"] for c in checks}["honeypot_pass_rate"] is True
     assert loaded["comparisons"][0]["win_rate"] == pytest.approx(results["comparisons"][0]["win_rate"])
 
@@ -146,8 +147,8 @@ def test_judgments_csv_has_one_row_per_judgment_and_reads_back(written):
 
 def test_to_jsonable_turns_nan_and_numpy_into_plain_json():
     value = {"a": np.float64(0.5), "b": float("nan"), "c": (np.int64(3), None), 4: np.array([1.0, np.inf])}
-    assert reports.to_jsonable(value) == {"a": 0.5, "b": None, "c": [3, None], "4": [1.0, None]}
-    json.dumps(reports.to_jsonable(value), allow_nan=False)
+    assert files.to_jsonable(value) == {"a": 0.5, "b": None, "c": [3, None], "4": [1.0, None]}
+    json.dumps(files.to_jsonable(value), allow_nan=False)
 
 
 def test_report_without_optional_sections(tmp_path):

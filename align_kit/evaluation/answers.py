@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align_kit import files
 from align_kit.configs import DataArgs, ModelArgs
 from align_kit.data.formats import DataError, load_raw
 from align_kit.data.loading import load_preferences, render_held_out, system_chat_format
@@ -25,7 +26,7 @@ from align_kit.evaluation.served import served_answers, served_endpoint
 from align_kit.evaluation.settings import EvalArgs
 from align_kit.models import generation, rewards
 from align_kit.models.generation import best_of_n
-from align_kit.models.loading import load_model, load_reward_model, load_tokenizer, resolve
+from align_kit.models.loading import load_model, load_reward_model, load_tokenizer, resolve, source_state
 
 CHOSEN = "chosen"  # the dataset's chosen answer, a baseline every system meets
 ANSWER_FILE_SUFFIX = ".jsonl"
@@ -50,21 +51,6 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return name.strip(), (value.strip() if sep else None)
 
 
-def missing_local(path: str) -> bool:
-    """True for a path meant to be local that is not there (absolute, ./-relative, or its parent exists);
-    a name that could be a Hub id is left to the loader."""
-    if path == "tiny-gpt2" or Path(path).exists():
-        return False
-    p = Path(path)
-    return p.is_absolute() or path.startswith(".") or (len(p.parts) > 1 and p.parent.exists())
-
-
-def unfinished_run(path: str) -> bool:
-    """An align-kit run folder (it holds run_config.json) whose training has not finished."""
-    folder = Path(path)
-    return (folder / "run_config.json").exists() and not (folder / "run_complete.json").exists()
-
-
 def resolve_systems(args: EvalArgs, notes: list[str]) -> list[System]:
     """The systems to evaluate, base first; missing or unfinished ones are left out with a note."""
     systems: list[System] = []
@@ -84,10 +70,13 @@ def resolve_systems(args: EvalArgs, notes: list[str]) -> list[System]:
     kept = []
     for system in systems:
         reason = None
-        if system.kind != "served" and missing_local(system.path):
+        state = source_state(system.path) if system.kind != "served" else None  # models.loading's one rule
+        if state == "missing":
             reason = f"{system.path} does not exist"
-        elif unfinished_run(system.path):
+        elif state == "unfinished":
             reason = f"{system.path} is an unfinished run (no run_complete.json)"
+        elif state == "weights file":
+            reason = f"{system.path} is a weights file, not a model folder"
         elif system.kind == "best_of_n":
             reason = best_of_n_unavailable(args)
         if reason is None:
@@ -190,14 +179,7 @@ def fingerprint(path: str) -> str:
 
 def read_generations(path: Path) -> list[dict[str, Any]]:
     """Rows of a generations file; a line cut short by a crash is ignored."""
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    return files.read_jsonl(path, skip_bad=True)
 
 
 def system_answers(
@@ -305,7 +287,7 @@ def generate_answers(
 
 def best_of_n_unavailable(args: EvalArgs) -> str | None:
     """Why the best-of-N system cannot run (its reward model is missing), or None."""
-    if missing_local(args.best_of_n_reward_model) or unfinished_run(args.best_of_n_reward_model):
+    if source_state(args.best_of_n_reward_model):
         return f"its reward model {args.best_of_n_reward_model} does not exist or is unfinished"
     return None
 

@@ -13,10 +13,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from align_kit.configs import ConfigError
-from align_kit.evaluation.answers import fingerprint, missing_local, split_spec, unfinished_run
+from align_kit.evaluation.answers import fingerprint, split_spec
 from align_kit.evaluation.settings import EvalArgs
 from align_kit.judges.backends import build_judge
 from align_kit.judges.config import JudgeConfig, read_judge_config, read_template
+from align_kit.models.loading import source_state
 
 LOCAL_BACKENDS = ("reward_model", "hf_logits")  # judges that load a model from disk
 MODEL_BACKENDS = ("reward_model", "hf_logits", "openai")  # judges that take a `model`
@@ -83,7 +84,7 @@ def judge_problems(config: JudgeConfig, args: EvalArgs) -> list[str]:
         except (OSError, ValueError) as error:
             problems.append(f"template: {error}")
     if config.backend in LOCAL_BACKENDS and config.model:
-        if missing_local(config.model) or unfinished_run(config.model):
+        if source_state(config.model):
             problems.append(f"its model {config.model} does not exist or is unfinished")
     if config.backend == "openai":
         if config.api_key_env and not os.environ.get(config.api_key_env):
@@ -132,13 +133,10 @@ def prepare_judges(specs: Sequence[str | Any], args: EvalArgs, notes: list[str])
         if found:
             problems += [f"judge {name}: {problem}" for problem in found]
             continue
-        if (
-            config.backend in LOCAL_BACKENDS
-            and config.model
-            and not fingerprint(config.model).startswith("hub:")
-        ):
+        weights = fingerprint(config.model) if config.backend in LOCAL_BACKENDS and config.model else None
+        if weights and not weights.startswith("hub:"):
             # verdicts are cached by the judge's settings: the weights' fingerprint retires them on retraining
-            config = dataclasses.replace(config, cache_tag=f"{config.cache_tag}{fingerprint(config.model)}")
+            config = dataclasses.replace(config, cache_tag=f"{config.cache_tag}{weights}")
         out.append(build_judge(config))
     if problems:
         raise JudgeSetupError(

@@ -31,13 +31,12 @@ from align_kit.evaluation.answers import CHOSEN
 from align_kit.evaluation.pipeline import judge_folder
 from align_kit.evaluation.reports import (
     TEMPLATES,
-    _ci,
-    _md_table,
-    _num,
-    _pct,
-    _plain,
+    ci_range,
+    markdown_table,
+    number,
+    percent,
+    plain_number,
     read_judgments,
-    to_jsonable,
 )
 from align_kit.evaluation.stats import Judgment
 
@@ -216,7 +215,9 @@ def write(board: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("leaderboard.json", "leaderboard.md", "leaderboard.html")}
-    files.write_text(paths["leaderboard.json"], json.dumps(to_jsonable(board), indent=2, allow_nan=False))
+    files.write_text(
+        paths["leaderboard.json"], json.dumps(files.to_jsonable(board), indent=2, allow_nan=False)
+    )
     files.write_text(paths["leaderboard.md"], render_leaderboard_markdown(board))
     files.write_text(paths["leaderboard.html"], render_leaderboard_html(board))
     return paths
@@ -251,10 +252,10 @@ def _leaderboard_tables(board: Mapping[str, Any]) -> dict[str, Any]:
             str(rank),
             s["system"],
             ", ".join(Path(r).name for r in s["runs"]) or "-",
-            _num(s["rating"], ".0f"),
+            number(s["rating"], ".0f"),
             _range(s["rating_ci"], ".0f"),
-            _pct(s["win_rate_vs_chosen"]),
-            _ci(*s["win_rate_ci"]),
+            percent(s["win_rate_vs_chosen"]),
+            ci_range(*s["win_rate_ci"]),
             str(s["n_vs_chosen"]) if s["system"] != "chosen" else "",
         ]
         for rank, s in enumerate(board["systems"], start=1)
@@ -264,7 +265,7 @@ def _leaderboard_tables(board: Mapping[str, Any]) -> dict[str, Any]:
     for a in board["audits"]:
         checks = {c["name"]: c for c in a["checks"]}
         cells = [
-            f"{_num(checks[n]['value'], '.3f') if isinstance(checks[n]['value'], float) else _plain(checks[n]['value'])} "
+            f"{number(checks[n]['value'], '.3f') if isinstance(checks[n]['value'], float) else plain_number(checks[n]['value'])} "
             f"{flag[checks[n]['passed']]}"
             if n in checks
             else "n/a"
@@ -288,7 +289,7 @@ def _leaderboard_tables(board: Mapping[str, Any]) -> dict[str, Any]:
         ],
         "explanation": (
             "Ratings are Bradley-Terry strengths on the Elo scale (400 points = 10:1 odds), fitted to every game "
-            f"of every run and anchored on chosen at {_num(board['ranking']['anchor_rating'], '.0f')}; intervals "
+            f"of every run and anchored on chosen at {number(board['ranking']['anchor_rating'], '.0f')}; intervals "
             f"are {board['ci_method']}. "
             + (f"Note: {board['ranking']['note']}." if board["ranking"].get("note") else "")
         ),
@@ -302,9 +303,9 @@ def render_leaderboard_markdown(board: Mapping[str, Any]) -> str:
     lines = (
         ["# Leaderboard", "", f"**{title}**", ""] + [f"- {r}" for r in reasons] + ([""] if reasons else [])
     )
-    lines += _md_table(["Setting", "Value"], tables["settings"]) + [""]
-    lines += ["## Systems", ""] + _md_table(*tables["systems"]) + ["", tables["explanation"], ""]
-    lines += ["## Audits of each run", ""] + _md_table(*tables["audits"]) + [""]
+    lines += markdown_table(["Setting", "Value"], tables["settings"]) + [""]
+    lines += ["## Systems", ""] + markdown_table(*tables["systems"]) + ["", tables["explanation"], ""]
+    lines += ["## Audits of each run", ""] + markdown_table(*tables["audits"]) + [""]
     return "\n".join(lines)
 
 
@@ -327,7 +328,9 @@ def render_leaderboard_html(board: Mapping[str, Any]) -> str:
 def _range(bounds: Sequence[Any], fmt: str) -> str:
     low, high = bounds
     return (
-        f"{_num(low, fmt)} to {_num(high, fmt)}" if stats.is_number(low) and stats.is_number(high) else "n/a"
+        f"{number(low, fmt)} to {number(high, fmt)}"
+        if stats.is_number(low) and stats.is_number(high)
+        else "n/a"
     )
 
 

@@ -60,7 +60,7 @@ from align_kit.evaluation.audits import (
     trust_verdict,
 )
 from align_kit.evaluation.judge_setup import prepare_judges
-from align_kit.evaluation.reports import headline, opening, to_jsonable, write_report
+from align_kit.evaluation.reports import headline, opening, write_report
 from align_kit.evaluation.settings import EvalArgs
 from align_kit.evaluation.stats import Judgment
 from align_kit.judges import protocol as judges_lib
@@ -414,7 +414,7 @@ def evaluate(
             judge_dir / "audit_judgments.jsonl",
             "".join(json.dumps(j.to_row()) + "\n" for j in audit_judgments),
         )
-        summary["judges"][judge.name] = to_jsonable(results)
+        summary["judges"][judge.name] = files.to_jsonable(results)
         summary["judge_calls"][judge.name] = counts.get("calls")
         summary["evidence"][judge.name] = bool(results.get("trust", {}).get("evidence"))
         summary["reports"][judge.name] = {name: str(path) for name, path in paths.items()}
@@ -425,7 +425,7 @@ def evaluate(
         for comparison in results.get("comparisons", []):
             log(f"  {judge.name}: {headline(comparison)}")
         log(f"judge {judge.name}: {counts.get('calls')} calls; report in {paths['report.md']}")
-    files.write_text(out_dir / "evaluation.json", json.dumps(to_jsonable(summary), indent=2))
+    files.write_text(out_dir / "evaluation.json", json.dumps(files.to_jsonable(summary), indent=2))
     if failed:
         raise JudgeFailed("\n".join(failed) + f"\n(reports and {out_dir / 'evaluation.json'} were written)")
     return summary

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader
 
@@ -64,7 +62,7 @@ def write_report(
     paths = {name: out_dir / name for name in ("report.md", "report.html", "results.json", "judgments.csv")}
     files.write_text(paths["report.md"], render_markdown(results))
     files.write_text(paths["report.html"], render_html(results, judgments, examples))
-    files.write_text(paths["results.json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False))
+    files.write_text(paths["results.json"], json.dumps(files.to_jsonable(results), indent=2, allow_nan=False))
     columns = [f.name for f in dataclasses.fields(Judgment)]
     rows = [j.to_row() for j in judgments] + [dict(row) for row in undecided]
     files.write_text(paths["judgments.csv"], pd.DataFrame(rows, columns=columns).to_csv(index=False))
@@ -79,24 +77,6 @@ def read_judgments(path: str | Path) -> list[Judgment]:
     frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])  # only empty cells are None
     rows = frame.to_dict(orient="records")
     return [Judgment.from_row(row) for row in rows if isinstance(row["verdict"], str)]
-
-
-def to_jsonable(value: Any) -> Any:
-    """`value` with numpy scalars as Python numbers, NaN and infinities as None, tuples and Paths as lists
-    and strings, and dataclasses as dicts, so that json.dumps(..., allow_nan=False) accepts it."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [to_jsonable(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,12 +145,14 @@ def headline(summary: Mapping[str, Any]) -> str:
         return f"{summary['system']} vs {summary['baseline']}: n/a ({summary.get('note') or 'no decided pairs'})."
     level = f"{100 * summary.get('level', 0.95):g}% CI"
     text = (
-        f"{summary['system']} beats {summary['baseline']} {_pct(summary['win_rate'])} "
-        f"({level} {_ci(summary['ci_low'], summary['ci_high'])}) of the time, n={summary['n']} (ties count half)"
+        f"{summary['system']} beats {summary['baseline']} {percent(summary['win_rate'])} "
+        f"({level} {ci_range(summary['ci_low'], summary['ci_high'])}) of the time, n={summary['n']} (ties count half)"
     )
     lc = summary.get("length_controlled")
     if lc and lc.get("method") == "logistic":
-        text += f"; length-controlled {_pct(lc['estimate'])} ({level} {_ci(lc['ci_low'], lc['ci_high'])})"
+        text += (
+            f"; length-controlled {percent(lc['estimate'])} ({level} {ci_range(lc['ci_low'], lc['ci_high'])})"
+        )
     elif lc:
         text += f"; length-controlled rate not fitted ({lc.get('note', '')})"
     if stats.is_number(summary["ci_low"]) and summary["ci_low"] <= 0.5 <= summary["ci_high"]:
@@ -211,42 +193,46 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         + ([""] if reasons else [])
     )
     if results.get("metadata"):
-        lines += _md_table(["Setting", "Value"], _metadata_rows(results["metadata"])) + [""]
+        lines += markdown_table(["Setting", "Value"], _metadata_rows(results["metadata"])) + [""]
     lines += [f"- Note: {note}" for note in results.get("notes") or []] + (
         [""] if results.get("notes") else []
     )
     if results.get("error"):
         return "\n".join(lines)
     lines += ["## Headlines", ""] + [f"- {headline(s)}" for s in results.get("comparisons", [])] + [""]
-    lines += ["## Comparisons", ""] + _md_table(*_comparison_table(results.get("comparisons", []))) + [""]
+    lines += (
+        ["## Comparisons", ""] + markdown_table(*_comparison_table(results.get("comparisons", []))) + [""]
+    )
     lines += [_scoring_line(results), ""]
     if results.get("by_group"):
         by_group = results["by_group"]
         lines += [f"## By group ({by_group['column']})", ""]
-        lines += _md_table(*_group_table(by_group["comparisons"])) + [""]
+        lines += markdown_table(*_group_table(by_group["comparisons"])) + [""]
     if results.get("paired"):
-        lines += ["## Paired tests", ""] + _md_table(*_paired_table(results["paired"])) + [""]
+        lines += ["## Paired tests", ""] + markdown_table(*_paired_table(results["paired"])) + [""]
     if results.get("ranking"):
         lines += ["## Ratings", ""]
         if results["ranking"]["ratings"]:
-            lines += _md_table(*_ratings_table(results["ranking"])) + [""]
+            lines += markdown_table(*_ratings_table(results["ranking"])) + [""]
         lines += [_transitivity_line(results["ranking"]), ""]
     if results.get("audit_checks"):
         checks = results["audit_checks"]
-        lines += ["## Judge audit", ""] + _md_table(*_audit_table(checks)) + [""]
+        lines += ["## Judge audit", ""] + markdown_table(*_audit_table(checks)) + [""]
         lines += [f"- {note}" for note in results.get("audit_notes") or []]
         lines += [""] if results.get("audit_notes") else []
     if results.get("traffic"):
-        lines += ["## Judge traffic", ""] + _md_table(*_traffic_table(results["traffic"])) + [""]
+        lines += ["## Judge traffic", ""] + markdown_table(*_traffic_table(results["traffic"])) + [""]
     if (results.get("unparseable") or {}).get("total"):
         unparseable = results["unparseable"]
         lines += [f"## Unparseable judge answers ({unparseable['total']})", ""]
-        lines += _md_table(*_unparseable_table(unparseable["shown"])) + [""]
+        lines += markdown_table(*_unparseable_table(unparseable["shown"])) + [""]
         lines += [_unparseable_line(unparseable), ""]
     lines += ["## Skipped rows", ""]
     skipped = results.get("skipped") or {}
     lines += (
-        _md_table(["Reason", "Rows"], [[k, str(v)] for k, v in skipped.items()]) if skipped else ["None."]
+        markdown_table(["Reason", "Rows"], [[k, str(v)] for k, v in skipped.items()])
+        if skipped
+        else ["None."]
     )
     lines += ["", "Judged examples are in report.html.", ""]
     return "\n".join(lines)
@@ -317,10 +303,10 @@ def _group_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[str], l
 
 def _traffic_table(traffic: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     runs, total = traffic.get("runs", 1), traffic.get("all_runs", {})
-    rows = [[name, _plain(value)] for name, value in traffic["counts"].items()]
+    rows = [[name, plain_number(value)] for name, value in traffic["counts"].items()]
     if runs > 1:  # this run beside all runs of this evaluation folder
-        rows = [row + [_plain(total.get(row[0], ""))] for row in rows]
-    rate = f"{_pct(traffic['retry_rate'])} (flag above {_pct(traffic['threshold'])})"
+        rows = [row + [plain_number(total.get(row[0], ""))] for row in rows]
+    rate = f"{percent(traffic['retry_rate'])} (flag above {percent(traffic['threshold'])})"
     rows.append(["retried fraction of requests", *([""] if runs > 1 else []), rate])
     rows.append(["flagged", *([""] if runs > 1 else []), "YES" if traffic["flagged"] else "no"])
     headers = ["Counter", "This run", f"All {runs} runs"] if runs > 1 else ["Counter (this run)", "Value"]
@@ -350,7 +336,8 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _plain(value: Any) -> str:
+def plain_number(value: Any) -> str:
+    """A table cell for a setting's value: floats to 4 significant digits, anything else as text."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -362,20 +349,20 @@ def _comparison_table(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[st
     rows = []
     for s in comparisons:
         lc, counts, length = s["length_controlled"], s["counts"], s["mean_length"]
-        lc_rate = _pct(lc["estimate"]) + ("" if lc["method"] == "logistic" else f" (raw: {lc['note']})")
+        lc_rate = percent(lc["estimate"]) + ("" if lc["method"] == "logistic" else f" (raw: {lc['note']})")
         rows.append(
             [
                 s["system"],
                 s["baseline"],
                 str(s["n"]),
                 f"{counts['win']} / {counts['tie']} / {counts['loss']}",
-                _pct(s["win_rate"]),
-                _ci(s["ci_low"], s["ci_high"]),
-                _pct(s["se"]),
+                percent(s["win_rate"]),
+                ci_range(s["ci_low"], s["ci_high"]),
+                percent(s["se"]),
                 lc_rate,
-                _ci(lc["ci_low"], lc["ci_high"]),
-                _pct(s["position_bias"]["flip_rate"]),
-                f"{_num(length['system'])} / {_num(length['baseline'])}",
+                ci_range(lc["ci_low"], lc["ci_high"]),
+                percent(s["position_bias"]["flip_rate"]),
+                f"{number(length['system'])} / {number(length['baseline'])}",
             ]
         )
     return headers, rows
@@ -389,9 +376,9 @@ def _paired_table(paired: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[
             p["system_b"],
             p["baseline"],
             str(p["n"]),
-            _num(100 * p["mean_diff"] if stats.is_number(p["mean_diff"]) else None, "+.1f") + " pp",
-            _ci(p["ci_low"], p["ci_high"]),
-            _num(p["p_value"], ".4f"),
+            number(100 * p["mean_diff"] if stats.is_number(p["mean_diff"]) else None, "+.1f") + " pp",
+            ci_range(p["ci_low"], p["ci_high"]),
+            number(p["p_value"], ".4f"),
         ]
         for p in paired
     ]
@@ -407,7 +394,7 @@ def _ratings_table(ranking: Mapping[str, Any]) -> tuple[list[str], list[list[str
         label = f"{a} (anchor)" if a == anchor else a
         rates = ranking["win_rates"].get(a, {})
         rows.append(
-            [label, _num(ranking["ratings"][a])] + ["" if a == b else _pct(rates.get(b)) for b in names]
+            [label, number(ranking["ratings"][a])] + ["" if a == b else percent(rates.get(b)) for b in names]
         )
     return headers, rows
 
@@ -430,7 +417,7 @@ def _audit_table(checks: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[l
     headers = ["Check", "Value", "Allowed", "Result"]
     flag = {True: "PASS", False: "FAIL", None: "n/a"}
     rows = [
-        [c["name"], _num(c["value"], ".3f"), f"{c['low']:g} to {c['high']:g}", flag[c["passed"]]]
+        [c["name"], number(c["value"], ".3f"), f"{c['low']:g} to {c['high']:g}", flag[c["passed"]]]
         for c in checks
     ]
     return headers, rows
@@ -446,7 +433,9 @@ def _metadata_rows(metadata: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table (pipes and newlines in cells escaped)."""
+
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -454,17 +443,20 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
 
 
-def _pct(value: Any) -> str:
+def percent(value: Any) -> str:
+    """A fraction as '61.7%', or 'n/a'."""
     return f"{100 * value:.1f}%" if stats.is_number(value) else "n/a"
 
 
-def _ci(low: Any, high: Any) -> str:
+def ci_range(low: Any, high: Any) -> str:
+    """An interval of fractions as '54.2-69.2' (percent), or 'n/a'."""
     if not (stats.is_number(low) and stats.is_number(high)):
         return "n/a"
     return f"{100 * low:.1f}-{100 * high:.1f}" if low >= 0 else f"{100 * low:.1f} to {100 * high:.1f}"
 
 
-def _num(value: Any, fmt: str = ".1f") -> str:
+def number(value: Any, fmt: str = ".1f") -> str:
+    """A number in ``fmt``, or 'n/a'."""
     return format(value, fmt) if stats.is_number(value) else "n/a"
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from align_kit import files
 from align_kit.console import log
 from align_kit.data.prompts import parse_hh
 from align_kit.judges.openai_client import EndpointRefused, JudgeRequestError, OpenAIClient
@@ -79,7 +80,7 @@ def served_answers(
     file = out_dir / "generations" / f"{name}.jsonl"
     done = {
         row["prompt"]: row["answer"]
-        for row in _rows(file)
+        for row in files.read_jsonl(file, skip_bad=True)
         if all(row.get(k) == v for k, v in identity.items())
     }
     todo = [p for p in dict.fromkeys(prompts) if p not in done]
@@ -126,15 +127,3 @@ def report_traffic(name: str, client: OpenAIClient, out_dir: Path) -> dict[str, 
     runs = f"; all {len(earlier) + 1} runs: {said(total)}" if earlier else ""
     log(f"system {name} at {client.url}: {said(counts)}{runs}")
     return total
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a generations file; a line cut short by a crash is ignored."""
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows

@@ -167,15 +167,22 @@ class EvalArgs:
             try:
                 self.judge_overrides = json.loads(self.judge_overrides)
             except json.JSONDecodeError as error:
-                raise ConfigError(f"judge_overrides: not JSON ({error}): {self.judge_overrides!r}") from None
+                raise ConfigError(
+                    f"judge_overrides: not JSON ({error}): {self.judge_overrides!r}", field="judge_overrides"
+                ) from None
         overrides = self.judge_overrides or {}
         if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
-            raise ConfigError(f"judge_overrides: expected {{judge name: {{key: value}}}}, got {overrides!r}")
+            raise ConfigError(
+                f"judge_overrides: expected {{judge name: {{key: value}}}}, got {overrides!r}",
+                field="judge_overrides",
+            )
         for name in ("systems", "judges", "honeypot_kinds", "optional_judges"):
             as_list(self, name)
         unknown = sorted(set(self.honeypot_kinds) - set(HONEYPOT_KINDS))
         if unknown:
-            raise ConfigError(f"honeypot_kinds: {unknown} not among {list(HONEYPOT_KINDS)}")
+            raise ConfigError(
+                f"honeypot_kinds: {unknown} not among {list(HONEYPOT_KINDS)}", field="honeypot_kinds"
+            )
         check_at_least(self, 1, "n_prompts", "max_new_tokens", "batch_size", "best_of_n_n", "n_boot")
         check_at_least(self, 0, "n_honeypots", "n_human", "n_examples", "seed", "served_max_retries")
         check_at_least(self, 1, "served_max_concurrency")
@@ -183,4 +190,4 @@ class EvalArgs:
         check_fraction(self, "level", high_open=True)
         for name in ("temperature", "best_of_n_temperature"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be above 0")
+                raise ConfigError(f"{name}: {getattr(self, name)} must be above 0", field=name)

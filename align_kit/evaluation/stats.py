@@ -21,10 +21,7 @@ import statsmodels.api as sm
 from scipy import stats as scipy_stats
 from statsmodels.tools.sm_exceptions import ModelWarning
 
-from align_kit.judges.verdicts import AUDIT_THRESHOLDS, cohens_kappa  # defined beside labelling's audit too
-
-VERDICT_SCORES = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-SLOT_VERDICTS = ("A", "B", "tie")  # single-order verdicts; A is the answer shown first
+from align_kit.judges.verdicts import AUDIT_THRESHOLDS, OUTCOME_SCORES, SLOTS, cohens_kappa
 
 TEXT_FIELDS = ("first_order_text", "swapped_order_text", "first_order_rationale", "swapped_order_rationale")
 
@@ -57,16 +54,16 @@ class Judgment:
     swapped_order_rationale: str | None = None
 
     def __post_init__(self) -> None:
-        if self.verdict not in VERDICT_SCORES:
-            raise ValueError(f"verdict must be one of {list(VERDICT_SCORES)}, got {self.verdict!r}")
+        if self.verdict not in OUTCOME_SCORES:
+            raise ValueError(f"verdict must be one of {list(OUTCOME_SCORES)}, got {self.verdict!r}")
         if self.score is None:
-            self.score = VERDICT_SCORES[self.verdict]
+            self.score = OUTCOME_SCORES[self.verdict]
         elif not 0.0 <= self.score <= 1.0:
             raise ValueError(f"score must be in [0, 1], got {self.score!r}")
         for name in ("first_order_verdict", "swapped_order_verdict"):
             value = getattr(self, name)
-            if value is not None and value not in SLOT_VERDICTS:
-                raise ValueError(f"{name} must be one of {SLOT_VERDICTS} or None, got {value!r}")
+            if value is not None and value not in SLOTS:
+                raise ValueError(f"{name} must be one of {SLOTS} or None, got {value!r}")
 
     def to_row(self) -> dict[str, Any]:
         """A flat dict, one column per field (what judgments.csv holds)."""
@@ -107,12 +104,12 @@ def select(judgments: Sequence[Judgment], system: str, baseline: str) -> list[Ju
 def verdict_scores(verdicts: Sequence[str | float]) -> np.ndarray:
     """Per-pair scores -> (n,): a verdict scores win 1 / tie 0.5 / loss 0, a number (a pair's score under
     the combine rule, e.g. 0.75) stands for itself."""
-    return np.array([VERDICT_SCORES[v] if isinstance(v, str) else float(v) for v in verdicts], dtype=float)
+    return np.array([OUTCOME_SCORES[v] if isinstance(v, str) else float(v) for v in verdicts], dtype=float)
 
 
 def verdict_counts(verdicts: Sequence[str]) -> dict[str, int]:
     """Number of wins, ties and losses."""
-    return {v: sum(1 for x in verdicts if x == v) for v in VERDICT_SCORES}
+    return {v: sum(1 for x in verdicts if x == v) for v in OUTCOME_SCORES}
 
 
 def win_rate(verdicts: Sequence[str | float]) -> float:

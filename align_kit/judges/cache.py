@@ -19,7 +19,10 @@ import json
 import os
 from pathlib import Path
 
-VERDICTS = ("A", "B", "tie", None)
+from align_kit import files
+from align_kit.judges.verdicts import SLOTS
+
+VERDICTS = (*SLOTS, None)  # a cached answer: a slot, or None for one that did not parse
 
 
 def cache_key(judge_identity: str, prompt: str, answer_a: str, answer_b: str) -> str:
@@ -38,20 +41,17 @@ class JudgmentCache:
         self._verdicts: dict[str, str | None] = {}
         self._texts: dict[str, tuple[str | None, str | None]] = {}  # key -> (text, rationale) when given
         self.skipped_lines = 0  # a line cut short by a crash mid-write is ignored, and counted
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as handle:
-                for line in handle:
-                    try:
-                        record = json.loads(line)
-                        key, verdict = record["key"], record["verdict"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        self.skipped_lines += 1
-                        continue
-                    if verdict not in VERDICTS:
-                        self.skipped_lines += 1
-                        continue
-                    self._verdicts[key] = verdict
-                    self._remember(key, record.get("text"), record.get("rationale"))
+        for _, record in files.jsonl_records(self.path):
+            try:
+                key, verdict = record["key"], record["verdict"]
+            except (KeyError, TypeError):  # TypeError: a line that is no JSON object (None: cut short)
+                self.skipped_lines += 1
+                continue
+            if verdict not in VERDICTS:
+                self.skipped_lines += 1
+                continue
+            self._verdicts[key] = verdict
+            self._remember(key, record.get("text"), record.get("rationale"))
 
     def __contains__(self, key: str) -> bool:
         return key in self._verdicts

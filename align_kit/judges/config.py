@@ -4,7 +4,9 @@ and the judge's identity, the hash of every setting that can change a verdict, w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -12,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from align_kit.parsing import load_yaml
 from align_kit.resources import judges_dir
 
 BACKENDS = ("oracle", "reward_model", "hf_logits", "openai")
@@ -274,9 +275,7 @@ def read_judge_config(name_or_path: str | Path, **overrides: Any) -> JudgeConfig
     if not path.is_file():
         shipped = sorted(p.name for p in judges_dir().iterdir() if (p / "judge.yaml").exists())
         raise FileNotFoundError(f"no judge {str(name_or_path)!r}: not a judge.yaml path nor one of {shipped}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of judge settings")
+    values = copy.deepcopy(judge_file(path))  # the cached mapping stays as read
     _check_keys(values, str(path))
     _check_keys(overrides, "overrides")
     values.update(overrides)
@@ -285,6 +284,18 @@ def read_judge_config(name_or_path: str | Path, **overrides: Any) -> JudgeConfig
     if values.get("template"):
         values["template"] = str((path.parent / values["template"]).resolve())
     return JudgeConfig(**values)
+
+
+def judge_file(path: Path) -> dict[str, Any]:
+    """The settings a ``judge.yaml`` holds (``parsing.load_yaml``: a key given twice is refused with its
+    line), read once while the file is unchanged: an evaluation asks for each judge's config several times."""
+    stat = path.stat()
+    return _read_judge_file(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_judge_file(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    return load_yaml(path)[0]
 
 
 def read_template(path: str | Path) -> str:

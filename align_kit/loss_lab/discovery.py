@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -351,19 +350,8 @@ def _evaluate(record: dict, evaluate: Callable[[str], dict]) -> None:
     else:
         if not isinstance(row, dict):
             raise TypeError(f"evaluate must return a dict (a table row), got {type(row).__name__}")
-        record.update(status="accepted", row=_finite_or_none(row))
+        record.update(status="accepted", row=files.to_jsonable(row))
     record["seconds"]["evaluate"] = round(time.perf_counter() - start, 3)
-
-
-def _finite_or_none(value: Any) -> Any:
-    """NaN and infinities become null, so every line is standard JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value
 
 
 def _pending(path: Path, generation: int) -> dict | None:

@@ -69,7 +69,8 @@ def proposer_config(args: DiscoveryArgs):
     judge = read_judge_config(args.proposer_judge)
     if judge.backend != "openai":
         raise ConfigError(
-            f"proposer_judge={args.proposer_judge!r}: backend {judge.backend!r}, not an OpenAI one"
+            f"proposer_judge={args.proposer_judge!r}: backend {judge.backend!r}, not an OpenAI one",
+            field="proposer_judge",
         )
     endpoint = {"model": args.proposer_model, "base_url": args.proposer_base_url}
     return ProposerConfig.from_judge(

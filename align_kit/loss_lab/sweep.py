@@ -48,10 +48,10 @@ from typing import Any
 import torch
 import yaml
 
-from align_kit.configs import AdapterArgs, DataArgs, ModelArgs
+from align_kit.configs import AdapterArgs, ConfigError, DataArgs, ModelArgs
 from align_kit.evaluation import plots
 from align_kit.evaluation.settings import EvalArgs
-from align_kit.parsing import parse
+from align_kit.parsing import config_file, load_yaml, parse
 from align_kit.resources import load_recipe
 from align_kit.training import losses
 from align_kit.training.losses import DPO_LOSS_TYPES, DPOConfig
@@ -206,19 +206,25 @@ class Sweep:
         *self.extra, self.sweep_args, self.data_args, self.model_args, self.adapter_args, self.args = parse(
             extra + CONFIG, self.argv
         )
-        config_path = self.argv[self.argv.index("--config") + 1]
-        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+        config_path = config_file(self.args)  # a shipped name (loss_sweep_tiny) resolved by parse
+        if config_path is None:
+            raise ConfigError("command line: --config: a loss sweep needs its YAML file (losses, betas, ...)")
+        raw, _ = load_yaml(config_path)
         self.overrides = override_groups(self.argv)
         own_keys = {f.name for t in (SweepArgs, *extra) for f in dataclasses.fields(t)}
         per_member = sorted(set(PER_MEMBER_KEYS) & (set(raw) | {k for k, _ in self.overrides}))
         if per_member:
-            raise ValueError(f"{config_path}: {per_member} are set per member, by `losses` and `betas`")
+            raise ConfigError(
+                f"{config_path}: {per_member} are set per member, by `losses` and `betas`",
+                field=per_member[0],
+            )
         self.config_path = config_path
         self.shared = {k: v for k, v in raw.items() if k not in own_keys}
         # the sweep's output_dir holds the members' folders; each member's is set in its own YAML
         self.overrides = [(k, v) for k, v in self.overrides if k not in own_keys | {"output_dir"}]
         self.root = Path(self.args.output_dir)
         self._measure: dict[str, Any] | None = None
+        self._prepared: dict[str, tuple[list[str], tuple[Any, ...]]] = {}  # member -> (argv, parsed configs)
 
     def members(self) -> list[Member]:
         return [parse_member(s, b) for s in self.sweep_args.losses for b in self.sweep_args.betas]
@@ -241,17 +247,25 @@ class Sweep:
         path.write_text(header + yaml.safe_dump(values, sort_keys=False))
         return ["--config", str(path)] + [item for k, v in overrides for item in (f"--{k}", *v)]
 
+    def prepare(self, member: Member) -> tuple[list[str], tuple[Any, ...]]:
+        """The member's recipe argv and its parsed configs: its YAML is written and parsed once per sweep."""
+        if member.name not in self._prepared:
+            argv = self.member_argv(member)
+            self._prepared[member.name] = (argv, parse(load_recipe(member.recipe).CONFIG, argv))
+        return self._prepared[member.name]
+
     def check(self, members: list[Member]) -> None:
         """Parse every member's config before any is trained: a bad spec fails in seconds, not in member 9."""
         for member in members:
-            parse(load_recipe(member.recipe).CONFIG, self.member_argv(member))
+            self.prepare(member)
 
     def train(self, member: Member) -> dict[str, float] | None:
         """Train the member unless its folder holds a finished run: its wall and CPU seconds, or None."""
         if (self.root / member.name / "run_complete.json").exists():
             return None
         start, cpu = time.time(), time.process_time()
-        load_recipe(member.recipe).main(self.member_argv(member))
+        argv, configs = self.prepare(member)
+        load_recipe(member.recipe).main(argv, configs=configs)  # the module loaded once per sweep
         gc.collect()
         return {"train_s": time.time() - start, "train_cpu_s": time.process_time() - cpu}
 

@@ -150,7 +150,10 @@ def parse_layers(layers: str, n_layer: int) -> list[int]:
     chosen = sorted({int(part) for part in layers.split(",") if part.strip()})
     bad = [i for i in chosen if not 0 <= i < n_layer]
     if not chosen or bad:
-        raise ConfigError(f"adapter_layers: {layers!r} needs 'all' or indices in [0, {n_layer}), bad {bad}")
+        raise ConfigError(
+            f"adapter_layers: {layers!r} needs 'all' or indices in [0, {n_layer}), bad {bad}",
+            field="adapter_layers",
+        )
     return chosen
 
 

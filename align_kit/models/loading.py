@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -173,26 +174,41 @@ def source_problem(name_or_path: str) -> str | None:
     """Why ``name_or_path`` cannot be loaded, when that is known before asking the Hub: a local path that does
     not exist ("no such folder", with "run sft first" when it looks like an align-kit run folder), or an
     align-kit run that never finished. None for an existing path, the embedded default, or a Hub id."""
+    state = source_state(name_or_path)
+    if state == "unfinished":
+        return (
+            f"{name_or_path} is an unfinished align-kit run (no {RUN_COMPLETE}): run its command again "
+            "to finish it"
+        )
+    if state == "weights file":
+        return (
+            f"{name_or_path} is a weights file, not a model folder: set weights_file and model_config instead"
+        )
+    if state == "missing":
+        stage = run_stage(Path(name_or_path).expanduser().name)
+        hint = f" (an align-kit run folder: run {stage} first)" if stage else ""
+        return f"no such folder {name_or_path}{hint}"
+    return None
+
+
+def source_state(name_or_path: str) -> Literal["missing", "unfinished", "weights file"] | None:
+    """The one rule for "is this model folder missing or an unfinished run?": 'missing' for a path meant to
+    be local (``looks_local``) that is not there, 'unfinished' for an align-kit run folder (run_config.json)
+    with neither run_complete.json nor a saved model, 'weights file' for a weights file given as a folder;
+    None for anything loadable or left to the Hub (the embedded default, an existing path, a Hub id)."""
     if name_or_path == EMBEDDED_NAME:
         return None
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         has_model = any((path / name).exists() for name in ("config.json", adapters.CONFIG_NAME))
         if (path / "run_config.json").exists() and not (path / RUN_COMPLETE).exists() and not has_model:
-            return (
-                f"{name_or_path} is an unfinished align-kit run (no {RUN_COMPLETE}): run its command again "
-                "to finish it"
-            )
+            return "unfinished"
         return None
     if path.suffix in WEIGHT_SUFFIXES and path.is_file():
-        return (
-            f"{name_or_path} is a weights file, not a model folder: set weights_file and model_config instead"
-        )
+        return "weights file"
     if path.exists() or not looks_local(name_or_path):
         return None
-    stage = run_stage(path.name)
-    hint = f" (an align-kit run folder: run {stage} first)" if stage else ""
-    return f"no such folder {name_or_path}{hint}"
+    return "missing"
 
 
 def looks_local(text: str) -> bool:

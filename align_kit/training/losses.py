@@ -180,7 +180,8 @@ class DPOConfig(trl.DPOConfig):
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise ConfigError(
                 f"beta: {self.beta} must be above 0 (every DPO loss scales or divides by beta; at 0 the loss "
-                "is constant)"
+                "is constant)",
+                field="beta",
             )
         if self.loss_function is not None:
             self._check_loss_function()
@@ -201,7 +202,8 @@ class DPOConfig(trl.DPOConfig):
         if ignored:
             raise ConfigError(
                 f"loss_function={spec!r} replaces TRL's loss terms, so {', '.join(sorted(ignored))} would be "
-                "ignored: unset it"
+                "ignored: unset it",
+                field="loss_function",
             )
         probe_loss_function(spec, load_loss_function(spec), self.beta)
 
@@ -209,51 +211,67 @@ class DPOConfig(trl.DPOConfig):
         types, weights = self.loss_type, self.loss_weights
         unknown = [t for t in types if t not in DPO_LOSS_TYPES]
         if unknown:
-            raise ConfigError(f"loss_type: unknown {unknown}; TRL 1.12 has {', '.join(DPO_LOSS_TYPES)}")
+            raise ConfigError(
+                f"loss_type: unknown {unknown}; TRL 1.12 has {', '.join(DPO_LOSS_TYPES)}", field="loss_type"
+            )
         if weights is not None:
             if len(weights) != len(types):
                 raise ConfigError(
-                    f"loss_weights={weights}: {len(weights)} weight(s) for {len(types)} loss_type term(s) {types}"
+                    f"loss_weights={weights}: {len(weights)} weight(s) for {len(types)} loss_type term(s) {types}",
+                    field="loss_weights",
                 )
             if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
                 raise ConfigError(
                     f"loss_weights={weights}: weights must be finite and >= 0, and not all 0 (a negative weight "
-                    "maximises its term, which is unbounded)"
+                    "maximises its term, which is unbounded)",
+                    field="loss_weights",
                 )
         smoothing = self.label_smoothing
         if "exo_pair" in types and not 0.0 < smoothing < 0.5:
             raise ConfigError(
                 f"loss_type exo_pair needs 0 < label_smoothing < 0.5, got {smoothing}: EXO takes log(epsilon) "
                 "and log(1 - epsilon) (infinite at 0), and epsilon >= 0.5 prefers the rejected answer; the "
-                "EXO paper uses 1e-3"
+                "EXO paper uses 1e-3",
+                field="loss_type",
             )
         if (LABEL_SMOOTHED - {"exo_pair"}) & set(types) and not 0.0 <= smoothing < 0.5:
             raise ConfigError(
                 f"label_smoothing={smoothing} with loss_type {types}: the flip probability must lie in "
-                "[0, 0.5) (robust divides by 1 - 2 epsilon; at 0.5 or above the rejected answer is preferred)"
+                "[0, 0.5) (robust divides by 1 - 2 epsilon; at 0.5 or above the rejected answer is preferred)",
+                field="label_smoothing",
             )
         if smoothing != 0.0 and not LABEL_SMOOTHED & set(types):
             raise ConfigError(
                 f"label_smoothing={smoothing} has no effect on loss_type {types}; only "
-                f"{', '.join(sorted(LABEL_SMOOTHED))} read it"
+                f"{', '.join(sorted(LABEL_SMOOTHED))} read it",
+                field="label_smoothing",
             )
         if "discopop" in types and not self.discopop_tau > 0:
-            raise ConfigError(f"discopop_tau={self.discopop_tau}: DiscoPOP divides by tau; it must be > 0")
+            raise ConfigError(
+                f"discopop_tau={self.discopop_tau}: DiscoPOP divides by tau; it must be > 0",
+                field="discopop_tau",
+            )
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ConfigError(
-                f"f_divergence_type={self.f_divergence_type!r}: one of {', '.join(F_DIVERGENCES)}"
+                f"f_divergence_type={self.f_divergence_type!r}: one of {', '.join(F_DIVERGENCES)}",
+                field="f_divergence_type",
             )
         if self.f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
             raise ConfigError(
                 f"f_divergence_type={self.f_divergence_type!r} applies only to loss types "
-                f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got {types}"
+                f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got {types}",
+                field="f_divergence_type",
             )
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise ConfigError(f"ld_alpha={self.ld_alpha}: must lie in [0, 1] (LD-DPO's verbose-token weight)")
+            raise ConfigError(
+                f"ld_alpha={self.ld_alpha}: must lie in [0, 1] (LD-DPO's verbose-token weight)",
+                field="ld_alpha",
+            )
         if self.use_weighting and {"aot", "aot_unpaired"} & set(types):
             raise ConfigError(
                 "use_weighting with loss_type aot/aot_unpaired: those losses sort the batch, which would "
-                "misalign the per-pair weights"
+                "misalign the per-pair weights",
+                field="use_weighting",
             )
 
 
@@ -263,12 +281,15 @@ class KTOConfig(trl.KTOConfig):
 
     def __post_init__(self):
         if not math.isfinite(self.beta) or self.beta <= 0:
-            raise ConfigError(f"beta: {self.beta} must be above 0 (at 0 the KTO loss is constant)")
+            raise ConfigError(
+                f"beta: {self.beta} must be above 0 (at 0 the KTO loss is constant)", field="beta"
+            )
         for name in ("desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(
-                    f"{name}={value}: must be > 0 (0 drops that half of the data, a negative weight maximises it)"
+                    f"{name}={value}: must be > 0 (0 drops that half of the data, a negative weight maximises it)",
+                    field=name,
                 )
         super().__post_init__()
 

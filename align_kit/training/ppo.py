@@ -43,7 +43,8 @@ def refuse_trl_model_paths(args) -> None:
     ]
     if unused:
         raise ConfigError(
-            f"{unused}: not read by this recipe; set model_name_or_path and reward_models instead"
+            f"{unused}: not read by this recipe; set model_name_or_path and reward_models instead",
+            field=unused[0],
         )
 
 

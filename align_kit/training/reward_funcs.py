@@ -68,7 +68,7 @@ class WeightedRewards:
 
 
 def spec_error(index: int, spec: str, problem: str) -> ConfigError:
-    return ConfigError(f"reward_funcs[{index}] = {spec!r}: {problem}")
+    return ConfigError(f"reward_funcs[{index}] = {spec!r}: {problem}", field="reward_funcs")
 
 
 def import_function(index: int, spec: str) -> RewardFunc:
@@ -129,11 +129,19 @@ def build_reward_funcs(
     """The reward functions for ``specs`` (TRL logs each under a distinct name) and the run's ensemble,
     if one of them is (for ``rewards.DisagreementCallback`` and the final statistics)."""
     if not specs:
-        raise ConfigError("reward_funcs is empty: name at least one ('oracle', a reward-model folder, ...)")
+        raise ConfigError(
+            "reward_funcs is empty: name at least one ('oracle', a reward-model folder, ...)",
+            field="reward_funcs",
+        )
     if weights is not None and len(weights) != len(specs):
-        raise ConfigError(f"reward_weights has {len(weights)} values for {len(specs)} reward_funcs")
+        raise ConfigError(
+            f"reward_weights has {len(weights)} values for {len(specs)} reward_funcs", field="reward_weights"
+        )
     if sum(spec.startswith(ENSEMBLE_PREFIX) for spec in specs) > 1:
-        raise ConfigError("reward_funcs: one ensemble per run; list all its members in one 'ensemble:' spec")
+        raise ConfigError(
+            "reward_funcs: one ensemble per run; list all its members in one 'ensemble:' spec",
+            field="reward_funcs",
+        )
     funcs = [build_reward_func(i, spec, reward_args, tokenizer) for i, spec in enumerate(specs)]
     seen: dict[str, int] = {}
     for func in funcs:

@@ -25,12 +25,13 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align_kit import files
-from align_kit.configs import ConfigError, DataArgs, RunArgs
+from align_kit.configs import ConfigError, DataArgs, ModelArgs, RunArgs
 from align_kit.console import OneLineError, is_main_process, log
 from align_kit.data.loading import LABELLING_MARK, labelling_mark
+from align_kit.data.prompts import TOKENIZER, chat_format
 from align_kit.models import adapters
-from align_kit.models.loading import source_problem
-from align_kit.parsing import save_resolved, setting_source, to_dict
+from align_kit.models.loading import load_tokenizer, source_problem, tokenizer_source
+from align_kit.parsing import setting_source, to_dict
 
 COMPLETE = "run_complete.json"
 RUN_CONFIG = "run_config.json"
@@ -45,7 +46,7 @@ NOT_COMPARED = {
     "allow_changed_settings",
     "hub_token",
     "chat_template_used",
-}  # chat_template_used: recorded once the data is read
+}  # chat_template_used: derived from chat_template and the tokenizer (runs of older versions lack it)
 # Fields whose value is a secret: written to no file of the run folder (hub_token goes to $HF_TOKEN).
 SECRET_FIELD = re.compile(r"(^|_)(hub_token|secret|password|api_key|access_token|auth_token)$")
 # Our config fields that name a model, adapter or reward-model folder (or a Hub id).
@@ -97,7 +98,10 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     resume_from = args.resume_from_checkpoint
     if resume_from is not None and not _whole_json(Path(resume_from) / TRAINER_STATE_NAME):
         where = setting_source(args, "resume_from_checkpoint")
-        raise ConfigError(f"{where}: resume_from_checkpoint: {resume_from} is no complete checkpoint")
+        raise ConfigError(
+            f"{where}: resume_from_checkpoint: {resume_from} is no complete checkpoint",
+            field="resume_from_checkpoint",
+        )
     if resume_from is None and output_dir.is_dir():
         resume_from = last_checkpoint(output_dir)
     if resume_from and cannot_resume:
@@ -107,6 +111,9 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
         )
     hide_secrets(args)
     settings = to_dict(*configs, args)
+    used = chat_template_used(configs)
+    if used is not None:  # the evaluation renders the run's answers the same way (data.loading)
+        settings["chat_template_used"] = used
     changes = {}
     if resume_from or started_rounds(output_dir):
         changes = changed_settings(output_dir, settings)
@@ -121,7 +128,7 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
         output_dir.mkdir(parents=True, exist_ok=True)
         if changes:
             record_changes(output_dir, changes, resume_from)
-        save_resolved(str(output_dir / RUN_CONFIG), *configs, args)
+        files.write_json(output_dir / RUN_CONFIG, settings, indent=2, sort_keys=True)  # written once
     record_labelling_mark(output_dir, configs)
     if resume_from:
         log(f"resuming from {resume_from}")
@@ -166,11 +173,12 @@ def check_model_sources(configs: tuple[Any, ...]) -> None:
             for source in value if isinstance(value, list) else [value]:
                 problem = source_problem(str(source)) if source else None
                 if problem:
-                    raise ConfigError(f"{setting_source(config, name)}: {name}: {problem}")
+                    raise ConfigError(f"{setting_source(config, name)}: {name}: {problem}", field=name)
         weights = getattr(config, "weights_file", None)
         if weights and not Path(weights).is_file():
             raise ConfigError(
-                f"{setting_source(config, 'weights_file')}: weights_file: no such file {weights}"
+                f"{setting_source(config, 'weights_file')}: weights_file: no such file {weights}",
+                field="weights_file",
             )
 
 
@@ -294,16 +302,30 @@ def save_model(
     return state if is_main_process() else None
 
 
+def chat_template_used(configs: tuple[Any, ...]) -> str | None:
+    """The chat format a run's data will be rendered with (``data.prompts.chat_format``'s name), known
+    before any data loads, so run_config.json is written once: the tokenizer is read only when the setting
+    depends on it (auto, tokenizer). None for a run without data and model settings."""
+    data = next((c for c in configs if isinstance(c, DataArgs)), None)
+    model = next((c for c in configs if isinstance(c, ModelArgs)), None)
+    if data is None or model is None:
+        return None
+    tokenizer = None
+    if data.chat_template in ("auto", TOKENIZER):
+        tokenizer = load_tokenizer(tokenizer_source(model), model.model_revision)
+    try:
+        return chat_format(data.chat_template, tokenizer).name
+    except ValueError as error:  # chat_template: tokenizer, and the tokenizer has none
+        raise ConfigError(
+            f"{setting_source(data, 'chat_template')}: {error}", field="chat_template"
+        ) from None
+
+
 def record_data(run: Run, counts: Any) -> None:
     """Print and keep the data counts (layout, rows kept, dropped by reason, located examples); the chat
-    template the rows were rendered with goes into run_config.json too (the evaluation reads it there)."""
+    template the rows were rendered with is in run_config.json already (``chat_template_used``)."""
     log("data:\n" + counts.summary())
     run.write_json("data_counts.json", counts.to_dict())
-    if is_main_process() and counts.chat_template is not None:
-        config = json.loads(run.path("run_config.json").read_text())
-        run.write_json(
-            "run_config.json", dict(sorted({**config, "chat_template_used": counts.chat_template}.items()))
-        )
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -314,9 +336,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]] | None:
     """The rows ``write_jsonl`` wrote, or None when the file is absent."""
-    if not path.exists():
-        return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return files.read_jsonl(path) if path.exists() else None
 
 
 def record_policy(run: Run, report: dict[str, Any], samples: list[dict[str, Any]]) -> None:
