@@ -5,7 +5,8 @@
   last good checkpoint. The exception leaves the recipe before it saves a model or marks the run complete.
   Other logged statistics that are NaN (a variance of one value) are kept in the log history as null with
   a ``non_finite`` flag, so checkpoints' trainer_state.json stays strict JSON.
-- ``watch(run)``: the callbacks every recipe's trainer gets (the guard and the run clock), in one line.
+- ``watch(run)``: the callbacks every recipe's trainer gets (the guard, the run clock, verified checkpoints
+  and the graceful stop), in one line; ``train(trainer, run)`` runs the trainer under them (``stops``).
 - ``USER_MISTAKES`` and ``run_command``: a recipe or the ``align-kit`` command prints a user's mistake (a bad
   setting, bad data, a run folder that cannot take the run) or a divergence as one line, without a
   traceback, and exits non-zero; ``ALIGN_KIT_DEBUG=1`` shows the traceback; any other exception is a bug
@@ -25,9 +26,11 @@ import torch
 from transformers import TrainerCallback
 
 from align_kit import files, quiet
+from align_kit.checkpoints import VerifiedCheckpoints
 from align_kit.configs import ConfigError
 from align_kit.data import DataError
 from align_kit.runs import RunClock, RunRefused, last_checkpoint
+from align_kit.stops import EXIT_STOPPED, StopOnSignal, Stopped
 
 # Exceptions that are the user's to fix, printed as one line: their messages name the file, row, field or
 # setting. Anything else is a bug of align-kit (or of a library) and keeps its traceback.
@@ -93,8 +96,9 @@ class NonFiniteGuard(TrainerCallback):
 
 
 def watch(run: Any) -> list[TrainerCallback]:
-    """The callbacks every recipe adds to its trainer: the non-finite guard and the run clock."""
-    return [NonFiniteGuard(), RunClock(run)]
+    """The callbacks every recipe adds to its trainer: the non-finite guard, the run clock, the checkpoint
+    manifests and rotation (``checkpoints``) and the graceful stop on SIGTERM/SIGINT (``stops``)."""
+    return [NonFiniteGuard(), RunClock(run), VerifiedCheckpoints(run.run_id, run.keep), StopOnSignal()]
 
 
 def exit_status(main: Callable[[], Any]) -> int:
@@ -109,6 +113,9 @@ def exit_status(main: Callable[[], Any]) -> int:
     except TrainingDiverged as error:
         say(error)
         return EXIT_DIVERGED
+    except Stopped as error:
+        say(error)
+        return EXIT_STOPPED
     except USER_MISTAKES as error:
         say(error)
         return EXIT_MISTAKE

@@ -22,9 +22,8 @@ from typing import Any
 from accelerate import PartialState
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from align_kit import adapters, files
+from align_kit import adapters, checkpoints, files, run_folder
 from align_kit.configs import ConfigError, RunArgs
 from align_kit.models import source_problem
 from align_kit.parsing import save_resolved, setting_source, to_dict
@@ -38,6 +37,7 @@ ROUND_REPORT = "report.json"  # the last file a best-of-N round writes: the roun
 # resume switches themselves, and secrets (never saved).
 NOT_COMPARED = {
     "output_dir",
+    "run_id",
     "resume_from_checkpoint",
     "allow_changed_settings",
     "hub_token",
@@ -55,6 +55,9 @@ MODEL_SOURCES = (
     "reward_models",
     "value_model_path",
 )
+# Settings a resume cannot apply: the checkpoint's optimizer and scheduler states bring back the values they
+# were made with, so a change would be recorded but never run. Refused even with --allow_changed_settings.
+NOT_APPLIED_ON_RESUME = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim")
 logger = logging.getLogger("align_kit")
 
 
@@ -79,6 +82,8 @@ class Run:
 
     output_dir: Path
     resume_from: str | None
+    run_id: str = ""  # named in every checkpoint manifest of the run (``checkpoints``)
+    keep: int | None = None  # the run's save_total_limit, applied by ``checkpoints.rotate``
 
     def path(self, name: str) -> Path:
         return self.output_dir / name
@@ -100,11 +105,21 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     output_dir = Path(args.output_dir)
     refuse_output_dir(output_dir)
     check_model_sources(configs)
+    refusal, note = run_folder.take_lock(output_dir)  # before anything is written into the folder
+    if refusal:
+        raise RunRefused(refusal)
+    if note:
+        log(note)
+    refuse_output_dir(output_dir)  # a run that finished while this one waited to start
     run_args = next((c for c in configs if isinstance(c, RunArgs)), RunArgs())
     resume_from = args.resume_from_checkpoint
-    if resume_from is not None and not _whole_json(Path(resume_from) / TRAINER_STATE_NAME):
-        where = setting_source(args, "resume_from_checkpoint")
-        raise ConfigError(f"{where}: resume_from_checkpoint: {resume_from} is no complete checkpoint")
+    if resume_from is not None:
+        problem = checkpoints.checkpoint_problem(Path(resume_from))
+        if problem:
+            where = setting_source(args, "resume_from_checkpoint")
+            raise ConfigError(
+                f"{where}: resume_from_checkpoint: {resume_from} is no verified checkpoint: {problem}"
+            )
     if resume_from is None and output_dir.is_dir():
         resume_from = last_checkpoint(output_dir)
     if resume_from and cannot_resume:
@@ -117,6 +132,13 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     changes = {}
     if resume_from or started_rounds(output_dir):
         changes = changed_settings(output_dir, settings)
+        fixed = [k for k in NOT_APPLIED_ON_RESUME if k in changes]
+        if fixed and resume_from:
+            listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed)
+            raise RunRefused(
+                f"{output_dir}: {listed} cannot change on resume: {Path(resume_from).name}'s optimizer and "
+                "scheduler states would bring back the old value; resume with it, or start a new run"
+            )
         if changes and not run_args.allow_changed_settings:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
             raise RunRefused(
@@ -131,11 +153,13 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
         save_resolved(str(output_dir / RUN_CONFIG), *configs, args)
     if resume_from:
         log(f"resuming from {resume_from}")
-    return Run(output_dir, resume_from)
+    keep, args.save_total_limit = args.save_total_limit, None  # rotation is ours: checkpoints.rotate
+    return Run(output_dir, resume_from, checkpoints.run_id(output_dir), keep)
 
 
 def refuse_output_dir(output_dir: Path) -> None:
-    """RunRefused when ``output_dir`` (or a folder above it) is a file, or holds a finished run."""
+    """RunRefused when ``output_dir`` (or a folder above it) is a file, holds a finished run, or holds files
+    align-kit did not write (``run_folder.foreign_files``)."""
     for folder in (output_dir, *output_dir.parents):
         if folder.exists():
             if not folder.is_dir():
@@ -145,6 +169,13 @@ def refuse_output_dir(output_dir: Path) -> None:
         raise RunRefused(
             f"{output_dir} already holds a finished run ({COMPLETE}); choose another output_dir "
             "(align-kit never deletes finished work)."
+        )
+    foreign = run_folder.foreign_files(output_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunRefused(
+            f"output_dir: {output_dir} is not empty and is no align-kit run folder (it holds {shown}); "
+            "align-kit writes only into a new or empty folder or its own run folder: choose another output_dir"
         )
 
 
@@ -204,17 +235,12 @@ def record_changes(output_dir: Path, changes: dict[str, tuple[Any, Any]], resume
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint that was written to the end (``trainer_state.json`` is its last file).
-
-    A run killed while saving leaves a partial folder; resuming from it would load half a state or
-    restart at step 0 with its weights, so it is skipped (and later overwritten by the trainer).
-    """
-    steps = {}
-    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
-        if step.isdigit() and _whole_json(folder / TRAINER_STATE_NAME):
-            steps[int(step)] = folder
-    return str(steps[max(steps)]) if steps else None
+    """The newest verified checkpoint (``checkpoints.checkpoint_problem``); each newer one skipped is named
+    with the file that failed. A run killed while saving leaves a checkpoint without its manifest."""
+    folder, skipped = checkpoints.newest_verified(output_dir)
+    for line in skipped:
+        log(line)
+    return str(folder) if folder else None
 
 
 def _whole_json(path: Path) -> bool:
@@ -246,13 +272,32 @@ def finish(
         if trainer is not None
         else max((e.get("step", 0) for e in history), default=0)
     )
-    run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": step})
+    run.write_json(
+        COMPLETE, {"output_dir": str(run.output_dir), "global_step": step, **model_origin(trainer)}
+    )
     log(f"done: outputs in {run.output_dir}")
     state = PartialState()
     if state.use_distributed:
         state.wait_for_everyone()
         state.destroy_process_group()
+    run_folder.release_lock(run.output_dir)
     return metrics
+
+
+def model_origin(trainer: Any | None) -> dict[str, Any]:
+    """Which weights became the run's model, and why: the best checkpoint (its metric and value) when
+    ``load_best_model_at_end`` loaded one, else the last step."""
+    if trainer is None:
+        return {"model_from": "last round", "why": "best-of-N keeps the policy of its last round"}
+    state, args = trainer.state, trainer.args
+    if getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint:
+        metric = args.metric_for_best_model or "loss"
+        return {
+            "model_from": Path(state.best_model_checkpoint).name,
+            "why": f"best {metric} ({'greater' if args.greater_is_better else 'lower'} is better)",
+            "best_metric": {metric: state.best_metric},
+        }
+    return {"model_from": f"step {state.global_step}", "why": "the last step (load_best_model_at_end is off)"}
 
 
 def world_size() -> int:

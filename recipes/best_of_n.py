@@ -20,7 +20,7 @@ from statistics import mean
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from align_kit import adapters, guards, rewards, runs
+from align_kit import adapters, guards, rewards, runs, stops
 from align_kit.configs import AdapterArgs, BestOfNArgs, DataArgs, ModelArgs, RewardModelArgs, RunArgs
 from align_kit.data import distinct_prompts, load_preferences
 from align_kit.generation import greedy_reward, policy_report, sample_and_score, top_k
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             ]
             runs.write_jsonl(round_dir / "samples.jsonl", rows)
         best = [{"prompt": row["prompt"], "completion": row["answer"]} for row in rows if row["kept"]]
-        round_run = runs.Run(round_dir, runs.last_checkpoint(round_dir))
+        round_run = runs.Run(round_dir, runs.last_checkpoint(round_dir), run.run_id, run.keep)
         trainer = SFTTrainer(
             model=model,
             args=dataclasses.replace(args, output_dir=str(round_dir)),
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             processing_class=tokenizer,
             callbacks=guards.watch(round_run),
         )
-        result = trainer.train(resume_from_checkpoint=round_run.resume_from)
+        result = stops.train(trainer, round_run)
         runs.save_model(
             runs.Run(runs.round_model(run, round_index), None), trainer, tokenizer,
             model_args.model_name_or_path, adapter_args,

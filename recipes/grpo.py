@@ -16,7 +16,7 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import GRPOConfig
 
-from align_kit import adapters, guards, rewards, runs
+from align_kit import adapters, guards, rewards, runs, stops
 from align_kit.configs import (
     AdapterArgs,
     ConfigError,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # 6. train
-    result = trainer.train(resume_from_checkpoint=run.resume_from)
+    result = stops.train(trainer, run)
 
     # 7. save
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)

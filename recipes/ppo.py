@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from align_kit import adapters, guards, rewards, runs
+from align_kit import adapters, guards, rewards, runs, stops
 from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, PPOArgs, RewardModelArgs, RunArgs
 from align_kit.data import distinct_prompts, load_preferences
 from align_kit.generation import policy_report
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
 
     # 6. train
-    trainer.train()
+    stops.train(trainer, run, resumable=False)
     if bonus is not None:
         bonus.remove()
 

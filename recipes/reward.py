@@ -14,7 +14,7 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from align_kit import adapters, guards, rewards, runs, task
+from align_kit import adapters, guards, rewards, runs, stops, task
 from align_kit.callbacks import trainer_callbacks
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, RunArgs
 from align_kit.data import attach_margins, load_preferences, subsample
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # 6. train
-    result = trainer.train(resume_from_checkpoint=run.resume_from)
+    result = stops.train(trainer, run)
 
     # 7. save
     adapted_state = runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from align_kit import adapters, guards, runs
+from align_kit import adapters, guards, runs, stops
 from align_kit.callbacks import trainer_callbacks
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
 from align_kit.data import load_sft
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # 6. train
-    result = trainer.train(resume_from_checkpoint=run.resume_from)
+    result = stops.train(trainer, run)
 
     # 7. save
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
