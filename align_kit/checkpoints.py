@@ -18,6 +18,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -132,3 +133,23 @@ class VerifiedCheckpoints(TrainerCallback):
             if self.keep:
                 rotate(output_dir, self.run, self.keep, state.best_model_checkpoint)
         PartialState().wait_for_everyone()  # no rank reads a checkpoint before its manifest exists
+
+
+class ResumedSchedule(TrainerCallback):
+    """On resume, the learning rate of the first resumed step comes from this run's schedule.
+
+    The checkpoint's optimizer state brings back the rate its own schedule had reached (0 at the end of a
+    linear schedule), and Trainer applies the new schedule only from the second step, so a resume with a
+    longer ``max_steps`` or another warmup would train one step at the old rate. Recomputed the way
+    ``LambdaLR`` computes it, an unchanged schedule gives the same rate to the bit."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.global_step == 0 or not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        rates = [
+            base * rule(lr_scheduler.last_epoch)
+            for base, rule in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True)
+        ]
+        for group, rate in zip(lr_scheduler.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        lr_scheduler._last_lr = rates

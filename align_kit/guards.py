@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from align_kit import files, quiet
-from align_kit.checkpoints import VerifiedCheckpoints
+from align_kit.checkpoints import ResumedSchedule, VerifiedCheckpoints
 from align_kit.configs import ConfigError
 from align_kit.data import DataError
 from align_kit.runs import RunClock, RunRefused, last_checkpoint
@@ -98,7 +98,13 @@ class NonFiniteGuard(TrainerCallback):
 def watch(run: Any) -> list[TrainerCallback]:
     """The callbacks every recipe adds to its trainer: the non-finite guard, the run clock, the checkpoint
     manifests and rotation (``checkpoints``) and the graceful stop on SIGTERM/SIGINT (``stops``)."""
-    return [NonFiniteGuard(), RunClock(run), VerifiedCheckpoints(run.run_id, run.keep), StopOnSignal()]
+    return [
+        NonFiniteGuard(),
+        RunClock(run),
+        VerifiedCheckpoints(run.run_id, run.keep),
+        ResumedSchedule(),
+        StopOnSignal(),
+    ]
 
 
 def exit_status(main: Callable[[], Any]) -> int:
