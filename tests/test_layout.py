@@ -16,6 +16,7 @@ RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init
 TRAINING = {
     "adapters", "callbacks", "configs", "data", "files", "formats", "generation", "grpo", "guards",
     "losses", "models", "parsing", "ppo", "prompts", "quiet", "resources", "reward_funcs", "rewards", "runs", "task",
+    "checkpoints", "run_folder", "stops",
 }  # fmt: skip
 EVALUATION = {
     "answers", "audits", "eval_args", "evaluation", "judge_backends", "judge_cache", "judge_config",
