@@ -98,3 +98,32 @@ def release_lock(output_dir: Path) -> None:
     lock = _held.pop(str(output_dir.resolve() / LOCK), None)
     if lock is not None:
         lock.release()
+
+
+def write_model_card(output_dir: Path, method: str, origin: dict) -> None:
+    """The run folder's README.md: the real base model, the method, the data, and which weights became the
+    model (TRL's card names the base as "[None]" for any local model folder)."""
+    config = json.loads((output_dir / RUN_CONFIG).read_text())
+    base = str(config.get("model_name_or_path"))
+    if Path(base).is_dir():
+        base = str(Path(base).resolve())
+    data = str(config.get("dataset"))
+    if Path(data).exists():
+        data = str(Path(data).resolve())
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"tags: [align-kit, {method}]",
+        "---",
+        "",
+        f"# {output_dir.name}",
+        "",
+        f"Trained by align-kit with {method} from the base model `{base}` on the data `{data}`.",
+        "",
+        f"- Weights: {origin.get('model_from')} ({origin.get('why')})",
+        f"- Steps: {config.get('max_steps')} (max_steps), epochs: {config.get('num_train_epochs')}",
+        f"- Learning rate: {config.get('learning_rate')}; seed: {config.get('seed')}",
+        f"- Every setting: `{RUN_CONFIG}`; data counts: `data_counts.json`; metrics: `metrics.json`",
+        "",
+    ]
+    files.write_text(output_dir / "README.md", "\n".join(lines))

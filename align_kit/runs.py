@@ -272,9 +272,10 @@ def finish(
         if trainer is not None
         else max((e.get("step", 0) for e in history), default=0)
     )
-    run.write_json(
-        COMPLETE, {"output_dir": str(run.output_dir), "global_step": step, **model_origin(trainer)}
-    )
+    origin = model_origin(trainer)
+    if is_main_process() and run.path(RUN_CONFIG).exists():
+        run_folder.write_model_card(run.output_dir, method_name(trainer), origin)
+    run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": step, **origin})
     log(f"done: outputs in {run.output_dir}")
     state = PartialState()
     if state.use_distributed:
@@ -282,6 +283,14 @@ def finish(
         state.destroy_process_group()
     run_folder.release_lock(run.output_dir)
     return metrics
+
+
+def method_name(trainer: Any | None) -> str:
+    """The training method as TRL tags it (sft, dpo, kto, reward-trainer, grpo, ppo), or best-of-N."""
+    if trainer is None:
+        return "best-of-N"
+    tags = [t for t in getattr(trainer, "_tag_names", []) if t != "trl"]
+    return tags[0] if tags else type(trainer).__name__
 
 
 def model_origin(trainer: Any | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, load_recipe, tiny_run_args
@@ -216,6 +217,7 @@ def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
+from types import SimpleNamespace
 from align_kit import run_folder
 refusal, _ = run_folder.take_lock(Path(sys.argv[1]))
 print("held" if refusal is None else refusal, flush=True)
@@ -320,3 +322,39 @@ def test_a_run_resumes_from_the_checkpoint_before_a_damaged_one_to_the_same_weig
     assert f"resuming from {out / 'checkpoint-2'}" in log
     assert checkpoints.checkpoint_problem(out / "checkpoint-4") is None  # saved again, whole
     assert same_weights(finished_run, out) and logged_steps(out) == [1, 2, 3, 4]
+
+
+def test_the_run_folder_says_which_weights_became_the_model_and_from_what(finished_run):
+    complete = json.loads((finished_run / runs.COMPLETE).read_text())
+    assert (complete["model_from"], complete["why"]) == (
+        "step 4",
+        "the last step (load_best_model_at_end is off)",
+    )
+    card = (finished_run / "README.md").read_text()
+    assert "with sft from the base model `tiny-gpt2` on the data `embedded`" in card and "[None]" not in card
+    best = SimpleNamespace(
+        state=SimpleNamespace(best_model_checkpoint="/r/checkpoint-3", best_metric=0.25, global_step=6),
+        args=SimpleNamespace(
+            load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False
+        ),
+    )
+    assert runs.model_origin(best) == {
+        "model_from": "checkpoint-3",
+        "why": "best eval_loss (lower is better)",
+        "best_metric": {"eval_loss": 0.25},
+    }
+
+
+def test_an_adapter_records_its_local_base_model_as_an_absolute_path(tmp_path, monkeypatch):
+    from align_kit import adapters
+    from align_kit.configs import AdapterArgs
+    from align_kit.models import build_tiny_gpt2
+
+    model = build_tiny_gpt2()
+    adapters.inject_adapters(model, AdapterArgs(adapter="residual"))
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    adapters.save_adapter(
+        model, tmp_path / "adapter", base_model="base", args=AdapterArgs(adapter="residual")
+    )
+    assert adapters.read_adapter_config(tmp_path / "adapter")[1] == str(tmp_path / "base")
