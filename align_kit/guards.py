@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +30,9 @@ from align_kit import files, quiet
 from align_kit.checkpoints import ResumedSchedule, VerifiedCheckpoints
 from align_kit.configs import ConfigError
 from align_kit.data import DataError
+from align_kit.quiet import EXIT_STOPPED, Stopped
 from align_kit.runs import RunClock, RunRefused, last_checkpoint
-from align_kit.stops import EXIT_STOPPED, StopOnSignal, Stopped
+from align_kit.stops import StopOnSignal
 
 # Exceptions that are the user's to fix, printed as one line: their messages name the file, row, field or
 # setting. Anything else is a bug of align-kit (or of a library) and keeps its traceback.
@@ -126,7 +128,7 @@ def exit_status(main: Callable[[], Any]) -> int:
         say(error)
         return EXIT_MISTAKE
     except KeyboardInterrupt:
-        say("interrupted")
+        say("interrupted: what was finished is kept; run the same command to continue")
         return EXIT_INTERRUPTED
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
@@ -142,4 +144,5 @@ def run_command(main: Callable[[], Any]) -> NoReturn:
     """A recipe's ``if __name__ == "__main__"``: run ``main`` (known-harmless library messages dropped,
     ``quiet.install``) and exit with ``exit_status``."""
     quiet.install()
+    signal.signal(signal.SIGTERM, quiet.stop_now)  # training replaces it with a graceful stop (``stops``)
     sys.exit(exit_status(main))

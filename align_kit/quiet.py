@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,3 +93,21 @@ def install() -> None:
         if name not in _installed:
             _installed[name] = _Filter([case for case in HARMLESS if case.logger == name])
             logging.getLogger(name).addFilter(_installed[name])
+
+
+# A stop on request (SIGTERM from a scheduler, `docker stop`): exit status 75 (EX_TEMPFAIL), the same command
+# continues. Training saves a checkpoint first (``stops``); anywhere else the process stops at once, keeping
+# what it finished (an evaluation's answers and verdicts are written as each arrives).
+EXIT_STOPPED = 75
+
+
+class Stopped(Exception):
+    """Stopped by a signal; the message is the one line to print."""
+
+
+def stop_now(signum: int, frame: object) -> None:
+    """SIGTERM handler outside training: raise ``Stopped`` where the program is."""
+    raise Stopped(
+        f"stopped by {signal.Signals(signum).name}: what was finished is kept (an evaluation's answers and "
+        f"verdicts, a run's checkpoints); run the same command to continue (exit status {EXIT_STOPPED})"
+    )

@@ -36,16 +36,11 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from align_kit import files
+from align_kit.quiet import EXIT_STOPPED, Stopped
 from align_kit.runs import is_main_process, log
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, a checkpoint saved; the same command resumes
 STOPPED_FILE = "stopped.json"  # one entry per graceful stop: signal, step, checkpoint, time
 PR_SET_PDEATHSIG = 1
-
-
-class Stopped(Exception):
-    """Training stopped on a signal after saving a checkpoint (or, for a method that cannot resume, after
-    saying what is lost). The message is the line to print."""
 
 
 class AlreadyTrained(Exception):

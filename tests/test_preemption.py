@@ -358,3 +358,36 @@ def test_an_adapter_records_its_local_base_model_as_an_absolute_path(tmp_path, m
         model, tmp_path / "adapter", base_model="base", args=AdapterArgs(adapter="residual")
     )
     assert adapters.read_adapter_config(tmp_path / "adapter")[1] == str(tmp_path / "base")
+
+
+STOP_OUTSIDE_TRAINING = """
+import os, signal, time
+from align_kit.guards import run_command
+
+def main():
+    with open(os.environ["KEPT"], "a") as kept:  # what an evaluation writes as each verdict arrives
+        kept.write("verdict 1\\n")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+run_command(main)
+"""
+
+
+def test_sigterm_outside_training_stops_at_once_keeping_what_was_written(tmp_path):
+    """An evaluation (or a recipe before its first step) stops on SIGTERM at once, exit 75, one line."""
+    env = {**os.environ, "KEPT": str(tmp_path / "kept.jsonl")}
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_OUTSIDE_TRAINING],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == stops.EXIT_STOPPED
+    assert done.stderr.strip().splitlines() == [
+        "align-kit: stopped by SIGTERM: what was finished is kept (an evaluation's answers and verdicts, a run's "
+        "checkpoints); run the same command to continue (exit status 75)"
+    ]
+    assert (tmp_path / "kept.jsonl").read_text() == "verdict 1\n"
