@@ -66,6 +66,8 @@ def read_manifest(folder: Path) -> dict | None:
 
 def checkpoint_problem(folder: Path) -> str | None:
     """None for a verified checkpoint, else what is wrong with it, naming the file."""
+    if not folder.is_dir():
+        return f"{folder} is no folder"
     manifest = read_manifest(folder)
     if manifest is None:
         what = "is not whole" if (folder / MANIFEST).exists() else "is missing (its save did not finish)"

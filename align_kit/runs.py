@@ -105,12 +105,6 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     output_dir = Path(args.output_dir)
     refuse_output_dir(output_dir)
     check_model_sources(configs)
-    refusal, note = run_folder.take_lock(output_dir)  # before anything is written into the folder
-    if refusal:
-        raise RunRefused(refusal)
-    if note:
-        log(note)
-    refuse_output_dir(output_dir)  # a run that finished while this one waited to start
     run_args = next((c for c in configs if isinstance(c, RunArgs)), RunArgs())
     resume_from = args.resume_from_checkpoint
     if resume_from is not None:
@@ -146,6 +140,13 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
                 f"with its own settings, or add --allow_changed_settings true to resume with these (both are "
                 "recorded), or choose another output_dir"
             )
+    # Every check above only reads; the lock is the first thing written into the folder.
+    refusal, note = run_folder.take_lock(output_dir)
+    if refusal:
+        raise RunRefused(refusal)
+    if note:
+        log(note)
+    refuse_output_dir(output_dir)  # a run that finished while this one was checking
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         if changes:

@@ -66,6 +66,8 @@ def trained_steps(out: Path) -> list[int]:
 def one(recipe: str, tmp: Path, reward_dir: Path | None) -> list:
     out = tmp / recipe
     values = {**COMMON, "output_dir": str(out), **RECIPES[recipe]}
+    if recipe in ("grpo", "ppo"):
+        values.pop("max_length")  # online methods bound the answer instead
     if recipe in NEEDS_REWARD:
         values["reward_models" if recipe != "grpo" else "reward_funcs"] = str(reward_dir)
     command = [PYTHON, str(ROOT / "recipes" / f"{recipe}.py"), *recipe_argv(values)]

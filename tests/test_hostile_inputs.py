@@ -59,7 +59,11 @@ PATHS = [
 ]
 VALUES = [
     ("NaN learning rate", {"learning_rate": "nan"}, "learning_rate: nan is not a finite number"),
-    ("NaN in the YAML file", {"config": "learning_rate: .nan\n"}, "learning_rate: nan is not a finite number"),
+    (
+        "NaN in the YAML file",
+        {"config": "learning_rate: .nan\n"},
+        "learning_rate: nan is not a finite number",
+    ),
     ("infinite weight decay", {"weight_decay": "inf"}, "weight_decay: inf is not a finite number"),
     ("max_length 1", {"max_length": "1"}, "max_length: 1 leaves no room for an answer"),
 ]
