@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -126,6 +127,11 @@ def exit_status(main: Callable[[], Any]) -> int:
         return EXIT_STOPPED
     except USER_MISTAKES as error:
         say(error)
+        return EXIT_MISTAKE
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        say(error.strerror if error.filename is None else f"no space left on the device for {error.filename}")
         return EXIT_MISTAKE
     except KeyboardInterrupt:
         say("interrupted: what was finished is kept; run the same command to continue")

@@ -21,9 +21,11 @@ and the recipe saves and reports the checkpoint's weights.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -126,6 +128,14 @@ def train(trainer: Any, run: Any, resumable: bool = True) -> TrainOutput:
     die_with_launcher()
     try:
         result = trainer.train(resume_from_checkpoint=run.resume_from) if resumable else trainer.train()
+    except (
+        OSError,
+        RuntimeError,
+    ) as error:  # torch reports a full disk as "unexpected pos" or a write failure
+        full = disk_full(Path(run.output_dir))
+        if full:
+            raise OSError(errno.ENOSPC, full) from error
+        raise
     except AlreadyTrained:
         state = trainer.state
         log(
@@ -139,6 +149,20 @@ def train(trainer: Any, run: Any, resumable: bool = True) -> TrainOutput:
     if stop.stopped_at is not None:
         raise stopped(run, stop.received, stop.stopped_at, trainer.state.max_steps)
     return result
+
+
+FULL_BELOW = 64 * 2**20  # bytes free on the run folder's device under which a failed save is a full disk
+
+
+def disk_full(output_dir: Path) -> str | None:
+    """The line for a full disk under ``output_dir`` (None when space is left)."""
+    free = shutil.disk_usage(output_dir if output_dir.exists() else output_dir.parent).free
+    if free >= FULL_BELOW:
+        return None
+    return (
+        f"no space left for {output_dir} ({free:,} bytes free): the checkpoint being saved is incomplete and "
+        "will be skipped; free space, then run the same command to resume from the last verified checkpoint"
+    )
 
 
 def stopped(run: Any, name: str | None, step: int, max_steps: int) -> Stopped:

@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT, load_recipe, tiny_run_args
 from safetensors.torch import load_file
 
-from align_kit import checkpoints, run_folder, runs, stops
+from align_kit import checkpoints, guards, run_folder, runs, stops
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,10 @@ def stop_and_resume(tmp: Path, recipe: str, launcher: list[str] | None = None, *
         try:
             cmd = command(recipe, stopped, launcher, **overrides)
             status, seconds = sigterm_after_first_checkpoint(cmd, stopped, env, tmp / "stopped.log")
-            time.sleep(0.5)
+            deadline = time.monotonic() + 60  # a one-process launcher exits before its child has stopped
+            while alive(str(stopped)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            seconds_all = time.monotonic() - deadline + 60 + seconds
             left = alive(str(stopped))
             record = json.loads((stopped / stops.STOPPED_FILE).read_text())
             checkpoint_state = json.loads((Path(record[-1]["checkpoint"]) / "trainer_state.json").read_text())
@@ -108,7 +111,7 @@ def stop_and_resume(tmp: Path, recipe: str, launcher: list[str] | None = None, *
             if reference.poll() is None:
                 reference.kill()
     return {
-        "whole": whole, "stopped": stopped, "status": status, "seconds": seconds, "left": left,
+        "whole": whole, "stopped": stopped, "status": status, "seconds": seconds_all, "left": left,
         "record": record, "state": checkpoint_state, "log": (tmp / "stopped.log").read_text(),
         "again": again.stdout,
     }  # fmt: skip
@@ -391,3 +394,21 @@ def test_sigterm_outside_training_stops_at_once_keeping_what_was_written(tmp_pat
         "checkpoints); run the same command to continue (exit status 75)"
     ]
     assert (tmp_path / "kept.jsonl").read_text() == "verdict 1\n"
+
+
+def test_a_full_disk_during_training_is_one_line_naming_the_folder(tmp_path, monkeypatch, capsys):
+    """torch reports a full disk mid-save as ``RuntimeError: unexpected pos``: it becomes one line, exit 2."""
+
+    def save_fails(resume_from_checkpoint=None):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024")
+
+    trainer = SimpleNamespace(train=save_fails, callback_handler=SimpleNamespace(callbacks=[]))
+    trainer.add_callback = trainer.callback_handler.callbacks.append
+    monkeypatch.setattr(stops.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    run = runs.Run(tmp_path / "run", None)
+    assert guards.exit_status(lambda: stops.train(trainer, run)) == guards.EXIT_MISTAKE
+    assert capsys.readouterr().err == (
+        f"align-kit: no space left for {tmp_path / 'run'} (4,096 bytes free): the checkpoint being saved is "
+        "incomplete and will be skipped; free space, then run the same command to resume from the last verified "
+        "checkpoint\n"
+    )
