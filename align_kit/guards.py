@@ -9,7 +9,7 @@
   and the graceful stop), in one line; ``train(trainer, run)`` runs the trainer under them (``stops``).
 - ``USER_MISTAKES`` and ``run_command``: a recipe or the ``align-kit`` command prints a user's mistake (a bad
   setting, bad data, a run folder that cannot take the run) or a divergence as one line, without a
-  traceback, and exits non-zero; ``ALIGN_KIT_DEBUG=1`` shows the traceback; any other exception is a bug
+  traceback, and exits non-zero (2 a mistake or a full disk, 3 a divergence, 75 a stop on SIGTERM); ``ALIGN_KIT_DEBUG=1`` shows the traceback; any other exception is a bug
   and shows its traceback as usual.
 """
 

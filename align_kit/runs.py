@@ -1,7 +1,8 @@
 """The run directory: resolved config, data counts, metrics, completion marker; rank-aware logging.
 
-A finished run is never overwritten, and an interrupted one resumes from its last checkpoint (best-of-N:
-from its last finished round) only with the settings it was started with, so no run loses finished work
+A finished run is never overwritten, a folder align-kit did not make is never written into, one process at a
+time holds a run folder (``run_folder``), and an interrupted run resumes from its newest verified checkpoint
+(``checkpoints``; best-of-N: from its last finished round) only with the settings it was started with, so no run loses finished work
 and no resumed run mixes two configurations unawares. No secret reaches a file of the run folder, and
 every JSON file is written whole and strict (``align_kit.files``).
 """

@@ -80,7 +80,9 @@ def one(recipe: str, tmp: Path, reward_dir: Path | None) -> list:
         sent = time.monotonic()
         status = process.wait()
     seconds = time.monotonic() - sent
-    line = next((t for t in (tmp / f"{recipe}.log").read_text().splitlines() if t.startswith("align-kit:")), "")
+    line = next(
+        (t for t in (tmp / f"{recipe}.log").read_text().splitlines() if t.startswith("align-kit:")), ""
+    )
     stops = json.loads((out / "stopped.json").read_text()) if (out / "stopped.json").exists() else []
     step = stops[-1]["step"] if stops else None
     verified = checkpoints.checkpoint_problem(Path(stops[-1]["checkpoint"])) is None if stops else None
@@ -88,7 +90,16 @@ def one(recipe: str, tmp: Path, reward_dir: Path | None) -> list:
         return [recipe, status, round(seconds, 2), "-", "-", "-", "-", line.split(": ", 1)[-1][:90]]
     again = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     if again.returncode != 0:
-        return [recipe, status, round(seconds, 2), step, verified, f"resume failed ({again.returncode})", "-", line]
+        return [
+            recipe,
+            status,
+            round(seconds, 2),
+            step,
+            verified,
+            f"resume failed ({again.returncode})",
+            "-",
+            line,
+        ]
     steps = trained_steps(out)
     redone = len(steps) - len(set(steps))
     final = json.loads((out / "run_complete.json").read_text())["global_step"]
@@ -110,7 +121,16 @@ def main(argv: list[str] | None = None) -> dict:
         load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(reward_dir)
         build_byte_tokenizer().save_pretrained(reward_dir)
     rows = [one(recipe, tmp, reward_dir) for recipe in args.recipes]
-    header = ["recipe", "exit", "s to exit", "stopped after", "verified", "final step", "steps redone", "line"]
+    header = [
+        "recipe",
+        "exit",
+        "s to exit",
+        "stopped after",
+        "verified",
+        "final step",
+        "steps redone",
+        "line",
+    ]
     print(table(rows, header))
     figures = {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in rows}
     passed = {r[0]: r[1] == 75 and (r[0] == "ppo" or r[6] == 0) for r in rows}

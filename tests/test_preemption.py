@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT, load_recipe, tiny_run_args
 from safetensors.torch import load_file
 
-from align_kit import checkpoints, guards, run_folder, runs, stops
+from align_kit import checkpoints, guards, quiet, run_folder, runs, stops
 
 pytestmark = pytest.mark.slow
 
@@ -363,37 +363,27 @@ def test_an_adapter_records_its_local_base_model_as_an_absolute_path(tmp_path, m
     assert adapters.read_adapter_config(tmp_path / "adapter")[1] == str(tmp_path / "base")
 
 
-STOP_OUTSIDE_TRAINING = """
-import os, signal, time
-from align_kit.guards import run_command
+def test_sigterm_outside_training_stops_at_once_keeping_what_was_written(tmp_path, capsys):
+    """An evaluation (or a recipe before its first step) stops on SIGTERM at once, exit 75, one line
+    (``guards.run_command`` installs the handler; here it is installed the same way, in-process)."""
+    kept = tmp_path / "kept.jsonl"
 
-def main():
-    with open(os.environ["KEPT"], "a") as kept:  # what an evaluation writes as each verdict arrives
-        kept.write("verdict 1\\n")
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(30)
+    def main():
+        with open(kept, "a") as handle:  # what an evaluation writes as each verdict arrives
+            handle.write("verdict 1\n")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
 
-run_command(main)
-"""
-
-
-def test_sigterm_outside_training_stops_at_once_keeping_what_was_written(tmp_path):
-    """An evaluation (or a recipe before its first step) stops on SIGTERM at once, exit 75, one line."""
-    env = {**os.environ, "KEPT": str(tmp_path / "kept.jsonl")}
-    done = subprocess.run(
-        [sys.executable, "-c", STOP_OUTSIDE_TRAINING],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert done.returncode == stops.EXIT_STOPPED
-    assert done.stderr.strip().splitlines() == [
+    previous = signal.signal(signal.SIGTERM, quiet.stop_now)
+    try:
+        assert guards.exit_status(main) == stops.EXIT_STOPPED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == (
         "align-kit: stopped by SIGTERM: what was finished is kept (an evaluation's answers and verdicts, a run's "
-        "checkpoints); run the same command to continue (exit status 75)"
-    ]
-    assert (tmp_path / "kept.jsonl").read_text() == "verdict 1\n"
+        "checkpoints); run the same command to continue (exit status 75)\n"
+    )
+    assert kept.read_text() == "verdict 1\n"
 
 
 def test_a_full_disk_during_training_is_one_line_naming_the_folder(tmp_path, monkeypatch, capsys):
