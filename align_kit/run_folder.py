@@ -33,14 +33,18 @@ _held: dict[
 ] = {}  # lock path -> the lock this process holds (a second start in-process reuses it)
 
 
-def foreign_files(output_dir: Path) -> list[str]:
-    """The names in an existing ``output_dir`` that show it is not an align-kit run folder (empty if it is)."""
+def foreign_files(output_dir: Path, config_file: str | None = None) -> list[str]:
+    """The names in an existing ``output_dir`` that show it is not an align-kit run folder (empty if it is).
+    ``config_file``, the YAML file that set this ``output_dir``, may sit inside it (a loss sweep's members)."""
     if not output_dir.is_dir():
         return []
     names = sorted(p.name for p in output_dir.iterdir())
     if RUN_CONFIG in names or not names:
         return []
-    return [n for n in names if n not in OWN_FIRST_FILES]
+    own = set(OWN_FIRST_FILES)
+    if config_file and Path(config_file).parent.resolve() == output_dir.resolve():
+        own.add(Path(config_file).name)
+    return [n for n in names if n not in own]
 
 
 def holder_text(holder: dict) -> str:

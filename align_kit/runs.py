@@ -104,7 +104,7 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     set_seed(args.seed)
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
     output_dir = Path(args.output_dir)
-    refuse_output_dir(output_dir)
+    refuse_output_dir(output_dir, args)
     check_model_sources(configs)
     run_args = next((c for c in configs if isinstance(c, RunArgs)), RunArgs())
     resume_from = args.resume_from_checkpoint
@@ -147,7 +147,7 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
         raise RunRefused(refusal)
     if note:
         log(note)
-    refuse_output_dir(output_dir)  # a run that finished while this one was checking
+    refuse_output_dir(output_dir, args)  # a run that finished while this one was checking
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         if changes:
@@ -159,7 +159,7 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     return Run(output_dir, resume_from, checkpoints.run_id(output_dir), keep)
 
 
-def refuse_output_dir(output_dir: Path) -> None:
+def refuse_output_dir(output_dir: Path, args: Any = None) -> None:
     """RunRefused when ``output_dir`` (or a folder above it) is a file, holds a finished run, or holds files
     align-kit did not write (``run_folder.foreign_files``)."""
     for folder in (output_dir, *output_dir.parents):
@@ -172,7 +172,9 @@ def refuse_output_dir(output_dir: Path) -> None:
             f"{output_dir} already holds a finished run ({COMPLETE}); choose another output_dir "
             "(align-kit never deletes finished work)."
         )
-    foreign = run_folder.foreign_files(output_dir)
+    source = setting_source(args, "output_dir") if args is not None else "default"
+    config_file = source.rsplit(":", 1)[0] if source.endswith(tuple("0123456789")) else None
+    foreign = run_folder.foreign_files(output_dir, config_file)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise RunRefused(

@@ -402,3 +402,10 @@ def test_a_full_disk_during_training_is_one_line_naming_the_folder(tmp_path, mon
         "incomplete and will be skipped; free space, then run the same command to resume from the last verified "
         "checkpoint\n"
     )
+
+
+def test_the_config_file_that_names_the_folder_may_sit_in_it(tmp_path):
+    """A loss sweep writes each member's YAML into the member's folder before training it."""
+    (tmp_path / "member.yaml").write_text("output_dir: .\n")
+    assert run_folder.foreign_files(tmp_path, str(tmp_path / "member.yaml")) == []
+    assert run_folder.foreign_files(tmp_path) == ["member.yaml"]
