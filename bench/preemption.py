@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import recipe_argv  # noqa: E402
 
-from align_kit import checkpoints  # noqa: E402
+from align_kit.training import checkpoints  # noqa: E402
 
 COMMON = {
     "dataset": "embedded", "embedded_train_size": "48", "embedded_test_size": "24", "logging_steps": "1",
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     if NEEDS_REWARD & set(args.recipes):
         from conftest import EMBEDDED_NAME, build_byte_tokenizer
 
-        from align_kit.models import load_reward_model
+        from align_kit.models.loading import load_reward_model
 
         reward_dir = tmp / "reward_model"
         load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(reward_dir)

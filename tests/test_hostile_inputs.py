@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import load_recipe, tiny_run_args
 
-from align_kit import guards
+from align_kit import console
 
 
 def fifo_folder(tmp: Path) -> str:
@@ -70,9 +70,9 @@ VALUES = [
 
 
 def one_line(capsys, argv: list[str]) -> str:
-    status = guards.exit_status(lambda: load_recipe("sft").main(argv))
+    status = console.exit_status(lambda: load_recipe("sft").main(argv))
     err = capsys.readouterr().err
-    assert status == guards.EXIT_MISTAKE, err[-2000:]
+    assert status == console.EXIT_MISTAKE, err[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("align-kit: "), err[-2000:]
     assert len(lines[0]) < 400  # a path is shown cut

@@ -25,7 +25,8 @@ import pytest
 from conftest import ROOT, load_recipe, tiny_run_args
 from safetensors.torch import load_file
 
-from align_kit import checkpoints, guards, quiet, run_folder, runs, stops
+from align_kit import console
+from align_kit.training import checkpoints, run_folder, runs, stops
 
 pytestmark = pytest.mark.slow
 
@@ -349,9 +350,9 @@ def test_the_run_folder_says_which_weights_became_the_model_and_from_what(finish
 
 
 def test_an_adapter_records_its_local_base_model_as_an_absolute_path(tmp_path, monkeypatch):
-    from align_kit import adapters
     from align_kit.configs import AdapterArgs
-    from align_kit.models import build_tiny_gpt2
+    from align_kit.models import adapters
+    from align_kit.models.loading import build_tiny_gpt2
 
     model = build_tiny_gpt2()
     adapters.inject_adapters(model, AdapterArgs(adapter="residual"))
@@ -365,7 +366,7 @@ def test_an_adapter_records_its_local_base_model_as_an_absolute_path(tmp_path, m
 
 def test_sigterm_outside_training_stops_at_once_keeping_what_was_written(tmp_path, capsys):
     """An evaluation (or a recipe before its first step) stops on SIGTERM at once, exit 75, one line
-    (``guards.run_command`` installs the handler; here it is installed the same way, in-process)."""
+    (``console.run_command`` installs the handler; here it is installed the same way, in-process)."""
     kept = tmp_path / "kept.jsonl"
 
     def main():
@@ -376,7 +377,7 @@ def test_sigterm_outside_training_stops_at_once_keeping_what_was_written(tmp_pat
 
     previous = signal.signal(signal.SIGTERM, quiet.stop_now)
     try:
-        assert guards.exit_status(main) == stops.EXIT_STOPPED
+        assert console.exit_status(main) == stops.EXIT_STOPPED
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert capsys.readouterr().err == (
@@ -396,7 +397,7 @@ def test_a_full_disk_during_training_is_one_line_naming_the_folder(tmp_path, mon
     trainer.add_callback = trainer.callback_handler.callbacks.append
     monkeypatch.setattr(stops.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
     run = runs.Run(tmp_path / "run", None)
-    assert guards.exit_status(lambda: stops.train(trainer, run)) == guards.EXIT_MISTAKE
+    assert console.exit_status(lambda: stops.train(trainer, run)) == console.EXIT_MISTAKE
     assert capsys.readouterr().err == (
         f"align-kit: no space left for {tmp_path / 'run'} (4,096 bytes free): the checkpoint being saved is "
         "incomplete and will be skipped; free space, then run the same command to resume from the last verified "

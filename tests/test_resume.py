@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, load_recipe, tiny_run_args
 from safetensors.torch import load_file
 
-from align_kit import checkpoints, runs
+from align_kit.training import checkpoints, runs
 
 pytestmark = pytest.mark.slow
 
