@@ -10,9 +10,11 @@ reward model's score, still reaches the log.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -104,19 +106,37 @@ def install() -> None:
 # Lines and exit statuses
 
 EXIT_MISTAKE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+# A stop on request (SIGTERM from a scheduler, `docker stop`): exit status 75 (EX_TEMPFAIL), the same command
+# continues. Training saves a checkpoint first (``training.stops``); anywhere else the process stops at once,
+# keeping what it finished (an evaluation's answers and verdicts are written as each arrives).
+EXIT_STOPPED = 75
 
 
 class OneLineError(Exception):
     """An error whose message is the whole story for the user (it names the file, row, field or setting):
     printed as one line without a traceback, exiting with ``exit_code``. A bad setting, bad data, a run folder
-    that cannot take the run and a diverged run are kinds of it; anything else is a bug and keeps its
-    traceback."""
+    that cannot take the run, a diverged run and a stop on a signal are kinds of it; anything else is a bug
+    and keeps its traceback."""
 
     exit_code = EXIT_MISTAKE
 
 
 # Kept for callers that catch "a user's mistake": every one-line error is one.
 USER_MISTAKES: tuple[type[BaseException], ...] = (OneLineError,)
+
+
+class Stopped(OneLineError):
+    """Stopped by a signal; the message is the one line to print."""
+
+    exit_code = EXIT_STOPPED
+
+
+def stop_now(signum: int, frame: object) -> None:
+    """SIGTERM handler outside training: raise ``Stopped`` where the program is."""
+    raise Stopped(
+        f"stopped by {signal.Signals(signum).name}: what was finished is kept (an evaluation's answers and "
+        f"verdicts, a run's checkpoints); run the same command to continue (exit status {EXIT_STOPPED})"
+    )
 
 
 def is_main_process() -> bool:
@@ -131,8 +151,9 @@ def log(message: str) -> None:
 
 def exit_status(main: Callable[[], Any]) -> int:
     """Run ``main``: 0 when it returns (or the int it returns); a ``OneLineError`` is printed as one line on
-    stderr and gives its ``exit_code`` (EXIT_MISTAKE, or EXIT_DIVERGED for a divergence). ``ALIGN_KIT_DEBUG=1``
-    lets it raise with its traceback; other exceptions always do."""
+    stderr and gives its ``exit_code`` (EXIT_MISTAKE, EXIT_DIVERGED for a divergence, EXIT_STOPPED for a stop
+    on a signal); a full disk is one line and EXIT_MISTAKE. ``ALIGN_KIT_DEBUG=1`` lets them raise with their
+    traceback; other exceptions always do."""
     if os.environ.get("ALIGN_KIT_DEBUG", "") not in ("", "0"):
         result = main()
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
@@ -141,8 +162,13 @@ def exit_status(main: Callable[[], Any]) -> int:
     except OneLineError as error:
         say(error)
         return error.exit_code
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        say(error.strerror if error.filename is None else f"no space left on the device for {error.filename}")
+        return EXIT_MISTAKE
     except KeyboardInterrupt:
-        say("interrupted")
+        say("interrupted: what was finished is kept; run the same command to continue")
         return EXIT_INTERRUPTED
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
@@ -156,6 +182,8 @@ def say(error: BaseException | str) -> None:
 
 def run_command(main: Callable[[], Any]) -> NoReturn:
     """A script's ``if __name__ == "__main__"``: run ``main`` with the known-harmless library messages dropped
-    (``install``) and exit with ``exit_status``."""
+    (``install``), SIGTERM stopping it in one line (training replaces that with a graceful stop,
+    ``training.stops``), and exit with ``exit_status``."""
     install()
+    signal.signal(signal.SIGTERM, stop_now)
     sys.exit(exit_status(main))

@@ -1,4 +1,4 @@
-"""Run files written whole or not at all, and as strict JSON.
+"""Run files written whole or not at all, and as strict JSON; data paths checked before they are opened.
 
 A file is written to a temporary name next to it and renamed into place, so a reader (or a resume after a
 kill) finds the old file or the new one, never half of one. JSON holds no ``NaN`` or ``Infinity`` literals,
@@ -9,9 +9,11 @@ in a ``"non_finite"`` list of the object that holds it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,40 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[Any]:
         if value is not None:
             values.append(value)
     return values
+
+
+# Data paths (read by ``formats``): what a reader would hang on, read forever, or crash on with a traceback.
+MAX_DATA_BYTES = 8 * 2**30  # a data file is read into memory whole: refuse what cannot be meant
+SHOWN = 80  # characters of an over-long path shown in a message
+
+
+def shown(path: str | Path) -> str:
+    text = str(path)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text):,} characters)"
+
+
+def data_path_problem(path: str | Path) -> str | None:
+    """None for a local data path align-kit can read (a regular file of bounded size, or a folder), else the
+    one line that says why not: too long for the system, a symlink loop, a FIFO or device (which would hang
+    or never end), a folder named like a data file, a file too large to read. Nothing is opened."""
+    text = str(path)
+    limit = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
+    name_limit = os.pathconf("/", "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    if len(text.encode()) >= limit or any(len(part.encode()) > name_limit for part in Path(text).parts):
+        return f"{shown(text)}: the path is longer than this system allows ({limit} bytes, {name_limit} per name)"
+    try:
+        info = os.stat(text)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{shown(text)}: a symlink loop (the link points back at itself)"
+        return None  # absent: the caller says so, or reads a Hub dataset of that name
+    if stat.S_ISDIR(info.st_mode):
+        if Path(text).suffix in (".json", ".jsonl", ".parquet"):
+            return f"{shown(text)}: a folder named like a data file; give a .json, .jsonl or .parquet file"
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO (pipe)" if stat.S_ISFIFO(info.st_mode) else "a device or special file"
+        return f"{shown(text)}: {kind}, not a regular file; align-kit reads data from regular files only"
+    if info.st_size > MAX_DATA_BYTES:
+        return f"{shown(text)}: {info.st_size:,} bytes, over the {MAX_DATA_BYTES:,} a data file may hold"
+    return None

@@ -72,9 +72,18 @@ def parse(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> t
     parser.set_defaults_with_config(**values)
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
-        if remaining:
-            raise ConfigError(f"command line: unknown argument(s) {remaining}; see --help")
+        if remaining:  # option names only: a mistyped --hub_tokn must not echo its token
+            names = [arg.split("=", 1)[0] for arg in remaining if arg.startswith("-")]
+            hidden = (
+                " (values not shown)"
+                if len(names) < len(remaining) or any("=" in a for a in remaining)
+                else ""
+            )
+            raise ConfigError(
+                f"command line: unknown argument(s) {names or ['(a value without an option)']}{hidden}; see --help"
+            )
         for config in parsed:
+            check_finite(config)
             check_trainer_args(config)
             grpo = any(
                 isinstance(c, GRPOArgs) for c in parsed
@@ -248,6 +257,9 @@ def _parser_class() -> type:
     return Parser
 
 
+MIN_LENGTH = (
+    8  # tokens: a short prompt, its template and an answer; below it every real row is cut to nothing
+)
 ARGPARSE_TYPES = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}
 
 
@@ -393,6 +405,17 @@ def _reads_as(kind: type, text: str) -> bool:
 BETA_MAY_BE_ZERO = ("GRPOConfig", "RLOOConfig")
 
 
+def check_finite(config: Any) -> None:
+    """ConfigError for a NaN or infinite number in any float setting (``.nan`` compares false with every bound,
+    so the range checks would pass it), unless it is the field's own default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, value in vars(config).items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        for number in numbers:
+            if isinstance(number, float) and not math.isfinite(number) and defaults.get(name) != number:
+                raise ConfigError(f"{name}: {number} is not a finite number (NaN and infinities are refused)")
+
+
 def check_trainer_args(args: Any) -> None:
     """Settings of a transformers/TRL trainer config that transformers accepts but that cannot train as meant:
     no training step, negative sizes and rates, beta <= 0 (ConfigError naming the field)."""
@@ -426,6 +449,19 @@ def check_trainer_args(args: Any) -> None:
     for name in ("max_length", "max_prompt_length", "num_ppo_epochs", "num_mini_batches", "response_length"):
         if hasattr(args, name):  # TRL fields of some trainers only
             check_at_least(args, 1, name)
+    prompt_room = getattr(args, "max_prompt_length", None)
+    if getattr(args, "max_length", None) is not None and (
+        args.max_length < MIN_LENGTH or (prompt_room is not None and args.max_length <= prompt_room)
+    ):
+        room = (
+            f"max_prompt_length {prompt_room}"
+            if prompt_room is not None and args.max_length >= MIN_LENGTH
+            else ""
+        )
+        raise ConfigError(
+            f"max_length: {args.max_length} leaves no room for an answer{' after ' + room if room else ''}: "
+            f"every row would be cut to nothing (at least {MIN_LENGTH} tokens)"
+        )
     for strategy, steps in (("logging", "logging_steps"), ("save", "save_steps"), ("eval", "eval_steps")):
         chosen, value = getattr(args, f"{strategy}_strategy"), getattr(args, steps)
         if getattr(chosen, "value", chosen) == "steps" and value is not None and value <= 0:

@@ -27,7 +27,7 @@ from align_kit.models import adapters, rewards
 from align_kit.models.generation import greedy_reward, policy_report, sample_and_score, top_k
 from align_kit.models.loading import load_model, load_policy, load_tokenizer, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.training import guards, runs
+from align_kit.training import guards, runs, stops
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, RunArgs, SFTConfig)
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             ]
             runs.write_jsonl(round_dir / "samples.jsonl", rows)
         best = [{"prompt": row["prompt"], "completion": row["answer"]} for row in rows if row["kept"]]
-        round_run = runs.Run(round_dir, runs.last_checkpoint(round_dir))
+        round_run = runs.Run(round_dir, runs.last_checkpoint(round_dir), run.run_id, run.keep)
         trainer = SFTTrainer(
             model=model,
             args=dataclasses.replace(args, output_dir=str(round_dir)),
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             processing_class=tokenizer,
             callbacks=guards.watch(round_run),
         )
-        result = trainer.train(resume_from_checkpoint=round_run.resume_from)
+        result = stops.train(trainer, round_run)
         runs.save_model(
             runs.Run(runs.round_model(run, round_index), None), trainer, tokenizer,
             model_args.model_name_or_path, adapter_args,

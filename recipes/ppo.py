@@ -20,7 +20,7 @@ from align_kit.models import adapters, rewards
 from align_kit.models.generation import policy_report
 from align_kit.models.loading import load_reward_model, load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.training import guards, runs
+from align_kit.training import guards, runs, stops
 from align_kit.training.ppo import (
     CANNOT_RESUME,
     BatchWidth,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
 
     # 6. train
-    trainer.train()
+    stops.train(trainer, run, resumable=False)
     if bonus is not None:
         bonus.remove()
 

@@ -26,7 +26,7 @@ from align_kit.models.loading import (
     tokenizer_source,
 )
 from align_kit.parsing import parse
-from align_kit.training import guards, runs
+from align_kit.training import guards, runs, stops
 from align_kit.training.callbacks import trainer_callbacks
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RewardArgs, RunArgs, RewardConfig)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # 6. train
-    result = trainer.train(resume_from_checkpoint=run.resume_from)
+    result = stops.train(trainer, run)
 
     # 7. save
     adapted_state = runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)

@@ -20,7 +20,7 @@ import pytest
 from conftest import ASSETS, ROOT, load_recipe
 
 from align_kit import configs, console, parsing
-from align_kit.training import guards, runs
+from align_kit.training import checkpoints, guards, runs
 
 CORPUS = sorted((ASSETS / "bad").glob("*.yaml"))
 CPU = ["--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none"]
@@ -61,8 +61,8 @@ CLI_CASES = {
     "float for an integer": ("sft", ["--max_steps", "2.5"], "command line: --max_steps must be an integer, got '2.5'"),
     "word for a boolean": ("sft", ["--use_cpu", "maybe"], "command line: argument --use_cpu/--use-cpu: Truthy value"),
     "unknown choice": ("dpo", ["--adapter", "lora"], "command line: argument --adapter: invalid choice: 'lora'"),
-    "unknown argument": ("sft", ["--lerning_rate", "0.1"], "command line: unknown argument(s) ['--lerning_rate', '0.1']"),
-    "abbreviated option": ("sft", ["--learning_rat", "0.1"], "command line: unknown argument(s) ['--learning_rat', '0.1']"),
+    "unknown argument": ("sft", ["--lerning_rate", "0.1"], "command line: unknown argument(s) ['--lerning_rate'] (values not shown)"),
+    "abbreviated option": ("sft", ["--learning_rat", "0.1"], "command line: unknown argument(s) ['--learning_rat'] (values not shown)"),
     "beta 0 on the command line": ("dpo", ["--beta", "0"], "command line: beta: 0.0 must be above 0"),
     "evaluation off under a file's early stopping": (
         "sft", ["--config", "sft_gpt2_hh", "--eval_strategy", "no"],
@@ -117,6 +117,8 @@ def interrupted_ppo(tmp_path: Path) -> list[str]:
     checkpoint = tmp_path / "out" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / runs.TRAINER_STATE_NAME).write_text("{}")
+    checkpoints.write_manifest(checkpoint, "run", 2)  # verified
+    (tmp_path / "out" / runs.RUN_CONFIG).write_text("{}")  # an align-kit run folder
     return []
 
 
@@ -129,7 +131,7 @@ def interrupted_with_other_settings(tmp_path: Path) -> list[str]:
     )
     interrupted_ppo(tmp_path)
     parsing.save_resolved(str(tmp_path / "out" / runs.RUN_CONFIG), *parsed, args)
-    return ["--learning_rate", "2e-3", "--max_steps", "8"]
+    return ["--learning_rate", "1e-3", "--max_steps", "8"]
 
 
 FOLDER_CASES = {
@@ -143,7 +145,7 @@ FOLDER_CASES = {
     ),
     "resume with changed settings": (
         "sft", interrupted_with_other_settings,
-        "started with other settings (learning_rate: 0.001 -> 0.002; max_steps: 4 -> 8)",
+        "started with other settings (max_steps: 4 -> 8)",
     ),
 }  # fmt: skip
 

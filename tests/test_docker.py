@@ -127,14 +127,14 @@ def test_base_image_is_a_pinned_tag_whose_torch_pyproject_accepts():
     assert torch_spec.contains(torch_version), f"image torch {torch_version} is outside {torch_spec}"
 
 
-def test_image_runs_as_non_root_with_accelerate_launch_as_entry_point():
+def test_image_runs_as_non_root_with_accelerate_launch_under_an_init_as_entry_point():
     instructions = _instructions(DOCKERFILE)
     users = [_expand(arguments, _arg_defaults(instructions)) for k, arguments in instructions if k == "USER"]
     assert users, "no USER: the image would run as root"
     user = users[-1].split(":")[0]
     assert user not in {"root", "0"}, users[-1]
     entrypoints = [json.loads(arguments) for k, arguments in instructions if k == "ENTRYPOINT"]
-    assert entrypoints[-1] == ["accelerate", "launch"]
+    assert entrypoints[-1] == ["dumb-init", "--", "accelerate", "launch"]  # PID 1 that forwards SIGTERM
 
 
 def test_no_hub_token_is_baked_into_the_image():

@@ -26,7 +26,7 @@ from transformers import TrainerState
 
 from align_kit import cli, console, files
 from align_kit.models.loading import build_tiny_gpt2
-from align_kit.training import guards, runs
+from align_kit.training import checkpoints, guards, runs
 
 
 def strict_json(path: Path):
@@ -82,6 +82,7 @@ def test_the_guard_stops_before_the_optimizer_step_on_a_non_finite_gradient(tmp_
 def test_the_guard_reads_losses_in_the_logs_and_ignores_other_statistics(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / runs.TRAINER_STATE_NAME).write_text("{}")
+    checkpoints.write_manifest(tmp_path / "checkpoint-3", "run", 3)  # a verified checkpoint
     guard, args, state = guards.NonFiniteGuard(), guard_args(tmp_path), TrainerState(global_step=4)
     logs = {"loss": 0.5, "grad_norm": 1.0, "val/ratio_var": math.nan}
     state.log_history.append({**logs, "step": 4})  # what Trainer.log does before calling the callbacks

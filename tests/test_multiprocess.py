@@ -25,6 +25,7 @@ STEPS = 3
 RUN_FILES = {
     "run_config.json", "data_counts.json", "metrics.json", "run_complete.json", "config.json",
     "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training_args.bin",
+    "README.md", "run.lock", "run.lock.json", "run_id.json",  # model card; the run folder's lock and run id
 }  # fmt: skip
 
 # Runs a recipe's main(), writes a checksum of this rank's weights just before the model is saved, and

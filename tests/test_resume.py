@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, load_recipe, tiny_run_args
 from safetensors.torch import load_file
 
-from align_kit.training import runs
+from align_kit.training import checkpoints, runs
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,8 @@ def sft_command(output_dir: Path) -> list[str]:
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoints whose trainer state was written to the end (a kill can land mid-write)."""
-    return [c for c in output_dir.glob("checkpoint-*") if runs._whole_json(c / "trainer_state.json")]
+    """Verified checkpoints: their manifest is written last (a kill can land mid-save)."""
+    return [c for c in output_dir.glob("checkpoint-*") if checkpoints.checkpoint_problem(c) is None]
 
 
 def logged_losses(output_dir: Path) -> list[float]:
@@ -126,8 +126,9 @@ def test_a_finished_run_refuses_to_start_and_deletes_nothing(killed_and_resumed)
 def test_last_checkpoint_skips_partial_and_foreign_folders(tmp_path):
     for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False)):
         (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
         if complete:
-            (tmp_path / name / "trainer_state.json").write_text("{}")
+            checkpoints.write_manifest(tmp_path / name, "run", int(name.split("-")[1]))
     (tmp_path / "checkpoint-best").mkdir()
     assert runs.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # numeric, not lexical, order
     assert runs.last_checkpoint(tmp_path / "checkpoint-12") is None
@@ -150,31 +151,35 @@ def test_the_train_summary_of_a_resumed_run_covers_the_whole_run(killed_and_resu
 
 
 def test_changed_settings_are_refused_then_allowed_and_recorded(tmp_path):
-    """An interrupted run (checkpoint-2 of 2 steps, killed before its final save) started again for 4 steps at
-    another learning rate: refused and listed, then resumed with --allow_changed_settings true, both recorded."""
+    """An interrupted run (checkpoint-2 of 2 steps, killed before its final save) started again for 4 steps: a
+    changed learning rate is refused even with --allow_changed_settings (the checkpoint's optimizer and
+    scheduler would bring the old one back); the longer run alone is refused, then resumed with the flag and
+    recorded, and its logged learning rates follow the new schedule."""
     sft, out = load_recipe("sft"), tmp_path / "sft"
-    first = dict(max_steps=2, save_strategy="steps", save_steps=2, learning_rate=1e-3)
+    first = dict(
+        max_steps=2, save_strategy="steps", save_steps=2, learning_rate=1e-3, lr_scheduler_type="linear"
+    )
     sft.main(tiny_run_args(out, **first))
     for name in (runs.COMPLETE, "model.safetensors", "metrics.json"):
         (out / name).unlink()  # what a kill after the checkpoint leaves
-    again = tiny_run_args(out, **{**first, "max_steps": 4, "learning_rate": 2e-3})
-    with pytest.raises(
-        runs.RunRefused, match=r"other settings \(learning_rate: 0.001 -> 0.002; max_steps: 2 -> 4\)"
-    ):
+    other_rate = tiny_run_args(out, **{**first, "max_steps": 4, "learning_rate": 2e-3})
+    with pytest.raises(runs.RunRefused, match=r"learning_rate: 0.001 -> 0.002 cannot change on resume"):
+        sft.main([*other_rate, "--allow_changed_settings", "true"])
+    again = tiny_run_args(out, **{**first, "max_steps": 4})
+    with pytest.raises(runs.RunRefused, match=r"other settings \(max_steps: 2 -> 4\)"):
         sft.main(again)
     assert not (out / runs.SETTINGS_CHANGES).exists()
     metrics = sft.main([*again, "--allow_changed_settings", "true"])
     assert metrics["train"]["global_step"] == 4 and metrics["train"]["processes"] == 2
     assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    rates = [e["learning_rate"] for e in metrics["log_history"] if "loss" in e]
+    assert rates[2:] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 1 / 4])  # linear decay over the new 4 steps
     [change] = json.loads((out / runs.SETTINGS_CHANGES).read_text())
     assert change["resumed_from"] == str(out / "checkpoint-2")
-    assert change["changed"] == {
-        "learning_rate": {"before": 0.001, "after": 0.002},
-        "max_steps": {"before": 2, "after": 4},
-    }
+    assert change["changed"] == {"max_steps": {"before": 2, "after": 4}}
     config = json.loads((out / runs.RUN_CONFIG).read_text())
     assert (config["learning_rate"], config["max_steps"], config["allow_changed_settings"]) == (
-        0.002,
+        0.001,
         4,
         True,
     )

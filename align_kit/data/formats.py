@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from align_kit.configs import DataArgs
 from align_kit.console import OneLineError
 from align_kit.data import task
 from align_kit.data.prompts import ASSISTANT, HUMAN, ROLES, parse_hh
+from align_kit.files import data_path_problem, shown
 from align_kit.resources import home
 
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -118,8 +120,14 @@ def read_json_rows(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     return rows, numbers
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # owner/name, as the Hub spells dataset ids
+
+
 def read_file(file: Path) -> RawSplit:
     """One local file as a RawSplit: JSON and JSON Lines read and checked here, parquet by ``datasets``."""
+    problem = data_path_problem(file)
+    if problem:
+        raise DataError(problem)
     if file.suffix not in DATA_SUFFIXES:
         raise DataError(f"{file}: unsupported file type (use .json, .jsonl or .parquet)")
     if DATA_SUFFIXES[file.suffix] == "json":
@@ -172,11 +180,16 @@ def _split_files(path: Path, args: DataArgs) -> dict[str, Path]:
 def load_raw(args: DataArgs) -> dict[str, RawSplit]:
     """Raw splits ({split: RawSplit}) from the embedded task, local files or the Hub; a Hub dataset goes
     through the same parsing as a local file once ``load_dataset`` has read it."""
+    problem = None if args.dataset == "embedded" else data_path_problem(args.dataset)
+    if problem:
+        raise DataError(f"dataset: {problem}")
     path = embedded_folder(args) if args.dataset == "embedded" else Path(args.dataset)
     if path.exists():
         return {split: read_file(file) for split, file in _split_files(path, args).items()}
     if args.dataset.startswith((".", "/")) or Path(args.dataset).suffix in DATA_SUFFIXES:
-        raise DataError(f"{args.dataset}: no such file or folder")
+        raise DataError(f"{shown(args.dataset)}: no such file or folder")
+    if len(args.dataset) > 200 or not HUB_ID.fullmatch(args.dataset):
+        raise DataError(f"dataset: {shown(args.dataset)} is no local file or folder, nor a Hub dataset id")
     from datasets import load_dataset
 
     hub = load_dataset(args.dataset, args.dataset_config)

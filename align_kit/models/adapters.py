@@ -310,6 +310,8 @@ def save_adapter(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    if Path(base_model).is_dir():  # a local folder: recorded absolute, so the adapter loads from any folder
+        base_model = str(Path(base_model).resolve())
     config = {**dataclasses.asdict(args), "adapter_path": None, "base_model": base_model}
     files.write_json(folder / CONFIG_NAME, config, indent=2, sort_keys=True)
 

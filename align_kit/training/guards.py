@@ -5,7 +5,8 @@
   last good checkpoint. The exception leaves the recipe before it saves a model or marks the run complete.
   Other logged statistics that are NaN (a variance of one value) are kept in the log history as null with
   a ``non_finite`` flag, so checkpoints' trainer_state.json stays strict JSON.
-- ``watch(run)``: the callbacks every recipe's trainer gets (the guard and the run clock), in one line.
+- ``watch(run)``: the callbacks every recipe's trainer gets (the guard, the run clock, verified checkpoints
+  and the graceful stop), in one line; ``stops.train(trainer, run)`` runs the trainer under them.
 - ``TrainingDiverged`` is a ``console.OneLineError``: ``console.run_command`` prints it as one line and exits
   with ``EXIT_DIVERGED``.
 """
@@ -21,7 +22,9 @@ from transformers import TrainerCallback
 
 from align_kit import files
 from align_kit.console import EXIT_DIVERGED, OneLineError
+from align_kit.training.checkpoints import ResumedSchedule, VerifiedCheckpoints
 from align_kit.training.runs import RunClock, last_checkpoint
+from align_kit.training.stops import StopOnSignal
 
 DIVERGED_FILE = "diverged.json"
 
@@ -85,5 +88,12 @@ class NonFiniteGuard(TrainerCallback):
 
 
 def watch(run: Any) -> list[TrainerCallback]:
-    """The callbacks every recipe adds to its trainer: the non-finite guard and the run clock."""
-    return [NonFiniteGuard(), RunClock(run)]
+    """The callbacks every recipe adds to its trainer: the non-finite guard, the run clock, the checkpoint
+    manifests and rotation (``checkpoints``) and the graceful stop on SIGTERM/SIGINT (``stops``)."""
+    return [
+        NonFiniteGuard(),
+        RunClock(run),
+        VerifiedCheckpoints(run.run_id, run.keep),
+        ResumedSchedule(),
+        StopOnSignal(),
+    ]

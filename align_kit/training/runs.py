@@ -1,7 +1,8 @@
 """The run directory: resolved config, data counts, metrics, completion marker; rank-aware logging.
 
-A finished run is never overwritten, and an interrupted one resumes from its last checkpoint (best-of-N:
-from its last finished round) only with the settings it was started with, so no run loses finished work
+A finished run is never overwritten, a folder align-kit did not make is never written into, one process at a
+time holds a run folder (``run_folder``), and an interrupted run resumes from its newest verified checkpoint
+(``checkpoints``; best-of-N: from its last finished round) only with the settings it was started with, so no run loses finished work
 and no resumed run mixes two configurations unawares. No secret reaches a file of the run folder, and
 every JSON file is written whole and strict (``align_kit.files``).
 """
@@ -22,16 +23,15 @@ from typing import Any
 from accelerate import PartialState
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align_kit import files
 from align_kit.configs import ConfigError, DataArgs, ModelArgs, RunArgs
 from align_kit.console import OneLineError, is_main_process, log
-from align_kit.data.loading import LABELLING_MARK, labelling_mark
 from align_kit.data.prompts import TOKENIZER, chat_format
 from align_kit.models import adapters
 from align_kit.models.loading import load_tokenizer, source_problem, tokenizer_source
 from align_kit.parsing import setting_source, to_dict
+from align_kit.training import checkpoints, run_folder
 
 COMPLETE = "run_complete.json"
 RUN_CONFIG = "run_config.json"
@@ -42,6 +42,7 @@ ROUND_REPORT = "report.json"  # the last file a best-of-N round writes: the roun
 # resume switches themselves, and secrets (never saved).
 NOT_COMPARED = {
     "output_dir",
+    "run_id",
     "resume_from_checkpoint",
     "allow_changed_settings",
     "hub_token",
@@ -59,6 +60,9 @@ MODEL_SOURCES = (
     "reward_models",
     "value_model_path",
 )
+# Settings a resume cannot apply: the checkpoint's optimizer and scheduler states bring back the values they
+# were made with, so a change would be recorded but never run. Refused even with --allow_changed_settings.
+NOT_APPLIED_ON_RESUME = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim")
 logger = logging.getLogger("align_kit")
 
 
@@ -73,6 +77,8 @@ class Run:
 
     output_dir: Path
     resume_from: str | None
+    run_id: str = ""  # named in every checkpoint manifest of the run (``checkpoints``)
+    keep: int | None = None  # the run's save_total_limit, applied by ``checkpoints.rotate``
 
     def path(self, name: str) -> Path:
         return self.output_dir / name
@@ -92,16 +98,17 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     set_seed(args.seed)
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
     output_dir = Path(args.output_dir)
-    refuse_output_dir(output_dir)
+    refuse_output_dir(output_dir, args)
     check_model_sources(configs)
     run_args = next((c for c in configs if isinstance(c, RunArgs)), RunArgs())
     resume_from = args.resume_from_checkpoint
-    if resume_from is not None and not _whole_json(Path(resume_from) / TRAINER_STATE_NAME):
-        where = setting_source(args, "resume_from_checkpoint")
-        raise ConfigError(
-            f"{where}: resume_from_checkpoint: {resume_from} is no complete checkpoint",
-            field="resume_from_checkpoint",
-        )
+    if resume_from is not None:
+        problem = checkpoints.checkpoint_problem(Path(resume_from))
+        if problem:
+            where = setting_source(args, "resume_from_checkpoint")
+            raise ConfigError(
+                f"{where}: resume_from_checkpoint: {resume_from} is no verified checkpoint: {problem}"
+            )
     if resume_from is None and output_dir.is_dir():
         resume_from = last_checkpoint(output_dir)
     if resume_from and cannot_resume:
@@ -117,6 +124,13 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     changes = {}
     if resume_from or started_rounds(output_dir):
         changes = changed_settings(output_dir, settings)
+        fixed = [k for k in NOT_APPLIED_ON_RESUME if k in changes]
+        if fixed and resume_from:
+            listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed)
+            raise RunRefused(
+                f"{output_dir}: {listed} cannot change on resume: {Path(resume_from).name}'s optimizer and "
+                "scheduler states would bring back the old value; resume with it, or start a new run"
+            )
         if changes and not run_args.allow_changed_settings:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
             raise RunRefused(
@@ -124,34 +138,28 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
                 f"with its own settings, or add --allow_changed_settings true to resume with these (both are "
                 "recorded), or choose another output_dir"
             )
+    # Every check above only reads; the lock is the first thing written into the folder.
+    refusal, note = run_folder.take_lock(output_dir)
+    if refusal:
+        raise RunRefused(refusal)
+    if note:
+        log(note)
+    refuse_output_dir(output_dir, args)  # a run that finished while this one was checking
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         if changes:
             record_changes(output_dir, changes, resume_from)
         files.write_json(output_dir / RUN_CONFIG, settings, indent=2, sort_keys=True)  # written once
-    record_labelling_mark(output_dir, configs)
+    run_folder.record_labelling_mark(output_dir, configs)
     if resume_from:
         log(f"resuming from {resume_from}")
-    return Run(output_dir, resume_from)
+    keep, args.save_total_limit = args.save_total_limit, None  # rotation is ours: checkpoints.rotate
+    return Run(output_dir, resume_from, checkpoints.run_id(output_dir), keep)
 
 
-def record_labelling_mark(output_dir: Path, configs: tuple[Any, ...]) -> None:
-    """A dataset labelled by a judge that failed its audits (``data.labelling_mark``): its mark is copied
-    into the run folder under the same name and the run says so; nothing for any other dataset."""
-    data_args = next((c for c in configs if isinstance(c, DataArgs)), None)
-    mark = labelling_mark(data_args) if data_args is not None else None
-    if mark is None:
-        return
-    if is_main_process():
-        files.write_json(output_dir / LABELLING_MARK, mark, indent=2)
-    log(
-        f"WARNING: {data_args.dataset} was labelled by a judge that failed its audits "
-        f"({', '.join(mark.get('failed', [])) or 'see the mark'}); recorded in {output_dir / LABELLING_MARK}"
-    )
-
-
-def refuse_output_dir(output_dir: Path) -> None:
-    """RunRefused when ``output_dir`` (or a folder above it) is a file, or holds a finished run."""
+def refuse_output_dir(output_dir: Path, args: Any = None) -> None:
+    """RunRefused when ``output_dir`` (or a folder above it) is a file, holds a finished run, or holds files
+    align-kit did not write (``run_folder.foreign_files``)."""
     for folder in (output_dir, *output_dir.parents):
         if folder.exists():
             if not folder.is_dir():
@@ -161,6 +169,15 @@ def refuse_output_dir(output_dir: Path) -> None:
         raise RunRefused(
             f"{output_dir} already holds a finished run ({COMPLETE}); choose another output_dir "
             "(align-kit never deletes finished work)."
+        )
+    source = setting_source(args, "output_dir") if args is not None else "default"
+    config_file = source.rsplit(":", 1)[0] if source.endswith(tuple("0123456789")) else None
+    foreign = run_folder.foreign_files(output_dir, config_file)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunRefused(
+            f"output_dir: {output_dir} is not empty and is no align-kit run folder (it holds {shown}); "
+            "align-kit writes only into a new or empty folder or its own run folder: choose another output_dir"
         )
 
 
@@ -221,17 +238,12 @@ def record_changes(output_dir: Path, changes: dict[str, tuple[Any, Any]], resume
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint that was written to the end (``trainer_state.json`` is its last file).
-
-    A run killed while saving leaves a partial folder; resuming from it would load half a state or
-    restart at step 0 with its weights, so it is skipped (and later overwritten by the trainer).
-    """
-    steps = {}
-    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
-        if step.isdigit() and _whole_json(folder / TRAINER_STATE_NAME):
-            steps[int(step)] = folder
-    return str(steps[max(steps)]) if steps else None
+    """The newest verified checkpoint (``checkpoints.checkpoint_problem``); each newer one skipped is named
+    with the file that failed. A run killed while saving leaves a checkpoint without its manifest."""
+    folder, skipped = checkpoints.newest_verified(output_dir)
+    for line in skipped:
+        log(line)
+    return str(folder) if folder else None
 
 
 def _whole_json(path: Path) -> bool:
@@ -263,13 +275,41 @@ def finish(
         if trainer is not None
         else max((e.get("step", 0) for e in history), default=0)
     )
-    run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": step})
+    origin = model_origin(trainer)
+    if is_main_process() and run.path(RUN_CONFIG).exists():
+        run_folder.write_model_card(run.output_dir, method_name(trainer), origin)
+    run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": step, **origin})
     log(f"done: outputs in {run.output_dir}")
     state = PartialState()
     if state.use_distributed:
         state.wait_for_everyone()
         state.destroy_process_group()
+    run_folder.release_lock(run.output_dir)
     return metrics
+
+
+def method_name(trainer: Any | None) -> str:
+    """The training method as TRL tags it (sft, dpo, kto, reward-trainer, grpo, ppo), or best-of-N."""
+    if trainer is None:
+        return "best-of-N"
+    tags = [t for t in getattr(trainer, "_tag_names", []) if t != "trl"]
+    return tags[0] if tags else type(trainer).__name__
+
+
+def model_origin(trainer: Any | None) -> dict[str, Any]:
+    """Which weights became the run's model, and why: the best checkpoint (its metric and value) when
+    ``load_best_model_at_end`` loaded one, else the last step."""
+    if trainer is None:
+        return {"model_from": "last round", "why": "best-of-N keeps the policy of its last round"}
+    state, args = trainer.state, trainer.args
+    if getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint:
+        metric = args.metric_for_best_model or "loss"
+        return {
+            "model_from": Path(state.best_model_checkpoint).name,
+            "why": f"best {metric} ({'greater' if args.greater_is_better else 'lower'} is better)",
+            "best_metric": {metric: state.best_metric},
+        }
+    return {"model_from": f"step {state.global_step}", "why": "the last step (load_best_model_at_end is off)"}
 
 
 def world_size() -> int:
