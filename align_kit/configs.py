@@ -436,3 +436,50 @@ class GRPOArgs:
         metadata={"help": "Held-out prompts for the final report (reward, KL to the reference, samples)."},
     )
     report_max_new_tokens: int = field(default=48, metadata={"help": "Answer length in the final report."})
+
+
+@dataclass
+class CurveArgs:
+    """Over-optimisation curves: proxy score, gold score and KL to the reference, measured during training."""
+
+    curve_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every this many optimiser steps (best-of-N: rounds) sample one answer per held-out "
+            "prompt and record proxy score, gold score(s) and sampled KL to the reference in curves.jsonl "
+            "and the tracker. 0: off (every recipe's default, it costs generation time)."
+        },
+    )
+    curve_prompts: int = field(default=64, metadata={"help": "Held-out prompts of every curve point."})
+    curve_max_new_tokens: int = field(default=48, metadata={"help": "Answer length of the curve samples."})
+    curve_gold: list[str] = field(
+        default_factory=lambda: ["oracle"],
+        metadata={
+            "help": "Gold scorers: 'oracle' (the embedded task's exact checker) and/or reward-model folders "
+            "the run does not optimise (held-out reward models). Empty: no gold; the alarm then watches "
+            "the ensemble's disagreement."
+        },
+    )
+    curve_alarm_window: int = field(
+        default=3,
+        metadata={
+            "help": "Points the alarm looks back over: it warns once when gold falls while the proxy rises "
+            "over this many points (with no gold: when ensemble members' spread keeps growing)."
+        },
+    )
+    stop_at_gold_peak: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the policy at the best gold point (with no gold: the best ensemble minimum) in "
+            "gold_peak/, stop training when the alarm fires, and make that policy the run's model "
+            "(run_complete.json says which step)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        as_list(self, "curve_gold")
+        check_at_least(self, 0, "curve_steps")
+        check_at_least(self, 1, "curve_prompts", "curve_max_new_tokens")
+        check_at_least(self, 2, "curve_alarm_window")
+        if self.stop_at_gold_peak and not self.curve_steps:
+            raise ConfigError("stop_at_gold_peak needs curve_steps (the gold peak is found on curve points)")

@@ -227,7 +227,11 @@ def _whole_json(path: Path) -> bool:
 
 
 def finish(
-    run: Run, trainer: Any | None, extra: dict[str, Any] | None = None, history: list | None = None
+    run: Run,
+    trainer: Any | None,
+    extra: dict[str, Any] | None = None,
+    history: list | None = None,
+    marker: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write metrics (final and per-step log history) and the completion marker; end the process group.
 
@@ -246,7 +250,7 @@ def finish(
         if trainer is not None
         else max((e.get("step", 0) for e in history), default=0)
     )
-    run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": step})
+    run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": step, **(marker or {})})
     log(f"done: outputs in {run.output_dir}")
     state = PartialState()
     if state.use_distributed:
