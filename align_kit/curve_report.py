@@ -17,12 +17,13 @@ import html
 import io
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
 from align_kit import files
 from align_kit.configs import ConfigError
@@ -57,7 +58,9 @@ def fit_form(d: Sequence[float], gain: Sequence[float], form: str) -> dict[str, 
         return {**out, "poor": f"{len(x)} points: a two-coefficient fit needs at least 3"}
     function = bon_form if form == "bon" else rl_form
     try:
-        (alpha, beta), cov = curve_fit(function, x, y, p0=(1.0, 0.1), maxfev=20000)
+        with warnings.catch_warnings():  # an undetermined covariance is reported as a poor fit below
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (alpha, beta), cov = curve_fit(function, x, y, p0=(1.0, 0.1), maxfev=20000)
     except RuntimeError as error:
         return {**out, "poor": f"no fit: {error}"}
     se = np.sqrt(np.diag(cov)) if np.all(np.isfinite(cov)) else np.array([math.inf, math.inf])
@@ -69,7 +72,9 @@ def fit_form(d: Sequence[float], gain: Sequence[float], form: str) -> dict[str, 
         reasons.append(f"only {len(x)} points")
     if r2 < 0.7:
         reasons.append(f"R^2 {r2:.2f} < 0.7")
-    if not se[0] < abs(alpha) or not se[1] < abs(beta):
+    if not np.all(np.isfinite(se)):
+        reasons.append("covariance could not be estimated")
+    elif not se[0] < abs(alpha) or not se[1] < abs(beta):
         reasons.append("a coefficient is within one standard error of 0")
     out |= {"alpha": float(alpha), "beta": float(beta), "alpha_se": float(se[0]), "beta_se": float(se[1])}
     return {**out, "r2": r2, "poor": "; ".join(reasons) or None}

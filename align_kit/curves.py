@@ -209,6 +209,7 @@ class CurveRecorder:
             self.peak = point
             if self.keep_peak:
                 self.keep(point)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:  # one whole line per point
             handle.write(files.dumps(point) + "\n")
         gold = " ".join(f"{k} {v:.3f}" for k, v in point["gold"].items())
