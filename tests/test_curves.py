@@ -43,7 +43,7 @@ def test_ppo_curve_points_match_a_direct_computation_and_the_kept_peak(
     out = tmp_path / "ppo"
     gold_rm = reward_folders[1]  # a held-out reward model the run never optimises
     argv = ppo_args(
-        out, reward_folders[:1], model_name_or_path=str(micro_model_dir), curve_steps=1, curve_prompts=4,
+        out, reward_folders[:1], model_name_or_path=str(micro_model_dir), learning_rate=0.03, curve_steps=1, curve_prompts=4,
         curve_max_new_tokens=8,
     )  # fmt: skip
     metrics = load_recipe("ppo").main(
