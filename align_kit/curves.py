@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,9 @@ class CurveRecorder:
         peak. Returns the point (None when skipped or on a process other than the main one)."""
         if not is_main_process() or any(p["step"] == step for p in self.points):
             return None
+        start = time.perf_counter()
         point = self.measure(step)
+        point["seconds"] = time.perf_counter() - start  # the curve's cost, for the overhead benchmark
         self.points.append(point)
         reason = alarm_reason(self.points, self.window)
         if reason and self.alarm is None:

@@ -100,13 +100,35 @@ def lm_eval_tasks(
         from lm_eval.tasks import TaskManager
     except ImportError:
         return {"skipped": "lm-eval is not installed (pip install 'align-kit[lm-eval]')"}
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    # lm-eval's own task index (thousands of YAML files) takes minutes to build: skip it when every task
+    # asked for is defined in include_path
+    local = _local_task_names(include_path) if include_path else set()
+    manager = TaskManager(include_path=include_path, include_defaults=not set(tasks) <= local)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = simple_evaluate(model=wrapped, tasks=list(tasks), task_manager=manager, log_samples=False)
     return {
-        task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+        task: {
+            k: v
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and k not in ("alias", "sample_len")
+        }
         for task, metrics in results["results"].items()
     }
+
+
+def _local_task_names(folder: str) -> set[str]:
+    """The ``task:`` names of the YAML files under ``folder``."""
+    import yaml
+
+    names = set()
+    for path in Path(folder).rglob("*.yaml"):
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            continue  # lm-eval's own YAML tags (!function) are not plain YAML: left to lm-eval
+        if isinstance(config, dict) and isinstance(config.get("task"), str):
+            names.add(config["task"])
+    return names
 
 
 def system_tax(

@@ -285,3 +285,37 @@ def test_alignment_tax_against_the_base(tmp_path):
         line.startswith("alignment tax, tuned vs base: perplexity on general text")
         and "oracle add -1.000" in line
     )
+
+
+@pytest.mark.quality  # importing lm-eval (scikit-learn, nltk, ...) and its evaluate() take about a minute here
+def test_lm_eval_local_task_runs_offline_and_lands_in_the_report(tmp_path):
+    pytest.importorskip("lm_eval")
+    from conftest import ASSETS
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    data = ASSETS / "lm_eval_tiny" / "tiny_task.jsonl"
+    yaml_text = (ASSETS / "lm_eval_tiny" / "align_kit_tiny.yaml").read_text().replace("DATA", str(data))
+    (folder / "align_kit_tiny.yaml").write_text(yaml_text)
+    tokenizer = build_byte_tokenizer()
+    for name, seed in (("base", 0), ("tuned", 1)):
+        torch.manual_seed(seed)
+        build_tiny_gpt2().save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    systems = {n: str(tmp_path / n) for n in ("base", "tuned")}
+    result = tax.alignment_tax(
+        systems, "base", ["general text"], lm_eval=["align_kit_tiny"], include_path=str(folder)
+    )
+    for name, path in systems.items():  # accuracy computed directly: the choice of highest log-likelihood
+        model = load_model(ModelArgs(model_name_or_path=path)).eval()
+        correct = 0
+        for row in map(json.loads, data.read_text().splitlines()):
+            context = tokenizer(row["question"])["input_ids"]
+            scores = [
+                sequence_logprob(model, context + tokenizer(" " + c)["input_ids"], len(context))
+                for c in row["choices"]
+            ]
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == row["answer"])
+        assert result["systems"][name]["lm_eval"]["align_kit_tiny"]["acc,none"] == correct / 4
+    change = result["systems"]["tuned"]["lm_eval_change"]["align_kit_tiny"]["acc,none"]
+    assert f"lm-eval align_kit_tiny acc,none {change:+.3f}" in tax.tax_lines(result)[0]

@@ -1,0 +1,127 @@
+"""Over-optimisation curves on the embedded default, and what measuring them costs.
+
+Trains (or reuses) the demo's SFT model and reward model (recipes/configs/sft_tiny.yaml, reward_tiny.yaml), then
+runs the demo's PPO (ppo_tiny.yaml) and best-of-N fine-tuning (best_of_n_tiny.yaml, more rounds) with curves on:
+proxy = the demo's reward model, gold = the task's exact oracle, sampled KL (k1) to the SFT model. Writes
+bench/results/curves.json (peaks, ends, fits, the callback's overhead as a fraction of PPO's training time) and
+bench/results/curves/ (curves.png, curves.html, curves.json from ``align-kit curves``).
+
+    .venv/bin/python bench/curves.py [--ppo_curve_steps 2] [--bon_rounds 4] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import RESULTS, table, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.10  # the curve callback's share of a PPO run's training time
+
+
+def stage(name: str, argv: list[str], done: Path) -> float:
+    """Run a recipe's main unless ``done`` exists; seconds taken."""
+    from align_kit.demo import load_script
+
+    if done.exists():
+        print(f"[bench] {name}: reusing {done.parent}", flush=True)
+        return 0.0
+    start = time.perf_counter()
+    load_script(ROOT / "recipes" / f"{name}.py", f"bench_{name}").main(argv)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ppo_curve_steps", type=int, default=2, help="PPO updates between curve points.")
+    parser.add_argument(
+        "--bon_rounds", type=int, default=4, help="Best-of-N fine-tuning rounds (a point each)."
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/curves",
+        help="Folder of the PPO and best-of-N runs (run from the repository root).",
+    )
+    parser.add_argument(
+        "--sft_epochs", type=float, default=None, help="SFT epochs (default: sft_tiny.yaml's 3)."
+    )
+    parser.add_argument("--quick", action="store_true", help="Smoke version: 64 PPO episodes, 2 rounds.")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    # the demo's SFT and reward models (their own YAML, written under --out; --sft_epochs shortens SFT on a
+    # machine too busy for the demo's three epochs)
+    sft = ["--config", "recipes/configs/sft_tiny.yaml", "--output_dir", str(out / "sft")]
+    sft += ["--num_train_epochs", str(args.sft_epochs)] if args.sft_epochs else []
+    stage("sft", sft, out / "sft" / "run_complete.json")
+    models = ["--model_name_or_path", str(out / "sft")]
+    reward = ["--config", "recipes/configs/reward_tiny.yaml", "--output_dir", str(out / "reward"), *models]
+    stage("reward", reward, out / "reward" / "run_complete.json")
+    models += ["--reward_models", str(out / "reward")]
+    curve = ["--curve_prompts", "64", "--curve_max_new_tokens", "48", *models]
+    quick = ["--total_episodes", "64"] if args.quick else []
+    ppo_s = stage(
+        "ppo",
+        ["--config", "recipes/configs/ppo_tiny.yaml", "--output_dir", str(out / "ppo"), *curve, *quick]
+        + ["--curve_steps", str(args.ppo_curve_steps)],
+        out / "ppo" / "run_complete.json",
+    )
+    rounds = 2 if args.quick else args.bon_rounds
+    bon_s = stage(
+        "best_of_n",
+        ["--config", "recipes/configs/best_of_n_tiny.yaml", "--output_dir", str(out / "best_of_n"), *curve]
+        + ["--rounds", str(rounds), "--curve_steps", "1"],
+        out / "best_of_n" / "run_complete.json",
+    )
+    from align_kit import curve_report
+
+    report = curve_report.main([str(out / "ppo"), str(out / "best_of_n"), "--out", str(RESULTS / "curves")])
+    ppo_points = [json.loads(line) for line in (out / "ppo" / "curves.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "ppo" / "metrics.json").read_text())
+    # TRL's PPO logs no train_runtime: fall back on the stage's wall time (loading and the report included)
+    train_s = next((e["train_runtime"] for e in metrics["log_history"] if "train_runtime" in e), ppo_s)
+    curve_s = sum(p["seconds"] for p in ppo_points)
+    in_training = sum(p["seconds"] for p in ppo_points[:-1])  # the points taken inside train()
+    overhead = in_training / (train_s - in_training)
+    rows = [
+        [s["method"], s["gold_peak"]["kl"], s["gold_peak"]["gold"], s["gold_peak"]["step"], s["gold_end"],
+         s["proxy_peak"]["kl"], s["proxy_end"], s["kl_end"], s["gold_peaks_before_proxy"]]
+        for s in report["runs"]
+    ]  # fmt: skip
+    print(
+        table(
+            rows,
+            [
+                "method",
+                "KL@gold peak",
+                "gold@peak",
+                "peak step",
+                "gold end",
+                "KL@proxy peak",
+                "proxy end",
+                "KL end",
+                "gold before proxy",
+            ],
+        )  # fmt: skip
+    )
+    print(
+        f"\nPPO: {len(ppo_points)} points, {curve_s:.1f} s of curves ({in_training:.1f} s inside train(), "
+        f"{train_s:.1f} s train_runtime): overhead {100 * overhead:.1f}% of training without them (target <= 10%)"
+    )
+    figures = {
+        "runs": report["runs"],
+        "ppo": {"curve_steps": args.ppo_curve_steps, "points": len(ppo_points), "curve_seconds": curve_s,
+                "curve_seconds_in_training": in_training, "train_runtime_s": train_s, "overhead": overhead,
+                "stage_s": ppo_s},
+        "best_of_n": {"rounds": rounds, "stage_s": bon_s},
+        "quick": args.quick,
+    }  # fmt: skip
+    path = write_result("curves", figures, {"overhead_max": TARGET}, {"overhead": overhead <= TARGET})
+    print(f"[bench] {path}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
