@@ -20,14 +20,18 @@ from common import RESULTS, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.10  # the curve callback's share of a PPO run's training time
+SELECTED: set[str] = set()  # the stages --stages asks for
 
 
 def stage(name: str, argv: list[str], done: Path) -> float:
     """Run a recipe's main unless ``done`` exists; seconds taken."""
     from align_kit.demo import load_script
 
-    if done.exists():
-        print(f"[bench] {name}: reusing {done.parent}", flush=True)
+    if done.exists() or name not in SELECTED:
+        print(
+            f"[bench] {name}: {'reusing' if done.exists() else 'not selected, skipped'} {done.parent}",
+            flush=True,
+        )
         return 0.0
     start = time.perf_counter()
     load_script(ROOT / "recipes" / f"{name}.py", f"bench_{name}").main(argv)
@@ -48,9 +52,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--sft_epochs", type=float, default=None, help="SFT epochs (default: sft_tiny.yaml's 3)."
     )
+    parser.add_argument(
+        "--ppo_episodes", type=int, default=None, help="PPO total_episodes (default: ppo_tiny's 512)."
+    )
+    parser.add_argument(
+        "--bon_prompts", type=int, default=None, help="Best-of-N prompts_per_round (default 256)."
+    )
+    parser.add_argument(
+        "--stages", nargs="+", default=["sft", "reward", "ppo", "best_of_n", "report"],
+        help="What to run (separate processes can train ppo and best_of_n side by side, then 'report').",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="Smoke version: 64 PPO episodes, 2 rounds.")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    SELECTED.update(args.stages)
     # the demo's SFT and reward models (their own YAML, written under --out; --sft_epochs shortens SFT on a
     # machine too busy for the demo's three epochs)
     sft = ["--config", "recipes/configs/sft_tiny.yaml", "--output_dir", str(out / "sft")]
@@ -62,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     models += ["--reward_models", str(out / "reward")]
     curve = ["--curve_prompts", "64", "--curve_max_new_tokens", "48", *models]
     quick = ["--total_episodes", "64"] if args.quick else []
+    quick += ["--total_episodes", str(args.ppo_episodes)] if args.ppo_episodes else []
     ppo_s = stage(
         "ppo",
         ["--config", "recipes/configs/ppo_tiny.yaml", "--output_dir", str(out / "ppo"), *curve, *quick]
@@ -72,9 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     bon_s = stage(
         "best_of_n",
         ["--config", "recipes/configs/best_of_n_tiny.yaml", "--output_dir", str(out / "best_of_n"), *curve]
-        + ["--rounds", str(rounds), "--curve_steps", "1"],
+        + ["--rounds", str(rounds), "--curve_steps", "1"]
+        + (["--prompts_per_round", str(args.bon_prompts)] if args.bon_prompts else []),
         out / "best_of_n" / "run_complete.json",
     )
+    if "report" not in SELECTED:
+        return {}
     from align_kit import curve_report
 
     report = curve_report.main([str(out / "ppo"), str(out / "best_of_n"), "--out", str(RESULTS / "curves")])
