@@ -313,8 +313,11 @@ def recorder_for(
     implicit_beta: float | None = None,
     save: Callable[[Path], None] | None = None,
     seed: int = 0,
+    proxy: Any = None,
 ) -> CurveRecorder | None:
-    """The recorder a recipe asks for with its CurveArgs (None when ``curve_steps`` is 0)."""
+    """The recorder a recipe asks for with its CurveArgs (None when ``curve_steps`` is 0). The proxy is
+    ``proxy`` (a scorer, e.g. GRPO's weighted reward functions), else ``reward_model``, else DPO's implicit
+    reward with ``implicit_beta``; an ensemble's members are scored too."""
     if not args.curve_steps:
         return None
     if not held_out:
@@ -325,7 +328,7 @@ def recorder_for(
     log(f"curves: a point every {args.curve_steps} steps on {min(len(held_out), args.curve_prompts)} prompts")
     return CurveRecorder(
         run_dir, method, policy, reference, tokenizer, list(held_out)[: args.curve_prompts],
-        proxy=reward_scorer(reward_model, tokenizer) if reward_model is not None else None,
+        proxy=proxy or (reward_scorer(reward_model, tokenizer) if reward_model is not None else None),
         golds=gold_scorers(args.curve_gold, tokenizer), members=members, implicit_beta=implicit_beta,
         max_new_tokens=args.curve_max_new_tokens, window=args.curve_alarm_window, keep_peak=args.stop_at_gold_peak,
         save=save, seed=seed,
@@ -357,12 +360,13 @@ def attach(
     args: CurveArgs, trainer: Any, run_dir: str | Path, method: str, policy: nn.Module, reference: nn.Module,
     tokenizer: PreTrainedTokenizerBase, held_out: Sequence[str], reward_model: nn.Module | None = None,
     implicit_beta: float | None = None, base_model: str = "", adapter_args: Any = None, seed: int = 0,
+    proxy: Any = None,
 ) -> CurveRecorder | None:  # fmt: skip
     """A trainer-driven recipe's curves in one call: the recorder its CurveArgs ask for, attached to
     ``trainer`` as a CurveCallback (None and nothing attached when ``curve_steps`` is 0)."""
     recorder = recorder_for(
         args, run_dir, method, policy, reference, tokenizer, held_out, reward_model, implicit_beta,
-        adapter_saver(policy, base_model, adapter_args), seed,
+        adapter_saver(policy, base_model, adapter_args), seed, proxy,
     )  # fmt: skip
     if recorder is not None:
         CurveCallback(recorder, args.curve_steps).attach(trainer)

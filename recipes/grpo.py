@@ -16,10 +16,11 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import GRPOConfig
 
-from align_kit import adapters, guards, rewards, runs
+from align_kit import adapters, curves, guards, rewards, runs
 from align_kit.configs import (
     AdapterArgs,
     ConfigError,
+    CurveArgs,
     DataArgs,
     GRPOArgs,
     ModelArgs,
@@ -33,12 +34,14 @@ from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_sou
 from align_kit.parsing import parse
 from align_kit.reward_funcs import WeightedRewards, build_reward_funcs
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, GRPOArgs, RunArgs, GRPOConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, GRPOArgs, CurveArgs, RunArgs, GRPOConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, reward_args, grpo_args, run_args, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, reward_args, grpo_args, curve_args, run_args, args = parse(
+        CONFIG, argv
+    )
     if reward_args.reward_models:
         raise ConfigError(
             "reward_models: not read by this recipe; list reward models in reward_funcs "
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, reward_args, grpo_args, run_args)
+    run = runs.start(args, data_args, model_args, adapter_args, reward_args, grpo_args, curve_args, run_args)
 
     # 3. data: prompts only, one row per distinct prompt
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -74,22 +77,31 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[*([rewards.DisagreementCallback(ensemble)] if ensemble else []), *guards.watch(run)],
     )
 
+    scorer = WeightedRewards(reward_funcs, args.reward_weights, tokenizer)
+    recorder = curves.attach(
+        curve_args, trainer, run.output_dir, "grpo", policy, ref_model, tokenizer, prompts["test"], ensemble,
+        base_model=model_args.model_name_or_path, adapter_args=adapter_args, seed=args.seed, proxy=scorer,
+    )  # fmt: skip
+
     # 6. train
     result = trainer.train(resume_from_checkpoint=run.resume_from)
 
     # 7. save
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
+    marker = curves.adopt_peak(recorder, run.output_dir)  # stop_at_gold_peak: the peak's policy is the run's
 
     # 8. report: weighted reward of greedy answers (policy vs reference), KL to the reference, samples
     extra = {"ensemble": ensemble.stats()} if ensemble else {}
-    scorer = WeightedRewards(reward_funcs, args.reward_weights, tokenizer)
     report, samples = policy_report(
         policy, ref_model, tokenizer, scorer, prompts["test"][: grpo_args.report_prompts],
         grpo_args.report_max_new_tokens, args.seed,
     )  # fmt: skip
     runs.record_policy(run, report, samples)
     return runs.finish(
-        run, trainer, {"train": runs.train_summary(run, trainer, result), "report": report, **extra}
+        run,
+        trainer,
+        {"train": runs.train_summary(run, trainer, result), "report": report, **extra, **marker},
+        marker=marker,
     )
 
 

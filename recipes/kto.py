@@ -13,23 +13,23 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import KTOTrainer
 
-from align_kit import adapters, guards, runs
+from align_kit import adapters, curves, guards, runs
 from align_kit.callbacks import trainer_callbacks
-from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
-from align_kit.data import load_unpaired
+from align_kit.configs import AdapterArgs, CurveArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
+from align_kit.data import distinct_prompts, load_unpaired
 from align_kit.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
 from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, KTOConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, CurveArgs, RunArgs, KTOConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, stopping, run_args, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, stopping, curve_args, run_args, args = parse(CONFIG, argv)
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, stopping, run_args)
+    run = runs.start(args, data_args, model_args, adapter_args, stopping, curve_args, run_args)
 
     # 3. data
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -54,14 +54,20 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[*trainer_callbacks(stopping), *guards.watch(run)],
     )
 
+    recorder = curves.attach(
+        curve_args, trainer, run.output_dir, "kto", model, ref_model, tokenizer, distinct_prompts(splits["test"]),
+        implicit_beta=args.beta, base_model=model_args.model_name_or_path, adapter_args=adapter_args, seed=args.seed,
+    )  # fmt: skip
+
     # 6. train
     result = trainer.train(resume_from_checkpoint=run.resume_from)
 
     # 7. save
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
+    marker = curves.adopt_peak(recorder, run.output_dir)  # stop_at_gold_peak: the peak's policy is the run's
 
     # 8. report
-    return runs.finish(run, trainer, {"train": result.metrics})
+    return runs.finish(run, trainer, {"train": result.metrics, **marker}, marker=marker)
 
 
 if __name__ == "__main__":

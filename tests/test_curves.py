@@ -319,3 +319,18 @@ def test_lm_eval_local_task_runs_offline_and_lands_in_the_report(tmp_path):
         assert result["systems"][name]["lm_eval"]["align_kit_tiny"]["acc,none"] == correct / 4
     change = result["systems"]["tuned"]["lm_eval_change"]["align_kit_tiny"]["acc,none"]
     assert f"lm-eval align_kit_tiny acc,none {change:+.3f}" in tax.tax_lines(result)[0]
+
+
+def test_dpo_curve_records_the_implicit_reward_as_proxy(micro_model_dir, tmp_path):
+    from conftest import tiny_run_args
+
+    out = tmp_path / "dpo"
+    argv = tiny_run_args(
+        out, model_name_or_path=str(micro_model_dir), max_steps=2, learning_rate=0.01, beta=0.5, curve_steps=1,
+        curve_prompts=4, curve_max_new_tokens=6,
+    )  # fmt: skip
+    load_recipe("dpo").main(argv)
+    points = [json.loads(line) for line in (out / curves.CURVES).read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 1, 2] and points[0]["proxy_kind"] == "implicit_reward"
+    assert all(p["proxy"] == pytest.approx(0.5 * p["kl"]) for p in points) and points[-1]["kl"] != 0.0
+    assert json.loads((out / "run_complete.json").read_text())["curves"]["points"] == 3
