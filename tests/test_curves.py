@@ -6,6 +6,7 @@ monotone one; perplexity is exp of the mean token NLL; a bad general-text row is
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -329,8 +330,21 @@ def test_dpo_curve_records_the_implicit_reward_as_proxy(micro_model_dir, tmp_pat
         out, model_name_or_path=str(micro_model_dir), max_steps=2, learning_rate=0.01, beta=0.5, curve_steps=1,
         curve_prompts=4, curve_max_new_tokens=6,
     )  # fmt: skip
+    tensorboard = (
+        importlib.util.find_spec("tensorboard") is not None
+    )  # not a dependency: checked where installed
+    if tensorboard:
+        argv[argv.index("--report_to") + 1] = "tensorboard"
     load_recipe("dpo").main(argv)
     points = [json.loads(line) for line in (out / curves.CURVES).read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2] and points[0]["proxy_kind"] == "implicit_reward"
     assert all(p["proxy"] == pytest.approx(0.5 * p["kl"]) for p in points) and points[-1]["kl"] != 0.0
     assert json.loads((out / "run_complete.json").read_text())["curves"]["points"] == 3
+    if tensorboard:  # the points reached the tracker too, offline
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (events,) = {p.parent for p in out.rglob("events.out.tfevents.*")}
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        proxy = accumulator.Scalars("train/curves/proxy")
+        assert [e.value for e in proxy] == pytest.approx([p["proxy"] for p in points], rel=1e-5)
