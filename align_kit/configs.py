@@ -460,6 +460,13 @@ class CurveArgs:
             "the ensemble's disagreement."
         },
     )
+    curve_greedy: bool = field(
+        default=False,
+        metadata={
+            "help": "Also score greedy answers (gold_greedy, proxy_greedy in each point): what an evaluation "
+            "scores; costs a second generation per point. The curves and the KL stay on sampled answers."
+        },
+    )
     curve_alarm_window: int = field(
         default=3,
         metadata={

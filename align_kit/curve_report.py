@@ -132,6 +132,15 @@ def summarise(name: str, points: list[dict[str, Any]]) -> dict[str, Any]:
             "gold_peaks_before_proxy": points[peak]["step"] < points[proxy_peak]["step"],
         }
         out["fits"]["gold"] = fit_form(d, [v - gold[0] for v in gold], form)
+    if gold_names and all("gold_greedy" in p for p in points):  # curve_greedy: what an evaluation would score
+        greedy = [p["gold_greedy"][gold_names[0]] for p in points]
+        peak = max(range(len(points)), key=lambda i: greedy[i])
+        out["greedy"] = {
+            "gold_start": greedy[0],
+            "gold_peak": {"step": points[peak]["step"], "kl": points[peak]["kl"], "gold": greedy[peak]},
+            "gold_end": greedy[-1],
+            "proxy_end": points[-1].get("proxy_greedy"),
+        }
     return out
 
 
@@ -191,6 +200,22 @@ def table(summaries: list[dict[str, Any]]) -> list[str]:
         lines[-1] += (
             f"{s['proxy_peak']['proxy']:+.3f} ({s['proxy_peak']['kl']:.2f}) | {s['proxy_end']:+.3f} | {s['kl_end']:.2f} |"
         )
+    greedy = [s for s in summaries if "greedy" in s]
+    if greedy:
+        lines += [
+            "",
+            "Greedy answers (curve_greedy), KL of the sampling policy:",
+            "",
+            "| run | method | gold at start | KL at greedy gold peak | greedy gold at peak (step) | greedy gold at end | greedy proxy at end |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in greedy:
+            g = s["greedy"]
+            proxy = "-" if g["proxy_end"] is None else f"{g['proxy_end']:+.3f}"
+            lines.append(
+                f"| {s['run']} | {s['method']} | {g['gold_start']:.3f} | {g['gold_peak']['kl']:.2f} | "
+                f"{g['gold_peak']['gold']:.3f} ({g['gold_peak']['step']}) | {g['gold_end']:.3f} | {proxy} |"
+            )
     lines += ["", "| run | curve | form | alpha | beta | R^2 | poor fit |", "|---|---|---|---|---|---|---|"]
     for s in summaries:
         for key, fit in s["fits"].items():

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from align_kit import adapters, files
 from align_kit.configs import CurveArgs
-from align_kit.generation import answer_logprobs
+from align_kit.generation import answer_logprobs, generate
 from align_kit.models import load_reward_model
 from align_kit.rewards import RewardEnsemble, reward_scorer
 from align_kit.runs import is_main_process, log
@@ -147,6 +147,7 @@ class CurveRecorder:
         keep_peak: bool = False,
         save: Callable[[Path], None] | None = None,
         seed: int = 0,
+        greedy: bool = False,
     ):
         if proxy is None and implicit_beta is None:
             raise ValueError("a curve needs a proxy scorer or implicit_beta (DPO's implicit reward)")
@@ -155,7 +156,7 @@ class CurveRecorder:
         self.method, self.policy, self.reference, self.tokenizer = method, policy, reference, tokenizer
         self.prompts, self.proxy, self.golds, self.members = list(prompts), proxy, golds or {}, list(members)
         self.implicit_beta, self.max_new_tokens, self.window = implicit_beta, max_new_tokens, window
-        self.keep_peak, self.save, self.seed = keep_peak, save, seed
+        self.keep_peak, self.save, self.seed, self.greedy = keep_peak, save, seed, greedy
         self.points: list[dict[str, Any]] = []
         if self.path.exists():  # a resumed run keeps the points it measured
             self.points = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -191,6 +192,20 @@ class CurveRecorder:
             point["member_means"] = means
             point["member_min"] = min(means)
             point["member_spread"] = math.sqrt(sum((m - center) ** 2 for m in means) / len(means))
+        if (
+            self.greedy
+        ):  # what an evaluation scores: greedy answers (a small model's samples are mostly noise)
+            greedy = [
+                a[0]
+                for a in generate(
+                    self.policy, self.tokenizer, self.prompts, self.max_new_tokens, progress=False
+                )
+            ]
+            point["gold_greedy"] = {
+                name: _mean(s.score(self.prompts, greedy)) for name, s in self.golds.items()
+            }
+            if self.proxy is not None:
+                point["proxy_greedy"] = _mean(self.proxy.score(self.prompts, greedy))
         return point
 
     def record(self, step: int) -> dict[str, Any] | None:
@@ -331,7 +346,7 @@ def recorder_for(
         proxy=proxy or (reward_scorer(reward_model, tokenizer) if reward_model is not None else None),
         golds=gold_scorers(args.curve_gold, tokenizer), members=members, implicit_beta=implicit_beta,
         max_new_tokens=args.curve_max_new_tokens, window=args.curve_alarm_window, keep_peak=args.stop_at_gold_peak,
-        save=save, seed=seed,
+        save=save, seed=seed, greedy=args.curve_greedy,
     )  # fmt: skip
 
 

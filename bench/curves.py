@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     reward = ["--config", "recipes/configs/reward_tiny.yaml", "--output_dir", str(out / "reward"), *models]
     stage("reward", reward, out / "reward" / "run_complete.json")
     models += ["--reward_models", str(out / "reward")]
-    curve = ["--curve_prompts", "64", "--curve_max_new_tokens", "48", *models]
+    curve = ["--curve_prompts", "64", "--curve_max_new_tokens", "48", "--curve_greedy", "true", *models]
     quick = ["--total_episodes", "64"] if args.quick else []
     quick += ["--total_episodes", str(args.ppo_episodes)] if args.ppo_episodes else []
     ppo_s = stage(
