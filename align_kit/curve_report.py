@@ -152,26 +152,34 @@ def plot(curves: dict[str, list[dict[str, Any]]], summaries: list[dict[str, Any]
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    keys = ("gold", "proxy", "greedy") if any("greedy" in s for s in summaries) else ("gold", "proxy")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2))
     for (name, points), summary, color in zip(curves.items(), summaries, plt.cm.tab10.colors, strict=False):
         d = np.array([p["sqrt_kl"] for p in points])
         grid = np.linspace(0, max(d.max(), 1e-3), 100)
         function = bon_form if form_for(summary["method"]) == "bon" else rl_form
-        for axis, key in zip(axes, ("gold", "proxy"), strict=True):
-            if key == "gold" and "gold_name" not in summary:
+        for axis, key in zip(axes, keys, strict=True):
+            if (key == "gold" and "gold_name" not in summary) or (
+                key == "greedy" and "greedy" not in summary
+            ):
                 continue
-            values = np.array(
-                [p["gold"][summary["gold_name"]] if key == "gold" else p["proxy"] for p in points]
-            )
+            if key == "proxy":
+                values = np.array([p["proxy"] for p in points])
+            else:
+                field = "gold" if key == "gold" else "gold_greedy"
+                values = np.array([p[field][summary["gold_name"]] for p in points])
             axis.plot(d, values - values[0], "o-", color=color, label=f"{name} ({summary['method']})")
-            fit = summary["fits"][key]
+            fit = summary["fits"].get(key, {})
             if "alpha" in fit:
                 axis.plot(grid, function(grid, fit["alpha"], fit["beta"]), ":", color=color)
-            if "gold_peak" in summary:
-                i = [p["step"] for p in points].index(summary["gold_peak"]["step"])
+            peak = summary["greedy"]["gold_peak"] if key == "greedy" else summary.get("gold_peak")
+            if peak:
+                i = [p["step"] for p in points].index(peak["step"])
                 axis.plot(d[i], values[i] - values[0], "*", color=color, markersize=16, markeredgecolor="k")
     axes[0].set(title="gold gain (star: gold peak; dotted: fitted form)", xlabel="sqrt(KL to reference)")
     axes[1].set(title="proxy gain", xlabel="sqrt(KL to reference)")
+    if len(keys) == 3:
+        axes[2].set(title="gold gain of greedy answers (star: its peak)", xlabel="sqrt(KL to reference)")
     for axis in axes:
         axis.axhline(0, color="grey", linewidth=0.5)
         axis.legend(fontsize=8)
