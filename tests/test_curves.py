@@ -212,7 +212,8 @@ def test_curves_command_writes_the_page_table_and_fits(tmp_path):
                 "gold": {"oracle": gold},
                 "kl": float(d * d),
             }
-            rows.append(json.dumps({**point, "sqrt_kl": float(d), "kl_estimator": "k1"}))
+            greedy = {"gold_greedy": {"oracle": 0.5 * gold}} if name == "rl" else {}
+            rows.append(json.dumps({**point, **greedy, "sqrt_kl": float(d), "kl_estimator": "k1"}))
         (folder / curves.CURVES).write_text("\n".join(rows) + "\n")
     result = curve_report.main(
         [str(tmp_path / "bon"), str(tmp_path / "rl"), "--out", str(tmp_path / "report")]
@@ -224,6 +225,11 @@ def test_curves_command_writes_the_page_table_and_fits(tmp_path):
     assert bon["gold_peaks_before_proxy"] and bon["fits"]["gold"]["alpha"] == pytest.approx(1.0, abs=0.1)
     page = (tmp_path / "report" / "curves.html").read_text()
     assert "data:image/png;base64," in page and "KL at gold peak" in page
+    assert (
+        "greedy" in rl
+        and "greedy" not in bon
+        and rl["greedy"]["gold_peak"]["step"] == rl["gold_peak"]["step"]
+    )
     assert (tmp_path / "report" / "curves.png").stat().st_size > 1000
     with pytest.raises(Exception, match="no curves.jsonl"):
         curve_report.main([str(tmp_path), "--out", str(tmp_path / "x")])
