@@ -38,6 +38,42 @@ def stage(name: str, argv: list[str], done: Path) -> float:
     return time.perf_counter() - start
 
 
+def measure_tax(out: Path, n_prompts: int = 64) -> dict:
+    """Each trained system's alignment tax against the SFT model on the embedded task: perplexity on held-out
+    prompts with their chosen answers, and the oracle per family of greedy answers; written to
+    bench/results/alignment_tax.json."""
+    from align_kit import tax
+    from align_kit.configs import DataArgs, ModelArgs
+    from align_kit.data import load_preferences
+    from align_kit.generation import generate
+    from align_kit.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(out / "sft"))
+    rows = load_preferences(DataArgs(dataset="embedded"), tokenizer)[0]["test"]
+    first = list({row["prompt"]: row for row in rows}.values())[:n_prompts]
+    prompts = [row["prompt"] for row in first]
+    texts = [f"{row['prompt']} {row['chosen']}" for row in first]
+    systems = {
+        name: str(out / name)
+        for name in ("sft", "dpo", "ppo", "best_of_n")
+        if (out / name / "run_complete.json").exists()
+    }
+    answers = {
+        name: [
+            a[0]
+            for a in generate(
+                load_model(ModelArgs(model_name_or_path=path)), tokenizer, prompts, 48, progress=False
+            )
+        ]
+        for name, path in systems.items()
+    }
+    result = tax.alignment_tax(systems, "sft", texts, prompts, answers)
+    for line in tax.tax_lines(result):
+        print(line)
+    write_result("alignment_tax", result, {}, {})
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ppo_curve_steps", type=int, default=2, help="PPO updates between curve points.")
@@ -92,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         + (["--prompts_per_round", str(args.bon_prompts)] if args.bon_prompts else []),
         out / "best_of_n" / "run_complete.json",
     )
+    if "tax" in SELECTED:
+        measure_tax(out)
     if "report" not in SELECTED:
         return {}
     from align_kit import curve_report
