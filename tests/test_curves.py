@@ -354,3 +354,23 @@ def test_dpo_curve_records_the_implicit_reward_as_proxy(micro_model_dir, tmp_pat
         accumulator.Reload()
         proxy = accumulator.Scalars("train/curves/proxy")
         assert [e.value for e in proxy] == pytest.approx([p["proxy"] for p in points], rel=1e-5)
+
+
+@pytest.mark.quality  # a whole evaluation (judge audits included): 80 s on this shared machine
+def test_evaluation_reports_the_tax_beside_the_win_rates(tmp_path):
+    from align_kit.evaluation import evaluate_systems
+
+    tokenizer = build_byte_tokenizer()
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        build_tiny_gpt2().save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    systems = {name: str(tmp_path / name) for name in ("a", "b")}
+    small = {"embedded_train_size": 30, "embedded_test_size": 20, "n_prompts": 6, "max_new_tokens": 4}
+    small |= {"n_honeypots": 0, "n_human": 0, "n_boot": 50, "progress": False}
+    result = evaluate_systems(systems, "a", ["oracle"], tmp_path / "eval", tax_text="embedded", **small)
+    b = result["tax"]["systems"]["b"]
+    assert result["tax"]["n_texts"] == 6 and set(b["oracle_by_family"]) <= {"add", "greet", "harm"}
+    assert any(n.startswith("alignment tax, b vs a: perplexity on general text") for n in result["notes"])
+    report = (tmp_path / "eval" / "oracle" / "report.md").read_text()
+    assert "alignment tax, b vs a" in report
