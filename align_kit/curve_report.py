@@ -129,7 +129,10 @@ def summarise(name: str, points: list[dict[str, Any]]) -> dict[str, Any]:
             "gold_start": gold[0],
             "gold_peak": {"step": points[peak]["step"], "kl": points[peak]["kl"], "gold": gold[peak]},
             "gold_end": gold[-1],
-            "gold_peaks_before_proxy": points[peak]["step"] < points[proxy_peak]["step"],
+            # None when gold never moved: a flat gold has no peak to compare
+            "gold_peaks_before_proxy": points[peak]["step"] < points[proxy_peak]["step"]
+            if max(gold) > min(gold)
+            else None,
         }
         out["fits"]["gold"] = fit_form(d, [v - gold[0] for v in gold], form)
     if gold_names and all("gold_greedy" in p for p in points):  # curve_greedy: what an evaluation would score

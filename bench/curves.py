@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -136,12 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = curve_report.main([str(out / "ppo"), str(out / "best_of_n"), "--out", str(RESULTS / "curves")])
     ppo_points = [json.loads(line) for line in (out / "ppo" / "curves.jsonl").read_text().splitlines()]
-    metrics = json.loads((out / "ppo" / "metrics.json").read_text())
-    # TRL's PPO logs no train_runtime: fall back on the stage's wall time (loading and the report included)
-    train_s = next((e["train_runtime"] for e in metrics["log_history"] if "train_runtime" in e), ppo_s)
+    # the PPO stage's wall time from its run folder (run_config.json is written at the start, run_complete.json
+    # last), so a stage trained by another process counts too; the curves' share of the rest is the overhead
+    stage_wall = (out / "ppo" / "run_complete.json").stat().st_mtime - (
+        out / "ppo" / "run_config.json"
+    ).stat().st_mtime
     curve_s = sum(p["seconds"] for p in ppo_points)
-    in_training = sum(p["seconds"] for p in ppo_points[:-1])  # the points taken inside train()
-    overhead = in_training / (train_s - in_training)
+    overhead = curve_s / (stage_wall - curve_s)
+    per_point = curve_s / len(ppo_points)
+    per_update = (stage_wall - curve_s) / max(p["step"] for p in ppo_points)  # loading and report included
     rows = [
         [s["method"], s["gold_peak"]["kl"], s["gold_peak"]["gold"], s["gold_peak"]["step"], s["gold_end"],
          s["proxy_peak"]["kl"], s["proxy_end"], s["kl_end"], s["gold_peaks_before_proxy"]]
@@ -164,13 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
     )
     print(
-        f"\nPPO: {len(ppo_points)} points, {curve_s:.1f} s of curves ({in_training:.1f} s inside train(), "
-        f"{train_s:.1f} s train_runtime): overhead {100 * overhead:.1f}% of training without them (target <= 10%)"
+        f"\nPPO: {len(ppo_points)} points at curve_steps {args.ppo_curve_steps}, {curve_s:.1f} s of curves in a "
+        f"{stage_wall:.1f} s stage: overhead {100 * overhead:.1f}% of the stage without them (target <= 10%); "
+        f"{per_point:.1f} s a point vs {per_update:.1f} s an update: <= 10% from curve_steps "
+        f"{math.ceil(per_point / (0.1 * per_update))}"
     )
     figures = {
         "runs": report["runs"],
         "ppo": {"curve_steps": args.ppo_curve_steps, "points": len(ppo_points), "curve_seconds": curve_s,
-                "curve_seconds_in_training": in_training, "train_runtime_s": train_s, "overhead": overhead,
+                "stage_wall_s": stage_wall, "overhead": overhead, "seconds_per_point": per_point,
+                "seconds_per_update": per_update,
                 "stage_s": ppo_s},
         "best_of_n": {"rounds": rounds, "stage_s": bon_s},
         "quick": args.quick,
