@@ -49,7 +49,7 @@ import torch
 import yaml
 
 from align_kit import losses, plots
-from align_kit.configs import AdapterArgs, DataArgs, ModelArgs
+from align_kit.configs import AdapterArgs, CurveArgs, DataArgs, ModelArgs
 from align_kit.eval_args import EvalArgs
 from align_kit.losses import DPO_LOSS_TYPES, DPOConfig
 from align_kit.parsing import parse
@@ -95,7 +95,7 @@ class SweepArgs:
     )
 
 
-CONFIG = (SweepArgs, DataArgs, ModelArgs, AdapterArgs, DPOConfig)
+CONFIG = (SweepArgs, DataArgs, ModelArgs, AdapterArgs, CurveArgs, DPOConfig)  # curve_* reach every member
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,8 +209,8 @@ class Sweep:
         """Parse ``--config file.yaml`` plus overrides; ``extra`` config dataclasses (a caller's own settings
         in the same YAML, such as DiscoveryArgs) are parsed first and kept in ``self.extra``."""
         self.argv = list(argv)
-        *self.extra, self.sweep_args, self.data_args, self.model_args, self.adapter_args, self.args = parse(
-            extra + CONFIG, self.argv
+        *self.extra, self.sweep_args, self.data_args, self.model_args, self.adapter_args, _, self.args = (
+            parse(extra + CONFIG, self.argv)
         )
         config_path = self.argv[self.argv.index("--config") + 1]
         raw = yaml.safe_load(Path(config_path).read_text()) or {}
