@@ -52,7 +52,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "one table of ratings across evaluation runs that share a judge",
     ),
     "curves": (
-        "align_kit.curve_report",
+        "align_kit.evaluation.curve_report",
         "proxy and gold scores against sqrt(KL) for runs trained with curve_steps, with Gao et al.'s fits",
     ),
     "demo": ("align_kit.demo", "every stage on the embedded default, then the judged report"),
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> Any:
 
 def console() -> int:
     """The installed ``align-kit`` script: the exit status, not the recipe's returned metrics. A user's mistake
-    or a diverged run is one line on stderr and a non-zero status (``guards.exit_status``)."""
-    from align_kit.guards import exit_status
+    or a diverged run is one line on stderr and a non-zero status (``console.exit_status``)."""
+    from align_kit.console import exit_status
 
     return exit_status(main)
 

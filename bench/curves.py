@@ -26,7 +26,7 @@ SELECTED: set[str] = set()  # the stages --stages asks for
 
 def stage(name: str, argv: list[str], done: Path) -> float:
     """Run a recipe's main unless ``done`` exists; seconds taken."""
-    from align_kit.demo import load_script
+    from align_kit.resources import load_script
 
     if done.exists() or name not in SELECTED:
         print(
@@ -43,11 +43,11 @@ def measure_tax(out: Path, n_prompts: int = 64) -> dict:
     """Each trained system's alignment tax against the SFT model on the embedded task: perplexity on held-out
     prompts with their chosen answers, and the oracle per family of greedy answers; written to
     bench/results/alignment_tax.json."""
-    from align_kit import tax
     from align_kit.configs import DataArgs, ModelArgs
-    from align_kit.data import load_preferences
-    from align_kit.generation import generate
-    from align_kit.models import load_model, load_tokenizer
+    from align_kit.data.loading import load_preferences
+    from align_kit.evaluation import tax
+    from align_kit.models.generation import generate
+    from align_kit.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(out / "sft"))
     rows = load_preferences(DataArgs(dataset="embedded"), tokenizer)[0]["test"]
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         measure_tax(out)
     if "report" not in SELECTED:
         return {}
-    from align_kit import curve_report
+    from align_kit.evaluation import curve_report
 
     report = curve_report.main([str(out / "ppo"), str(out / "best_of_n"), "--out", str(RESULTS / "curves")])
     ppo_points = [json.loads(line) for line in (out / "ppo" / "curves.jsonl").read_text().splitlines()]

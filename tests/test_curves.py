@@ -1,5 +1,5 @@
-"""Protects the over-optimisation curves (align_kit/curves.py, align_kit/curve_report.py) and the alignment tax
-(align_kit/tax.py): a PPO run's curve points equal proxy, gold and KL computed directly at the checkpoint the run
+"""Protects the over-optimisation curves (align_kit/training/curves.py, align_kit/evaluation/curve_report.py) and the alignment tax
+(align_kit/evaluation/tax.py): a PPO run's curve points equal proxy, gold and KL computed directly at the checkpoint the run
 kept; stop_at_gold_peak keeps the policy of the step it names; Gao et al.'s forms are recovered from synthetic
 curves within their stated uncertainty; the alarm fires once on an over-optimising series and never on a
 monotone one; perplexity is exp of the mean token NLL; a bad general-text row is named."""
@@ -16,18 +16,14 @@ import torch
 from conftest import load_recipe, max_change
 from test_ppo import ppo_args
 
-from align_kit import curve_report, curves, tax
 from align_kit.configs import ModelArgs
-from align_kit.formats import DataError
-from align_kit.models import (
-    build_byte_tokenizer,
-    build_tiny_gpt2,
-    load_model,
-    load_reward_model,
-)
-from align_kit.prompts import format_prompt
-from align_kit.rewards import reward_scorer
-from align_kit.task import OracleScorer
+from align_kit.data.formats import DataError
+from align_kit.data.prompts import format_prompt
+from align_kit.data.task import OracleScorer
+from align_kit.evaluation import curve_report, tax
+from align_kit.models.loading import build_byte_tokenizer, build_tiny_gpt2, load_model, load_reward_model
+from align_kit.models.rewards import reward_scorer
+from align_kit.training import curves
 
 
 def sequence_logprob(model, ids: list[int], prompt_len: int) -> float:
@@ -106,7 +102,7 @@ def test_ppo_curve_points_match_a_direct_computation_and_the_kept_peak(
 def _held_out_prompts(n: int) -> list[str]:
     """The prompts the recipe's curves use: the first ``n`` distinct held-out prompts of the run's data."""
     from align_kit.configs import DataArgs
-    from align_kit.data import distinct_prompts, load_preferences
+    from align_kit.data.loading import distinct_prompts, load_preferences
 
     splits, _ = load_preferences(
         DataArgs(dataset="embedded", embedded_train_size=48, embedded_test_size=24), build_byte_tokenizer()
@@ -360,7 +356,7 @@ def test_dpo_curve_records_the_implicit_reward_as_proxy(micro_model_dir, tmp_pat
 
 @pytest.mark.quality  # a whole evaluation (judge audits included): 80 s on this shared machine
 def test_evaluation_reports_the_tax_beside_the_win_rates(tmp_path):
-    from align_kit.evaluation import evaluate_systems
+    from align_kit.evaluation.pipeline import evaluate_systems
 
     tokenizer = build_byte_tokenizer()
     for name, seed in (("a", 0), ("b", 1)):
