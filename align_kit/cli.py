@@ -67,6 +67,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "align_kit.eval.leaderboard",
         "one table of ratings across evaluation runs that share a judge",
     ),
+    "curves": (
+        "align_kit.evaluation.curve_report",
+        "proxy and gold scores against sqrt(KL) for runs trained with curve_steps, with Gao et al.'s fits",
+    ),
     "demo": ("align_kit.demo", "every stage on the embedded default, then the judged report"),
 }
 

@@ -27,17 +27,20 @@ from align_kit.models import adapters, rewards
 from align_kit.models.generation import greedy_reward, policy_report, sample_and_score, top_k
 from align_kit.models.loading import load_model, load_policy, load_tokenizer, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.training import guards, runs, stops
+from align_kit.training import curves, guards, runs, stops
+from align_kit.training.curves import CurveArgs
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, RunArgs, SFTConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, CurveArgs, RunArgs, SFTConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, reward_args, bon_args, run_args, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, reward_args, bon_args, curve_args, run_args, args = parse(
+        CONFIG, argv
+    )
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, reward_args, bon_args, run_args)
+    run = runs.start(args, data_args, model_args, adapter_args, reward_args, bon_args, curve_args, run_args)
     reports = runs.finished_rounds(run)[: bon_args.rounds]  # an interrupted run's: resume after the last
     if reports:
         console.log(f"resuming after round {len(reports)}, from {runs.round_model(run, len(reports))}")
@@ -55,7 +58,14 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_policy(dataclasses.replace(model_args, model_name_or_path=start_from), adapter_args)
     console.log(adapters.describe_parameters(model))
     reference = load_model(model_args).eval().requires_grad_(False)
-    scorer = rewards.reward_scorer(rewards.load_reward(reward_args, tokenizer.pad_token_id), tokenizer)
+    reward_model = rewards.load_reward(reward_args, tokenizer.pad_token_id)
+    scorer = rewards.reward_scorer(reward_model, tokenizer)
+    recorder = curves.recorder_for(
+        curve_args, run.output_dir, "best_of_n", model, reference, tokenizer, prompts["test"], reward_model,
+        save=curves.adapter_saver(model, model_args.model_name_or_path, adapter_args), seed=args.seed,
+    )  # fmt: skip  # a point per round (curve_steps: on or off), the first before any training
+    if recorder is not None and not reports:
+        recorder.record(0)
 
     # 5-6. trainer and training, one SFTTrainer per round on that round's best answers
     for round_index in range(len(reports) + 1, bon_args.rounds + 1):
@@ -106,9 +116,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"{report['reward_kept']:+.3f}; greedy held-out {report['reward_greedy_held_out']:+.3f}"
         )
         reports.append(report)
+        if recorder is not None:
+            recorder.record(round_index)
+            if recorder.should_stop():
+                console.log(f"stop_at_gold_peak: stopping after round {round_index}")
+                break
 
     # 7. save: the last round's policy is the run's
     runs.copy_model(runs.round_model(run, len(reports)), run)
+    marker = curves.adopt_peak(recorder, run.output_dir)  # stop_at_gold_peak: the peak's policy is the run's
 
     # 8. report: reward of greedy answers (final vs start), KL to the start, sample completions
     report, held_out_samples = policy_report(
@@ -116,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     runs.record_policy(run, report, held_out_samples)
     last_round = reports[-1]["log_history"]  # metrics.json's log history is the last round's SFT
-    return runs.finish(run, None, {"rounds": reports, "report": report}, history=last_round)
+    return runs.finish(
+        run, None, {"rounds": reports, "report": report, **marker}, history=last_round, marker=marker
+    )
 
 
 if __name__ == "__main__":

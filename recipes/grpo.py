@@ -31,16 +31,19 @@ from align_kit.models import adapters, rewards
 from align_kit.models.generation import policy_report
 from align_kit.models.loading import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.training import guards, runs, stops
+from align_kit.training import curves, guards, runs, stops
+from align_kit.training.curves import CurveArgs
 from align_kit.training.grpo import GRPOTrainerWithReference
 from align_kit.training.reward_funcs import WeightedRewards, build_reward_funcs
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, GRPOArgs, RunArgs, GRPOConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, GRPOArgs, CurveArgs, RunArgs, GRPOConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, reward_args, grpo_args, run_args, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, reward_args, grpo_args, curve_args, run_args, args = parse(
+        CONFIG, argv
+    )
     if reward_args.reward_models:
         raise ConfigError(
             "reward_models: not read by this recipe; list reward models in reward_funcs "
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, reward_args, grpo_args, run_args)
+    run = runs.start(args, data_args, model_args, adapter_args, reward_args, grpo_args, curve_args, run_args)
 
     # 3. data: prompts only, one row per distinct prompt
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -77,22 +80,31 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[*([rewards.DisagreementCallback(ensemble)] if ensemble else []), *guards.watch(run)],
     )
 
+    scorer = WeightedRewards(reward_funcs, args.reward_weights, tokenizer)
+    recorder = curves.attach(
+        curve_args, trainer, run.output_dir, "grpo", policy, ref_model, tokenizer, prompts["test"], ensemble,
+        base_model=model_args.model_name_or_path, adapter_args=adapter_args, seed=args.seed, proxy=scorer,
+    )  # fmt: skip
+
     # 6. train
     result = stops.train(trainer, run)
 
     # 7. save
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
+    marker = curves.adopt_peak(recorder, run.output_dir)  # stop_at_gold_peak: the peak's policy is the run's
 
     # 8. report: weighted reward of greedy answers (policy vs reference), KL to the reference, samples
     extra = {"ensemble": ensemble.stats()} if ensemble else {}
-    scorer = WeightedRewards(reward_funcs, args.reward_weights, tokenizer)
     report, samples = policy_report(
         policy, ref_model, tokenizer, scorer, prompts["test"][: grpo_args.report_prompts],
         grpo_args.report_max_new_tokens, args.seed,
     )  # fmt: skip
     runs.record_policy(run, report, samples)
     return runs.finish(
-        run, trainer, {"train": runs.train_summary(run, trainer, result), "report": report, **extra}
+        run,
+        trainer,
+        {"train": runs.train_summary(run, trainer, result), "report": report, **extra, **marker},
+        marker=marker,
     )
 
 

@@ -15,23 +15,24 @@ from trl import KTOTrainer
 
 from align_kit import console
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
-from align_kit.data.loading import load_unpaired
+from align_kit.data.loading import distinct_prompts, load_unpaired
 from align_kit.models import adapters
 from align_kit.models.loading import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.training import guards, runs, stops
+from align_kit.training import curves, guards, runs, stops
 from align_kit.training.callbacks import trainer_callbacks
+from align_kit.training.curves import CurveArgs
 from align_kit.training.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
 
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, KTOConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, CurveArgs, RunArgs, KTOConfig)
 
 
 def main(argv: list[str] | None = None, configs: tuple | None = None) -> dict:
     # 1. config (the loss sweep passes the configs it parsed when it checked its members)
-    data_args, model_args, adapter_args, stopping, run_args, args = configs or parse(CONFIG, argv)
+    data_args, model_args, adapter_args, stopping, curve_args, run_args, args = configs or parse(CONFIG, argv)
 
     # 2. seed, logging, run directory
-    run = runs.start(args, data_args, model_args, adapter_args, stopping, run_args)
+    run = runs.start(args, data_args, model_args, adapter_args, stopping, curve_args, run_args)
 
     # 3. data
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -56,14 +57,20 @@ def main(argv: list[str] | None = None, configs: tuple | None = None) -> dict:
         callbacks=[*trainer_callbacks(stopping), *guards.watch(run)],
     )
 
+    recorder = curves.attach(
+        curve_args, trainer, run.output_dir, "kto", model, ref_model, tokenizer, distinct_prompts(splits["test"]),
+        implicit_beta=args.beta, base_model=model_args.model_name_or_path, adapter_args=adapter_args, seed=args.seed,
+    )  # fmt: skip
+
     # 6. train
     result = stops.train(trainer, run)
 
     # 7. save
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
+    marker = curves.adopt_peak(recorder, run.output_dir)  # stop_at_gold_peak: the peak's policy is the run's
 
     # 8. report
-    return runs.finish(run, trainer, {"train": result.metrics})
+    return runs.finish(run, trainer, {"train": result.metrics, **marker}, marker=marker)
 
 
 if __name__ == "__main__":

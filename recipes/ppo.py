@@ -20,7 +20,8 @@ from align_kit.models import adapters, rewards
 from align_kit.models.generation import policy_report
 from align_kit.models.loading import load_reward_model, load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.training import guards, runs, stops
+from align_kit.training import curves, guards, runs, stops
+from align_kit.training.curves import CurveArgs
 from align_kit.training.ppo import (
     CANNOT_RESUME,
     BatchWidth,
@@ -32,16 +33,18 @@ from align_kit.training.ppo import (
 )
 
 PPOConfig, PPOTrainer = ppo_classes()
-CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, PPOArgs, RunArgs, PPOConfig)
+CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, PPOArgs, CurveArgs, RunArgs, PPOConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
-    data_args, model_args, adapter_args, reward_args, ppo_args, run_args, args = parse(CONFIG, argv)
+    data_args, model_args, adapter_args, reward_args, ppo_args, curve_args, run_args, args = parse(
+        CONFIG, argv
+    )
     refuse_trl_model_paths(args)
 
     # 2. seed, logging, run directory
-    configs = (data_args, model_args, adapter_args, reward_args, ppo_args, run_args)
+    configs = (data_args, model_args, adapter_args, reward_args, ppo_args, curve_args, run_args)
     run = runs.start(args, *configs, cannot_resume=CANNOT_RESUME)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # PPO gathers every metric with an INFO line
 
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=left_pad(tokenizer.pad_token_id),
         callbacks=[*([rewards.DisagreementCallback(ensemble)] if ensemble else []), *guards.watch(run)],
     )
+    recorder = curves.attach(
+        curve_args, trainer, run.output_dir, "ppo", policy, ref_model, tokenizer, prompts["test"], reward_model,
+        base_model=model_args.model_name_or_path, adapter_args=adapter_args, seed=args.seed,
+    )  # fmt: skip
     bonus = None
     if ppo_args.entropy_coef:
         trainer.dataloader = width = BatchWidth(trainer.dataloader)
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 7. save: the policy only (PPOTrainer's model is a policy-and-value wrapper)
     trainer.model = trainer.accelerator.unwrap_model(trainer.model).policy
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
+    marker = curves.adopt_peak(recorder, run.output_dir)  # stop_at_gold_peak: the peak's policy is the run's
 
     # 8. report: reward of greedy answers (policy vs reference), KL to the reference, sample completions
     extra = {"ensemble": ensemble.stats()} if ensemble else {}
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         ppo_args.report_max_new_tokens, args.seed,
     )  # fmt: skip
     runs.record_policy(run, report, samples)
-    return runs.finish(run, trainer, {"report": report, **extra})
+    return runs.finish(run, trainer, {"report": report, **extra, **marker}, marker=marker)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from typing import Any
 from align_kit import files
 from align_kit.configs import DataArgs
 from align_kit.console import log
-from align_kit.evaluation import ratings, reports, stats
+from align_kit.evaluation import ratings, reports, stats, tax
 from align_kit.evaluation.answers import (
     CHOSEN,
     HeldOut,
@@ -338,6 +338,8 @@ def evaluate(
     if not state.is_main_process:
         return {}
 
+    tax_result = tax.evaluation_tax(args, systems, held, answers) if args.tax_text else None
+    notes += tax.tax_lines(tax_result) if tax_result and "systems" in tax_result else []
     for judge in judge_list:
         model = getattr(getattr(judge, "config", None), "model", None)
         if "best_of_n" in answers and model and model == args.best_of_n_reward_model:
@@ -381,6 +383,7 @@ def evaluate(
         "evidence": {},
         "judges": {},
         "reports": {},
+        **({"tax": tax_result} if tax_result else {}),
     }
     failed = []
     for judge in judge_list:

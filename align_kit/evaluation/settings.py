@@ -160,6 +160,23 @@ class EvalArgs:
     served_max_concurrency: int = field(
         default=4, metadata={"help": "Served systems: most requests in flight (the window starts at 1)."}
     )
+    tax_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "Alignment tax: a general-text file (.txt paragraphs or .jsonl with 'text') on which every "
+            "model system's perplexity is compared with the base's, or 'embedded' (held-out prompts with their "
+            "chosen answers); the embedded task also gets the oracle per family. None: no tax."
+        },
+    )
+    tax_lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "lm-evaluation-harness tasks run on every model system (needs tax_text and lm-eval)."
+        },
+    )
+    tax_lm_eval_include: str | None = field(
+        default=None, metadata={"help": "A folder of local lm-eval task YAML files (lm-eval's include_path)."}
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -176,7 +193,7 @@ class EvalArgs:
                 f"judge_overrides: expected {{judge name: {{key: value}}}}, got {overrides!r}",
                 field="judge_overrides",
             )
-        for name in ("systems", "judges", "honeypot_kinds", "optional_judges"):
+        for name in ("systems", "judges", "honeypot_kinds", "optional_judges", "tax_lm_eval_tasks"):
             as_list(self, name)
         unknown = sorted(set(self.honeypot_kinds) - set(HONEYPOT_KINDS))
         if unknown:

@@ -54,6 +54,7 @@ from align_kit.evaluation.settings import EvalArgs
 from align_kit.parsing import config_file, load_yaml, parse
 from align_kit.resources import load_recipe
 from align_kit.training import losses
+from align_kit.training.curves import CurveArgs
 from align_kit.training.losses import DPO_LOSS_TYPES, DPOConfig
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -97,7 +98,7 @@ class SweepArgs:
     )
 
 
-CONFIG = (SweepArgs, DataArgs, ModelArgs, AdapterArgs, DPOConfig)
+CONFIG = (SweepArgs, DataArgs, ModelArgs, AdapterArgs, CurveArgs, DPOConfig)  # curve_* reach every member
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,8 +204,8 @@ class Sweep:
         """Parse ``--config file.yaml`` plus overrides; ``extra`` config dataclasses (a caller's own settings
         in the same YAML, such as DiscoveryArgs) are parsed first and kept in ``self.extra``."""
         self.argv = list(argv)
-        *self.extra, self.sweep_args, self.data_args, self.model_args, self.adapter_args, self.args = parse(
-            extra + CONFIG, self.argv
+        *self.extra, self.sweep_args, self.data_args, self.model_args, self.adapter_args, _, self.args = (
+            parse(extra + CONFIG, self.argv)
         )
         config_path = config_file(self.args)  # a shipped name (loss_sweep_tiny) resolved by parse
         if config_path is None:

@@ -256,7 +256,11 @@ def _whole_json(path: Path) -> bool:
 
 
 def finish(
-    run: Run, trainer: Any | None, extra: dict[str, Any] | None = None, history: list | None = None
+    run: Run,
+    trainer: Any | None,
+    extra: dict[str, Any] | None = None,
+    history: list | None = None,
+    marker: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write metrics (final and per-step log history) and the completion marker; end the process group.
 
@@ -278,7 +282,9 @@ def finish(
     origin = model_origin(trainer)
     if is_main_process() and run.path(RUN_CONFIG).exists():
         run_folder.write_model_card(run.output_dir, method_name(trainer), origin)
-    run.write_json(COMPLETE, {"output_dir": str(run.output_dir), "global_step": step, **origin})
+    run.write_json(
+        COMPLETE, {"output_dir": str(run.output_dir), "global_step": step, **origin, **(marker or {})}
+    )
     log(f"done: outputs in {run.output_dir}")
     state = PartialState()
     if state.use_distributed:
