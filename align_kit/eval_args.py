@@ -66,9 +66,12 @@ class EvalArgs:
     best_of_n_temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature of the best-of-N samples."}
     )
-    n_honeypots: int = field(
-        default=50,
-        metadata={"help": "Held-out prompts turned into honeypots; each gives one pair per honeypot kind."},
+    n_honeypots: int | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts turned into honeypots; each gives one pair per honeypot kind. None: one "
+            "in 8 of the prompts (so the honeypot pairs are about half as many as the prompts)."
+        },
     )
     honeypot_kinds: list[str] = field(
         default_factory=lambda: list(HONEYPOT_KINDS),
@@ -76,9 +79,26 @@ class EvalArgs:
             "help": f"Corruptions of the chosen answer that the real answer must beat: {HONEYPOT_KINDS}."
         },
     )
-    n_human: int = field(
-        default=200,
-        metadata={"help": "Held-out chosen/rejected rows judged for agreement with the dataset's labels."},
+    n_human: int | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out chosen/rejected rows judged for agreement with the dataset's labels. None: half "
+            "as many as the prompts. A prompt set has no labels: this audit does not run on it."
+        },
+    )
+    truncate_prompts: bool = field(
+        default=False,
+        metadata={
+            "help": "A prompt longer than a system's context (prompt + max_new_tokens) keeps its last tokens "
+            "instead of being left out; either way it is counted in the report."
+        },
+    )
+    max_degenerate: float = field(
+        default=0.25,
+        metadata={
+            "help": "Share of a system's answers that are empty/whitespace, or repeat themselves, above which "
+            "its win rates are marked not evidence (answers cut at max_new_tokens are reported, not judged)."
+        },
     )
     n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for every interval."})
     level: float = field(default=0.95, metadata={"help": "Confidence level of every interval."})
@@ -162,7 +182,15 @@ class EvalArgs:
         check_at_least(self, 1, "n_prompts", "max_new_tokens", "batch_size", "best_of_n_n", "n_boot")
         check_at_least(self, 0, "n_honeypots", "n_human", "n_examples", "seed")
         check_fraction(self, "top_p")
+        check_fraction(self, "max_degenerate", low_open=False)
         check_fraction(self, "level", high_open=True)
         for name in ("temperature", "best_of_n_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be above 0")
+
+
+def audit_sizes(args: EvalArgs, n_prompts: int) -> tuple[int, int]:
+    """(honeypot prompts, labelled rows): as set, or scaled with the prompts when left at None."""
+    honey = args.n_honeypots if args.n_honeypots is not None else -(-n_prompts // 8)
+    human = args.n_human if args.n_human is not None else -(-n_prompts // 2)
+    return honey, human

@@ -153,13 +153,22 @@ class HFLogitsJudge:
         """The exact string the model reads (chat template applied when configured and available)."""
         self._load()
         rendered = render_prompt(self.template, item)
-        if not self.chat:
-            return rendered
+        if not self.chat:  # no chat template to hold it: the system prompt leads the text, never dropped
+            return f"{self.config.system_prompt}\n\n{rendered}" if self.config.system_prompt else rendered
         messages = (
             [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         )
         messages.append({"role": "user", "content": rendered})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def fits(self, items: list[PairItem]) -> list[bool]:
+        """Whether each item's rendered prompt (plus the one verdict token, or ``max_new_tokens`` in generate
+        mode) fits the model's context; the evaluation counts the others instead of asking them."""
+        self._load()
+        if self.max_length is None:
+            return [True] * len(items)
+        extra = 1 if self.config.mode == "logits" else self.config.max_new_tokens
+        return [len(ids) + extra <= self.max_length for ids in self._encode([self.text(i) for i in items])]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         # a chat template already holds the special tokens it wants

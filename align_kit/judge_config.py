@@ -21,6 +21,8 @@ MODES = ("logits", "generate", "reason")
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 VERDICT_SOURCES = ("text", "logprobs")
 PLACEHOLDERS = ("{instruction}", "{output_1}", "{output_2}")
+ALIASES = {"{instruction}": "{question}", "{output_1}": "{answer_a}", "{output_2}": "{answer_b}"}
+NAMED = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")  # anything written like a placeholder
 
 
 @dataclass
@@ -290,7 +292,13 @@ def read_judge_config(name_or_path: str | Path, **overrides: Any) -> JudgeConfig
 def read_template(path: str | Path) -> str:
     """The template text, final newline(s) dropped so a label follows the last line directly."""
     text = Path(path).read_text().rstrip("\n")
-    missing = [p for p in PLACEHOLDERS if p not in text]
+    missing = [p for p in PLACEHOLDERS if p not in text and ALIASES[p] not in text]
     if missing:
         raise ValueError(f"{path}: template lacks placeholder(s) {missing}")
+    known = {*PLACEHOLDERS, *ALIASES.values()}
+    unknown = sorted({m for m in NAMED.findall(text)} - known)
+    if unknown:  # it would reach the judge as literal text
+        raise ValueError(
+            f"{path}: unknown placeholder(s) {unknown}; a pairwise template fills {sorted(known)}"
+        )
     return text

@@ -100,14 +100,23 @@ class Scorer(Protocol):
 # Prompts and parsing
 
 
+PLACEHOLDER = re.compile(r"\{(instruction|output_1|output_2|question|answer_a|answer_b)\}")
+
+
 def render_prompt(template: str, item: PairItem) -> str:
-    """Fill the three placeholders in one pass, so text inside an answer is never substituted again."""
+    """Fill the placeholders in one pass, so text inside an answer is never substituted again;
+    ``{question}``, ``{answer_a}`` and ``{answer_b}`` are other names of the first three."""
     values = {
         "instruction": instruction_of(item.prompt),
         "output_1": item.answer_a.strip(),
         "output_2": item.answer_b.strip(),
     }
-    return re.sub(r"\{(instruction|output_1|output_2)\}", lambda m: values[m.group(1)], template)
+    values |= {
+        "question": values["instruction"],
+        "answer_a": values["output_1"],
+        "answer_b": values["output_2"],
+    }
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def parse_verdict(
