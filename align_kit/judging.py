@@ -246,10 +246,13 @@ def judge_results(
     for comparison in comparisons:
         if not comparison["n"]:
             prefix = f"{comparison['system']} vs {comparison['baseline']}: "
-            lost = ", ".join(
+            lost = skipped[prefix + "both orders unparseable"]
+            other = [
                 f"{k.removeprefix(prefix)} {v}" for k, v in skipped.items() if k.startswith(prefix) and v
-            )
-            comparison["note"] = f"no decided pairs of {len(held.prompts)} prompts ({lost or 'none asked'})"
+            ]
+            other = [o for o in other if not o.startswith("both orders unparseable")]
+            comparison["note"] = f"no decided pairs: {lost} of {len(held.prompts)} unparseable in both orders"
+            comparison["note"] += f"; left out: {', '.join(other)}" if other else ""
     paired = [
         stats.paired_test(run.judgments, a, b, baseline, seed=args.seed, n_boot=args.n_boot, level=args.level)
         for a, b, baseline in paired_plan(plan.comparisons)

@@ -1,0 +1,229 @@
+"""Protects evaluation on benchmark prompt sets (align_kit/prompt_sets.py, answers.held_out, judging.py): the
+prompts, MT-Bench, AlpacaEval and Arena-Hard layouts are detected and used whole; every layout evaluates from
+the command line with requested = judged + counted; comparisons against the reference run only where one
+exists and the label audit only on labelled data, and the report says which audits ran; a prompt longer than a
+system's context and an audit pair longer than the judge's context are counted skips, not crashes; an unknown
+template placeholder stops the evaluation before generation; blank answers put the "not evidence" banner on
+top. The files are written here in each layout (our own words, no benchmark text)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from conftest import keyword_judge
+
+from align_kit import answers, audits, evaluation, judge_setup, prompt_sets
+from align_kit.answers import Answered
+from align_kit.configs import DataArgs
+from align_kit.eval_args import EvalArgs, audit_sizes
+from align_kit.evaluation import evaluate_systems
+from align_kit.judge_backends import HFLogitsJudge
+from align_kit.judge_config import read_judge_config, read_template
+from align_kit.judges import PairItem
+from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.prompts import format_prompt
+
+QUESTIONS = ["Add three and four.", "Name a warm colour.", "One word for a small dog?", "Greet me briefly."]
+LONG = "Tell me about this: " + "many words here " * 20  # 340 bytes: over a 256-position context
+FAST = ["--max_new_tokens", "8", "--n_boot", "50", "--progress", "false", "--batch_size", "8"]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def layout_rows(layout):
+    """Rows of each layout: the four questions and the long one, one reference (on the first question)."""
+    questions = [*QUESTIONS, LONG]
+    if layout == "mt-bench":
+        return [
+            {"question_id": 100 + i, "category": "maths" if i == 0 else "chat", "turns": [q, "Say more."]}
+            | ({"reference": ["Seven."]} if i == 0 else {})
+            for i, q in enumerate(questions)
+        ]
+    if layout == "arena-hard":
+        return [
+            {"question_id": f"id{i}", "category": "hard", "cluster": "c", "turns": [{"content": q}]}
+            for i, q in enumerate(questions)
+        ]
+    if layout == "alpacaeval":
+        return [
+            {"instruction": q, "dataset": "mixed"} | ({"output": "Seven."} if i == 0 else {})
+            for i, q in enumerate(questions)
+        ]
+    if layout == "prompts-with-references":
+        return [{"prompt": q} | ({"reference": "Seven."} if i == 0 else {}) for i, q in enumerate(questions)]
+    return [{"prompt": q} for q in questions]
+
+
+def short_judge_folder(tmp_path, model_dir):
+    """An hf_logits judge on the 256-position test model with a short template (our own words)."""
+    folder = tmp_path / "short_judge"
+    folder.mkdir()
+    (folder / "prompt.txt").write_text("Q: {question}\nA1: {answer_a}\nA2: {answer_b}\nBetter:")
+    (folder / "judge.yaml").write_text(
+        f"backend: hf_logits\nmodel: {model_dir}\ntemplate: prompt.txt\nlabels: [' 1', ' 2']\n"
+        "torch_dtype: float32\nbatch_size: 8\n"
+    )
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+@pytest.mark.parametrize("layout", ["mt-bench", "arena-hard", "alpacaeval", "prompts"])
+def test_each_layout_is_detected_and_read_whole(tmp_path, layout):
+    rows = layout_rows(layout) + [layout_rows(layout)[1]]  # one duplicate
+    data = DataArgs(dataset=str(write_rows(tmp_path / "test.jsonl", rows)))  # a folder with only test.jsonl
+    found = prompt_sets.read_prompt_set(DataArgs(dataset=str(tmp_path)), n_prompts=100)
+    assert found.layout == layout and found.rows_read == 6 and len(found.items) == 5
+    assert found.left_out == Counter({"duplicate prompt": 1})
+    assert [item.turns[0] for item in found.items] == [*QUESTIONS, LONG]
+    held = answers.held_out(EvalArgs(n_prompts=3), data)
+    assert held.prompts == [format_prompt(q) for q in QUESTIONS[:3]] and held.rows == []
+    assert held.requested == 3 and held.layout == layout
+    assert held.chosen == ([None] * 3 if layout in ("arena-hard", "prompts") else ["Seven.", None, None])
+
+
+def test_a_prompt_set_counts_rows_it_cannot_use():
+    raw = [{"prompt": "Hi there."}, {"prompt": ""}, {"prompt": 3}, {"prompt": "Hi there."}]
+    items = []
+    for i, row in enumerate(raw):
+        try:
+            items.append(prompt_sets.parse_row(row, "prompts", i))
+        except ValueError as error:
+            items.append(str(error))
+    assert items[1] == "prompt is empty" and items[2] == "prompt is not text"
+    assert prompt_sets.layout_of_columns(prompt_sets.RawSplit("x", [{"prompt": "a", "chosen": "b"}], [
+        "prompt", "chosen", "rejected"])) is None  # fmt: skip
+
+
+def test_preference_data_counts_prompts_the_test_split_does_not_have():
+    held = answers.held_out(
+        EvalArgs(n_prompts=500), DataArgs(embedded_train_size=60, embedded_test_size=20, test_size=0.5)
+    )
+    assert held.requested == 500 and sum(held.left_out.values()) == 500 - len(held.prompts)
+    assert next(iter(held.left_out)).startswith("not in the test split")
+
+
+def test_audit_sizes_scale_with_the_prompts_unless_set():
+    assert audit_sizes(EvalArgs(), 80) == (10, 40)
+    assert audit_sizes(EvalArgs(n_honeypots=3, n_human=0), 80) == (3, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole evaluations from the command line
+
+
+@pytest.mark.parametrize(
+    "layout", ["mt-bench", "arena-hard", "alpacaeval", "prompts", "prompts-with-references"]
+)
+def test_each_layout_evaluates_from_the_command_line(tmp_path, layout, micro_model_dir, tiny_model_dir):
+    data = write_rows(tmp_path / "set.jsonl", layout_rows(layout))
+    judge = short_judge_folder(tmp_path, micro_model_dir)
+    out = tmp_path / "out"
+    argv = ["--dataset", str(data), "--systems", f"a={micro_model_dir}", f"b={tiny_model_dir}", "--base", "a"]
+    argv += ["--judges", str(judge), "--output_dir", str(out), *FAST]
+    summary = evaluation.main(argv)
+    saved = json.loads((out / "evaluation.json").read_text())
+    counts = saved["prompts"]["short_judge"]
+    assert counts["requested"] == 5 and counts["requested"] == counts["judged"] + sum(
+        counts["left_out"].values()
+    )
+    assert counts["left_out"] in ({"too long for system a": 1}, {"too long for system b": 1})  # no IndexError
+    judged = summary["judges"]["short_judge"]
+    with_reference = layout in ("mt-bench", "alpacaeval", "prompts-with-references")
+    pairs = [(c["system"], c["baseline"]) for c in judged["comparisons"]]
+    assert pairs == ([("a", "chosen"), ("b", "chosen")] if with_reference else []) + [("b", "a")]
+    assert judged["audits_run"]["labels"] == "not run: a prompt set has no human labels"
+    assert judged["audits_run"]["honeypots"].startswith(
+        "ran on" if with_reference else "not run: no reference"
+    )
+    report = (out / "short_judge" / "report.md").read_text()
+    assert "Prompts: requested 5, judged 4, left out 1 (too long for system " in report
+    assert "- labels: not run: a prompt set has no human labels" in report
+    assert saved["plan"]["comparison pairs"] == 5 * len(pairs) and saved["plan"]["actual generation s"] > 0
+    if layout == "mt-bench":
+        assert "only the first turn of each conversation is answered" in " ".join(saved["notes"])
+        assert {g["group"] for g in judged["by_group"]["comparisons"]} == {"maths", "chat"}
+
+
+def test_overflowing_audit_pairs_and_comparisons_are_counted_for_the_judge(tmp_path, micro_model_dir):
+    long_ref = "A reply that goes on. " * 10  # fits the systems' answers files, not the judge with two copies
+    rows = [
+        {"prompt": q, "reference": long_ref if i == 0 else "Short reply."} for i, q in enumerate(QUESTIONS)
+    ]
+    data = write_rows(tmp_path / "set.jsonl", rows)
+    prompts = [format_prompt(q) for q in QUESTIONS]
+    files = {}
+    for name, text in (("x", "fine"), ("y", "also fine")):
+        files[name] = str(
+            write_rows(tmp_path / f"{name}.jsonl", [{"prompt": p, "answer": text} for p in prompts])
+        )
+    judge = str(short_judge_folder(tmp_path, micro_model_dir))
+    result = evaluate_systems(
+        files, "x", [judge], tmp_path / "out", dataset=str(data), n_boot=50, progress=False
+    )
+    judged = result["judges"]["short_judge"]
+    assert judged["skipped"]["x vs chosen: too long for judge short_judge"] == 1
+    assert sum(v for k, v in judged["skipped"].items() if k.startswith("honeypot:") and "too long" in k) >= 2
+    assert result["prompts"]["short_judge"] == {
+        "requested": 4,
+        "judged": 4,
+        "left_out": {},
+    }  # y vs x judged it
+
+
+def test_hf_logits_judge_reports_which_items_fit_its_context():
+    model = build_tiny_gpt2(TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    config = read_judge_config("local_hf_pairwise", model="tiny", use_chat_template=False)
+    judge = HFLogitsJudge(config, "{instruction} | {output_1} | {output_2} ?", model, build_byte_tokenizer())
+    assert judge.fits([PairItem("\n\nHuman: hi\n\nAssistant:", "a", "b"), PairItem("q", "x" * 60, "y")]) == [
+        True,
+        False,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Templates and degenerate answers
+
+
+def test_an_unknown_placeholder_is_refused_before_generation(tmp_path, micro_model_dir):
+    folder = short_judge_folder(tmp_path, micro_model_dir)
+    (folder / "prompt.txt").write_text("Q: {question}\nRef: {ref_answer_1}\nA1: {answer_a}\nA2: {answer_b}\n")
+    with pytest.raises(ValueError, match=r"unknown placeholder\(s\) \['\{ref_answer_1\}'\]"):
+        read_template(folder / "prompt.txt")
+    data = write_rows(tmp_path / "set.jsonl", layout_rows("prompts"))
+    with pytest.raises(judge_setup.JudgeSetupError, match="ref_answer_1"):
+        evaluate_systems({"a": str(micro_model_dir)}, "a", [str(folder)], tmp_path / "out", dataset=str(data))
+    assert not (tmp_path / "out" / "generations").exists()
+
+
+def test_blank_answers_put_the_not_evidence_banner_on_top(tmp_path):
+    data = write_rows(tmp_path / "set.jsonl", [{"prompt": q, "reference": "good reply"} for q in QUESTIONS])
+    prompts = [format_prompt(q) for q in QUESTIONS]
+    blank = write_rows(tmp_path / "blank.jsonl", [{"prompt": p, "answer": " " * 64} for p in prompts])
+    real = write_rows(tmp_path / "real.jsonl", [{"prompt": p, "answer": "a good one"} for p in prompts])
+    result = evaluate_systems(
+        {"real": str(real), "blank": str(blank)}, "real", [keyword_judge()], tmp_path / "out",
+        dataset=str(data), n_boot=50, progress=False,
+    )  # fmt: skip
+    lines = (tmp_path / "out" / "fake" / "report.md").read_text().splitlines()
+    assert lines[2] == (
+        "**These win rates are not evidence for system blank: 100% empty answers (over the 25% allowed by "
+        "max_degenerate)**"
+    )
+    assert result["evidence"] == {"fake": False} and result["answers_audit"]["flagged"] == ["blank"]
+    assert result["answers_audit"]["systems"]["real"]["empty"] == 0.0
+
+
+def test_self_repeating_answers_are_detected():
+    assert audits.repeats_itself("the cat sat " * 6) and audits.repeats_itself("ababababababababab")
+    assert not audits.repeats_itself("A short and varied reply about several unrelated topics today.")
+    done = {"s": Answered(["", "ok", "loop loop loop loop loop loop loop", None], cut=1)}
+    shares = audits.degenerate_answers(done, 0.5)["systems"]["s"]
+    assert shares == {"n": 3, "empty": 1 / 3, "repeating": 1 / 3, "cut_at_max_new_tokens": 1 / 3}
