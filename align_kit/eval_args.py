@@ -117,6 +117,14 @@ class EvalArgs:
             "win and a tie score 0.75). Used by every win rate, interval, paired test and rating."
         },
     )
+    grading: Literal["pairwise", "single"] = field(
+        default="pairwise",
+        metadata={
+            "help": "'pairwise': the judge picks the better of two answers, in both orders; 'single' (MT-Bench "
+            "style): the judge scores each answer alone (a judge with grading: single, or a reward model), and "
+            "win rates are read off the scores. A judge template with {reference} is shown the reference answer."
+        },
+    )
     optional_judges: list[str] = field(
         default_factory=list,
         metadata={

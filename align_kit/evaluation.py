@@ -52,7 +52,15 @@ from align_kit.configs import DataArgs
 from align_kit.eval_args import EvalArgs
 from align_kit.judge_cache import JudgmentCache
 from align_kit.judge_setup import prepare_judges
-from align_kit.judging import JudgeRun, Plan, comparison_plan, evaluate_judge, make_plan, paired_plan
+from align_kit.judging import (
+    JudgeRun,
+    Plan,
+    comparison_plan,
+    evaluate_judge,
+    evaluate_single,
+    make_plan,
+    paired_plan,
+)
 from align_kit.models import load_tokenizer
 from align_kit.parsing import parse, save_resolved
 from align_kit.reports import headline, opening, to_jsonable, write_report
@@ -196,7 +204,10 @@ def evaluate(
     for judge in judge_list:  # step 5: each judge, then its report
         before = _counters(judge.stats)
         try:
-            run = evaluate_judge(judge, cache, held, answers, plan, args)
+            if args.grading == "single":
+                run = evaluate_single(judge, out_dir, held, answers, plan, args)
+            else:
+                run = evaluate_judge(judge, cache, held, answers, plan, args)
         except Exception as error:  # the judge gets a report saying why; the other judges still run
             run = JudgeRun({"error": f"{type(error).__name__}: {error}"})
             if judge.name not in args.optional_judges:

@@ -22,6 +22,9 @@ MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 VERDICT_SOURCES = ("text", "logprobs")
 PLACEHOLDERS = ("{instruction}", "{output_1}", "{output_2}")
 ALIASES = {"{instruction}": "{question}", "{output_1}": "{answer_a}", "{output_2}": "{answer_b}"}
+GRADINGS = ("pairwise", "single")  # which of two answers is better, or a score for one answer
+SINGLE_PLACEHOLDERS = ("{question}", "{answer}")  # a single-grading template needs both
+REFERENCE = "{reference}"  # optional in either: the data's reference answer (reference-guided grading)
 NAMED = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")  # anything written like a placeholder
 
 
@@ -47,6 +50,14 @@ class JudgeConfig:
         default=None,
         metadata={
             "help": "Prompt template file next to judge.yaml, with {instruction}, {output_1}, {output_2}."
+        },
+    )
+    grading: str = field(
+        default="pairwise",
+        metadata={
+            "help": f"One of {GRADINGS}: pairwise templates fill {{question}}, {{answer_a}}, {{answer_b}} "
+            "(or {instruction}, {output_1}, {output_2}); single templates fill {question} and {answer} and the "
+            "judge answers a score. Either may hold {reference}: the data's reference answer."
         },
     )
     system_prompt: str | None = field(
@@ -192,9 +203,16 @@ class JudgeConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.grading not in GRADINGS:
+            raise ValueError(f"grading must be one of {GRADINGS}, got {self.grading!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if (
+        if self.grading == "single":  # score labels: distinct numbers written as strings
+            if len(set(self.labels)) != len(self.labels) or not all(_number(x) for x in self.labels):
+                raise ValueError(
+                    f"labels of a single-grading judge must be distinct numbers as strings, got {self.labels!r}"
+                )
+        elif (
             len(self.labels) != 2
             or len(set(self.labels)) != 2
             or not all(isinstance(x, str) for x in self.labels)
@@ -289,16 +307,39 @@ def read_judge_config(name_or_path: str | Path, **overrides: Any) -> JudgeConfig
     return JudgeConfig(**values)
 
 
-def read_template(path: str | Path) -> str:
-    """The template text, final newline(s) dropped so a label follows the last line directly."""
+def read_template(path: str | Path, grading: str = "pairwise") -> str:
+    """The template text, final newline(s) dropped so a label follows the last line directly. Every
+    placeholder the grading needs must be there and every other ``{name}`` is refused: it would reach the
+    judge as literal text."""
     text = Path(path).read_text().rstrip("\n")
-    missing = [p for p in PLACEHOLDERS if p not in text and ALIASES[p] not in text]
+    if grading == "single":
+        missing = [
+            p
+            for p in SINGLE_PLACEHOLDERS
+            if p not in text and not (p == "{question}" and "{instruction}" in text)
+        ]
+        known = {*SINGLE_PLACEHOLDERS, "{instruction}", REFERENCE}
+    else:
+        missing = [p for p in PLACEHOLDERS if p not in text and ALIASES[p] not in text]
+        known = {*PLACEHOLDERS, *ALIASES.values(), REFERENCE}
     if missing:
         raise ValueError(f"{path}: template lacks placeholder(s) {missing}")
-    known = {*PLACEHOLDERS, *ALIASES.values()}
-    unknown = sorted({m for m in NAMED.findall(text)} - known)
-    if unknown:  # it would reach the judge as literal text
+    unknown = sorted(set(NAMED.findall(text)) - known)
+    if unknown:
         raise ValueError(
-            f"{path}: unknown placeholder(s) {unknown}; a pairwise template fills {sorted(known)}"
+            f"{path}: unknown placeholder(s) {unknown}; a {grading} template fills {sorted(known)}"
         )
     return text
+
+
+def _number(text: object) -> bool:
+    try:
+        float(str(text))
+    except ValueError:
+        return False
+    return isinstance(text, str)
+
+
+def uses_reference(template: str | None) -> bool:
+    """Whether a judge's template puts the reference answer in front of it."""
+    return bool(template) and REFERENCE in template

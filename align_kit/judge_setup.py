@@ -79,7 +79,7 @@ def judge_problems(config: JudgeConfig, args: EvalArgs) -> list[str]:
     problems = []
     if config.template:
         try:
-            read_template(config.template)
+            read_template(config.template, config.grading)
         except (OSError, ValueError) as error:
             problems.append(f"template: {error}")
     if config.backend in LOCAL_BACKENDS and config.model:

@@ -16,12 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from align_kit import grading, ratings, reports, stats
 from align_kit import judges as judges_lib
-from align_kit import ratings, reports, stats
 from align_kit.answers import CHOSEN, HeldOut
 from align_kit.audits import AuditPair, audit_judge, honeypots, label_pairs, trust_verdict
 from align_kit.eval_args import EvalArgs, audit_sizes
 from align_kit.judge_cache import JudgmentCache
+from align_kit.judge_config import uses_reference
 from align_kit.judges import PairItem, PairResult
 from align_kit.stats import Judgment
 from align_kit.verdicts import pair_score
@@ -228,6 +229,48 @@ def evaluate_judge(
     run.results = judge_results(run, asked, audited, skipped, held, plan, args)
     run.results["prompts"] = prompt_counts(held, decided, reasons)
     return run
+
+
+def evaluate_single(
+    judge: Any,
+    out_dir: Any,
+    held: HeldOut,
+    answers: Mapping[str, Sequence[str | None]],
+    plan: Plan,
+    args: EvalArgs,
+) -> JudgeRun:
+    """One judge grading single answers (``grading.grade_single``); a prompt no system has a score for is
+    counted under its first reason (too long for a system, no reference for a reference-guided judge, no
+    parseable score)."""
+    with_reference = uses_reference(getattr(judge, "template", None))
+    graded = grading.grade_single(judge, out_dir, held, answers, plan, args, with_reference)
+    reasons: dict[int, str] = {}
+    for i in range(len(held.prompts)):
+        missing = [n for n in answers if n != CHOSEN and answers[n][i] is None]
+        if with_reference and held.chosen[i] is None:
+            reasons[i] = f"no reference answer for judge {judge.name}"
+        elif missing:
+            reasons[i] = f"too long for system {missing[0]}"
+        else:
+            reasons[i] = "no parseable score"
+    judgments = graded.pop("judgments")
+    comparisons = [
+        stats.summarize(judgments, s, b, seed=args.seed, n_boot=args.n_boot, level=args.level)
+        for s, b in plan.comparisons
+    ]
+    tables = [grading.score_table(graded["scores"], args.level)]
+    if graded["scores_by_group"]:
+        tables.append(grading.score_table(graded["scores_by_group"], args.level))
+    results = graded | {
+        "combine_orders": "scores",
+        "comparisons": comparisons,
+        "ranking": ratings.rank_systems(judgments, anchor=args.base),
+        "audits_run": plan.audits_run
+        | {"labels": "not run: single grading", "position bias": "does not apply"},
+        "prompts": prompt_counts(held, graded.pop("decided"), reasons),
+        "tables": tables,
+    }
+    return JudgeRun(results, judgments, list(judgments))
 
 
 def judge_results(

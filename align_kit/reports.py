@@ -202,6 +202,7 @@ def prompt_line(counts: Mapping[str, Any]) -> str:
 
 
 COMBINE_RULES_TEXT = {
+    "scores": "single-answer scores: the answer with the higher score wins the prompt, equal scores tie",
     "strict": "strict: a pair is a win only when both orders pick the system, a loss when both pick the "
     "baseline, else a tie",
     "average": "average (Arena-Hard): a pair scores the mean of its two single-order scores (1 for the "
@@ -230,6 +231,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if results.get("audits_run"):
         lines += ["## Audits run", ""] + [f"- {k}: {v}" for k, v in results["audits_run"].items()] + [""]
     lines += ["## Headlines", ""] + [f"- {headline(s)}" for s in results.get("comparisons", [])] + [""]
+    for table in results.get("tables") or []:  # tables a grading mode adds (single grading's mean scores)
+        lines += [f"## {table['title']}", ""] + _md_table(table["headers"], table["rows"]) + [""]
     lines += ["## Comparisons", ""] + _md_table(*_comparison_table(results.get("comparisons", []))) + [""]
     lines += [_scoring_line(results), ""]
     if results.get("by_group"):

@@ -15,11 +15,11 @@ RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init
 # What trains a model and what judges one; the orchestrators (cli, demo, loss_sweep, loss_search) use both.
 TRAINING = {
     "adapters", "callbacks", "configs", "data", "files", "formats", "generation", "grpo", "guards",
-    "losses", "models", "parsing", "ppo", "prompts", "quiet", "resources", "reward_funcs", "rewards", "runs", "task",
+    "losses", "models", "parsing", "ppo", "prompt_sets", "prompts", "quiet", "resources", "reward_funcs", "rewards", "runs", "task",
 }  # fmt: skip
 EVALUATION = {
     "answers", "audits", "eval_args", "evaluation", "judge_backends", "judge_cache", "judge_config",
-    "judge_openai", "judge_setup", "judges", "leaderboard", "plots", "ratings", "reports", "stats", "verdicts",
+    "judge_openai", "judge_setup", "judges", "judging", "leaderboard", "plots", "ratings", "reports", "stats", "verdicts",
 }  # fmt: skip
 
 

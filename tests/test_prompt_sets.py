@@ -21,7 +21,7 @@ from align_kit.eval_args import EvalArgs, audit_sizes
 from align_kit.evaluation import evaluate_systems
 from align_kit.judge_backends import HFLogitsJudge
 from align_kit.judge_config import read_judge_config, read_template
-from align_kit.judges import PairItem
+from align_kit.judges import JudgeStats, PairItem, ScoreItem
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 from align_kit.prompts import format_prompt
 
@@ -179,13 +179,20 @@ def test_overflowing_audit_pairs_and_comparisons_are_counted_for_the_judge(tmp_p
 
 
 def test_hf_logits_judge_reports_which_items_fit_its_context():
-    model = build_tiny_gpt2(TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    model = build_tiny_gpt2(TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=128))
     config = read_judge_config("local_hf_pairwise", model="tiny", use_chat_template=False)
+    assert judge_text_starts_with_system_prompt(config, model)
     judge = HFLogitsJudge(config, "{instruction} | {output_1} | {output_2} ?", model, build_byte_tokenizer())
-    assert judge.fits([PairItem("\n\nHuman: hi\n\nAssistant:", "a", "b"), PairItem("q", "x" * 60, "y")]) == [
+    assert judge.fits([PairItem("\n\nHuman: hi\n\nAssistant:", "a", "b"), PairItem("q", "x" * 120, "y")]) == [
         True,
         False,
     ]
+
+
+def judge_text_starts_with_system_prompt(config, model):
+    """Without a chat template the system prompt leads the judge's text instead of being dropped."""
+    judge = HFLogitsJudge(config, "{question} {answer_a} {answer_b}", model, build_byte_tokenizer())
+    return judge.text(PairItem("q", "a", "b")).startswith(config.system_prompt + "\n\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,3 +234,89 @@ def test_self_repeating_answers_are_detected():
     done = {"s": Answered(["", "ok", "loop loop loop loop loop loop loop", None], cut=1)}
     shares = audits.degenerate_answers(done, 0.5)["systems"]["s"]
     assert shares == {"n": 3, "empty": 1 / 3, "repeating": 1 / 3, "cut_at_max_new_tokens": 1 / 3}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single-answer grading
+
+
+class ScriptedScorer:
+    """A single-grading judge double: the score of an answer is looked up in ``table``; ``template`` says
+    whether it is shown the reference (as a judge folder's template would)."""
+
+    def __init__(self, table, template="{question} {answer}", name="scorer"):
+        self.table, self.template, self.name = table, template, name
+        self.identity, self.batch_size = f"{name}:{template}", 4
+        self.stats = JudgeStats()
+        self.seen = []
+
+    def score_batch(self, items):
+        self.stats.calls += len(items)
+        self.seen += items
+        return [self.table.get(item.answer.strip()) for item in items]
+
+
+def single_setup(tmp_path, references):
+    rows = [{"prompt": q, "category": "odd" if i % 2 else "even"} for i, q in enumerate(QUESTIONS)]
+    for i, ref in enumerate(references):
+        if ref is not None:
+            rows[i]["reference"] = ref
+    data = write_rows(tmp_path / "set.jsonl", rows)
+    prompts = [format_prompt(q) for q in QUESTIONS]
+    files = {}
+    for name, texts in (("x", ["x0", "x1", "x2", "x3"]), ("y", ["y0", "y1", "y2", "y3"])):
+        rows = [{"prompt": p, "answer": t} for p, t in zip(prompts, texts, strict=True)]
+        files[name] = str(write_rows(tmp_path / f"{name}.jsonl", rows))
+    return data, files
+
+
+def test_single_grading_matches_a_hand_computation(tmp_path):
+    table = {"x0": 2, "x1": 5, "x2": 7, "x3": 4, "y0": 6, "y1": 5, "y2": 3, "y3": 9}
+    data, files = single_setup(tmp_path, [None] * 4)
+    scorer = ScriptedScorer(table)
+    result = evaluate_systems(files, "x", [scorer], tmp_path / "out", dataset=str(data), grading="single",
+                              n_boot=200, progress=False)  # fmt: skip
+    judged = result["judges"]["scorer"]
+    means = {row["system"]: row["mean"] for row in judged["scores"]}
+    assert means == {"x": (2 + 5 + 7 + 4) / 4, "y": (6 + 5 + 3 + 9) / 4}
+    (y_vs_x,) = judged["comparisons"]  # no reference: only y against the base
+    assert y_vs_x["counts"] == {"win": 2, "tie": 1, "loss": 1} and y_vs_x["win_rate"] == (2 + 0.5) / 4
+    by_group = {(r["group"], r["system"]): r["mean"] for r in judged["scores_by_group"]}
+    assert by_group[("even", "x")] == (2 + 7) / 2 and by_group[("odd", "y")] == (5 + 9) / 2
+    assert (
+        judged["audit"]["reask_consistency"] == 1.0
+        and judged["audits_run"]["position bias"] == "does not apply"
+    )
+    assert result["prompts"]["scorer"] == {"requested": 4, "judged": 4, "left_out": {}}
+    report = (tmp_path / "out" / "scorer" / "report.md").read_text()
+    assert "## Scores" in report and "| y | 4 | 5.75 |" in report
+    calls = scorer.stats.calls
+    evaluate_systems(files, "x", [scorer], tmp_path / "out", dataset=str(data), grading="single", n_boot=200,
+                     progress=False)  # fmt: skip
+    assert scorer.stats.calls - calls == len([i for i in range(4)])  # only the re-asks: the scores are cached
+
+
+def test_reference_guided_single_grading_counts_prompts_without_a_reference(tmp_path):
+    table = {"x0": 2, "x1": 5, "x2": 7, "x3": 4, "y0": 6, "y1": 5, "y2": 3, "y3": 9, "ref a": 8, "ref b": 9}
+    data, files = single_setup(tmp_path, ["ref a", None, "ref b", None])
+    scorer = ScriptedScorer(table, template="{question} {reference} {answer}")
+    result = evaluate_systems(files, "x", [scorer], tmp_path / "out", dataset=str(data), grading="single",
+                              n_boot=200, progress=False, n_honeypots=0)  # fmt: skip
+    judged = result["judges"]["scorer"]
+    assert {item.reference for item in scorer.seen} == {"ref a", "ref b"}  # the judge saw the reference
+    assert result["prompts"]["scorer"] == {
+        "requested": 4, "judged": 2, "left_out": {"no reference answer for judge scorer": 2}
+    }  # fmt: skip
+    means = {row["system"]: row["mean"] for row in judged["scores"]}
+    assert means == {"x": (2 + 7) / 2, "y": (6 + 3) / 2, "reference": (8 + 9) / 2}
+    assert [(c["system"], c["baseline"], c["n"]) for c in judged["comparisons"]] == [
+        ("x", "chosen", 2), ("y", "chosen", 2), ("y", "x", 2)
+    ]  # fmt: skip
+
+
+def test_local_judge_grades_single_answers_from_its_label_logits():
+    model = build_tiny_gpt2(TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=128))
+    config = read_judge_config("benchmark_single", model="tiny", use_chat_template=False)
+    judge = HFLogitsJudge(config, "Q {question} A {answer} score:", model, build_byte_tokenizer())
+    scores = judge.score_batch([ScoreItem("\n\nHuman: hi\n\nAssistant:", "hello"), ScoreItem("q", "no")])
+    assert all(1.0 <= s <= 9.0 for s in scores) and scores[0] != scores[1]
