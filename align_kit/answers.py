@@ -120,6 +120,9 @@ class HeldOut:
     left_out: Counter = field(default_factory=Counter)  # reason -> prompts lost before any answer
     group_column: str | None = None  # what ``groups`` are (EvalArgs.group_column, or 'category')
     source_line: str = ""  # what was read, for the console and the report
+    first_turns: list[str] | None = None  # a prompt set's questions as written (turn 1)
+    second_turns: list[str | None] | None = None  # the second question of a two-turn conversation, or None
+    second_references: list[str | None] | None = None
 
     @property
     def n_references(self) -> int:
@@ -196,6 +199,9 @@ def held_out_of_set(prompt_set: PromptSet, args: EvalArgs, data_args: DataArgs) 
         left_out=Counter(prompt_set.left_out),
         group_column=column if groups is not None else None,
         source_line=describe(prompt_set),
+        first_turns=[item.turns[0] for item in items],
+        second_turns=[item.turns[1] if len(item.turns) > 1 else None for item in items],
+        second_references=[item.references[1] if len(item.references) > 1 else None for item in items],
     )
 
 

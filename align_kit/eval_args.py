@@ -86,6 +86,13 @@ class EvalArgs:
             "as many as the prompts. A prompt set has no labels: this audit does not run on it."
         },
     )
+    second_turn: bool = field(
+        default=True,
+        metadata={
+            "help": "Where a prompt set has a second turn, every system answers it given its own first answer "
+            "and the judge reads the whole conversation (reported as turn 2); false: turn 1 only, with a note."
+        },
+    )
     truncate_prompts: bool = field(
         default=False,
         metadata={

@@ -65,6 +65,7 @@ from align_kit.models import load_tokenizer
 from align_kit.parsing import parse, save_resolved
 from align_kit.reports import headline, opening, to_jsonable, write_report
 from align_kit.runs import log
+from align_kit.turns import answer_second_turn, has_second_turn, turn_plan, turn_table
 
 __all__ = ["comparison_plan", "paired_plan"]  # the plan's pieces, read by tests through this module
 
@@ -170,7 +171,12 @@ def evaluate(
     }
     answer_audit = degenerate_answers(answered, args.max_degenerate)  # step 4
     notes += [note for note in (held.source_line,) if note] + answer_audit["lines"]
-    notes += two_turn_note(data_args, held)
+    turn_2 = None
+    if has_second_turn(held) and args.second_turn:  # step 3b: turn 2, given each system's own turn 1
+        turn_2, answers_2, left_2 = answer_second_turn(systems, held, answered, args, out_dir, state)
+        notes += [f"turn 2: {n} prompt(s) left out: {reason}" for reason, n in left_2.items()]
+    elif has_second_turn(held):
+        notes.append("only the first turn of each conversation is answered and judged (second_turn: false)")
     for judge in judge_list:
         model = getattr(getattr(judge, "config", None), "model", None)
         if "best_of_n" in answers and model and model == args.best_of_n_reward_model:
@@ -204,10 +210,12 @@ def evaluate(
     for judge in judge_list:  # step 5: each judge, then its report
         before = _counters(judge.stats)
         try:
-            if args.grading == "single":
-                run = evaluate_single(judge, out_dir, held, answers, plan, args)
-            else:
-                run = evaluate_judge(judge, cache, held, answers, plan, args)
+            run = judge_turn(judge, cache, out_dir, held, answers, plan, args)
+            if turn_2 is not None:
+                second = judge_turn(judge, cache, out_dir, turn_2, answers_2, turn_plan(plan, turn_2), args)
+                keep = ("comparisons", "prompts", "by_group", "scores", "scores_by_group")
+                run.results["turn_2"] = {k: v for k, v in second.results.items() if k in keep}
+                run.results.setdefault("tables", []).append(turn_table(second.results))
         except Exception as error:  # the judge gets a report saying why; the other judges still run
             run = JudgeRun({"error": f"{type(error).__name__}: {error}"})
             if judge.name not in args.optional_judges:
@@ -252,6 +260,11 @@ def log_judge(
         log(f"  {name}: prompts {reports.prompt_line(results['prompts'])}")
     for comparison in results.get("comparisons", []):
         log(f"  {name}: {headline(comparison)}")
+    second = results.get("turn_2") or {}
+    if second.get("prompts"):
+        log(f"  {name}: turn 2: prompts {reports.prompt_line(second['prompts'])}")
+    for comparison in second.get("comparisons", []):
+        log(f"  {name}: turn 2: {headline(comparison)}")
     log(f"judge {name}: {counts.get('calls')} calls; report in {paths['report.md']}")
 
 
@@ -280,11 +293,14 @@ def run_metadata(
     return metadata
 
 
-def two_turn_note(data_args: DataArgs, held: HeldOut) -> list[str]:
-    """Prompt sets with second turns: only the first turn is asked and judged (said, not hidden)."""
-    if held.layout == "pairs" or "more than one turn" not in held.source_line:
-        return []
-    return ["only the first turn of each conversation is answered and judged; later turns are not asked"]
+def judge_turn(
+    judge: Any, cache: JudgmentCache, out_dir: Path, held: HeldOut, answers: Mapping[str, Any], plan: Plan,
+    args: EvalArgs,
+) -> JudgeRun:  # fmt: skip
+    """One judge on one turn, in the evaluation's grading mode."""
+    if args.grading == "single":
+        return evaluate_single(judge, out_dir, held, answers, plan, args)
+    return evaluate_judge(judge, cache, held, answers, plan, args)
 
 
 def judge_folder(out_dir: str | Path, judge: str) -> Path:

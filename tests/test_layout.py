@@ -19,7 +19,7 @@ TRAINING = {
 }  # fmt: skip
 EVALUATION = {
     "answers", "audits", "eval_args", "evaluation", "judge_backends", "judge_cache", "judge_config",
-    "judge_openai", "judge_setup", "judges", "judging", "leaderboard", "plots", "ratings", "reports", "stats", "verdicts",
+    "judge_openai", "judge_setup", "judges", "judging", "grading", "turns", "leaderboard", "plots", "ratings", "reports", "stats", "verdicts",
 }  # fmt: skip
 
 

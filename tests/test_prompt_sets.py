@@ -147,9 +147,20 @@ def test_each_layout_evaluates_from_the_command_line(tmp_path, layout, micro_mod
     assert "Prompts: requested 5, judged 4, left out 1 (too long for system " in report
     assert "- labels: not run: a prompt set has no human labels" in report
     assert saved["plan"]["comparison pairs"] == 5 * len(pairs) and saved["plan"]["actual generation s"] > 0
-    if layout == "mt-bench":
-        assert "only the first turn of each conversation is answered" in " ".join(saved["notes"])
+    if layout == "mt-bench":  # turn 2 answered given each system's own turn 1, judged over the conversation
+        second = judged["turn_2"]
+        assert second["prompts"]["requested"] == 5 and second["prompts"]["judged"] == 4
+        assert [(c["system"], c["baseline"]) for c in second["comparisons"]] == [
+            ("b", "a")
+        ]  # no turn-2 reference
+        assert "## Turn 2 (the whole conversation)" in report
         assert {g["group"] for g in judged["by_group"]["comparisons"]} == {"maths", "chat"}
+        rows = [json.loads(line) for line in (out / "generations" / "a.jsonl").read_text().splitlines()]
+        turn_two = [r for r in rows if r["prompt"].count("Human:") == 2]
+        first = {r["prompt"]: r["answer"] for r in rows if r["prompt"].count("Human:") == 1}
+        assert len(turn_two) == 4 and all(
+            any(p + " " + a.strip() in r["prompt"] for p, a in first.items()) for r in turn_two
+        )  # each turn-2 prompt holds the system's own turn-1 answer
 
 
 def test_overflowing_audit_pairs_and_comparisons_are_counted_for_the_judge(tmp_path, micro_model_dir):
