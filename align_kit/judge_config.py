@@ -273,7 +273,7 @@ def judge_identity(config: JudgeConfig, template_text: str | None) -> str:
 # Reading judges
 
 
-def _check_keys(values: dict[str, Any], where: str) -> None:
+def check_keys(values: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(JudgeConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -297,8 +297,8 @@ def read_judge_config(name_or_path: str | Path, **overrides: Any) -> JudgeConfig
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of judge settings")
-    _check_keys(values, str(path))
-    _check_keys(overrides, "overrides")
+    check_keys(values, str(path))
+    check_keys(overrides, "overrides")
     values.update(overrides)
     if not values.get("name"):
         values["name"] = path.parent.name
