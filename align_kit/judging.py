@@ -123,9 +123,14 @@ def paired_plan(plan: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
 
 
 def judge_audit_pairs(
-    judge: Any, cache: JudgmentCache, pairs: Sequence[AuditPair], progress: bool
+    judge: Any,
+    cache: JudgmentCache,
+    pairs: Sequence[AuditPair],
+    progress: bool,
+    references: Sequence[str | None] | None = None,
 ) -> list[tuple[AuditPair, PairResult]]:
-    """Judge audit pairs in both orders, the first answer in the system's seat."""
+    """Judge audit pairs in both orders, the first answer in the system's seat (shown ``references`` when
+    the judge is reference-guided)."""
     results = judges_lib.judge_both_orders(
         judge,
         [p.prompt for p in pairs],
@@ -134,6 +139,7 @@ def judge_audit_pairs(
         cache,
         [p.prompt_id for p in pairs],
         progress,
+        references,
     )
     return list(zip(pairs, results, strict=True))
 
@@ -159,15 +165,24 @@ def fitting(judge: Any, items: Sequence[PairItem]) -> list[bool]:
 def comparison_rows(
     judge: Any, held: HeldOut, answers: Mapping[str, Sequence[str | None]], system: str, baseline: str
 ) -> tuple[list[int], dict[int, str]]:
-    """Prompt indices one comparison judges, and why each other prompt is left out of it."""
+    """Prompt indices one comparison judges, and why each other prompt is left out of it (a reference-guided
+    judge needs the prompt's reference answer)."""
     why: dict[int, str] = {}
+    guided = uses_reference(getattr(judge, "template", None))
     for i in range(len(held.prompts)):
+        if guided and held.chosen[i] is None:
+            why[i] = f"no reference answer for judge {judge.name}"
+            continue
         for name in (system, baseline):
             if answers[name][i] is None:
                 why[i] = "no reference answer" if name == CHOSEN else f"too long for system {name}"
                 break
     keep = [i for i in range(len(held.prompts)) if i not in why]
-    items = [PairItem(held.prompts[i], answers[system][i], answers[baseline][i]) for i in keep]
+    refs = [held.chosen[i] if guided else None for i in keep]
+    items = [
+        PairItem(held.prompts[i], answers[system][i], answers[baseline][i], r)
+        for i, r in zip(keep, refs, strict=True)
+    ]
     for i, fits in zip(keep, fitting(judge, items), strict=True):
         if not fits:
             why[i] = f"too long for judge {judge.name}"
@@ -182,18 +197,20 @@ def evaluate_judge(
     (no reference, too long for a system or for the judge) and audit pairs that overflow the judge are
     counted, never asked."""
     run = JudgeRun({})
+    guided = uses_reference(getattr(judge, "template", None))
     skipped: Counter = Counter()
     asked: list[tuple[str, PairResult]] = []  # (comparison or audit pair, result) for every pair asked
     decided = [False] * len(held.prompts)
     reasons: dict[int, str] = {}  # a prompt's first reason for being left out of a comparison
     for system, baseline in plan.comparisons:
         rows, why = comparison_rows(judge, held, answers, system, baseline)
+        refs = [held.chosen[i] for i in rows] if guided else None
         for i, reason in why.items():
             reasons.setdefault(i, reason)
             skipped[f"{system} vs {baseline}: {reason}"] += 1
         prompts, ids = [held.prompts[i] for i in rows], [held.prompt_ids[i] for i in rows]
         ours, theirs = [answers[system][i] for i in rows], [answers[baseline][i] for i in rows]
-        results = judges_lib.judge_both_orders(judge, prompts, ours, theirs, cache, ids, args.progress)
+        results = judges_lib.judge_both_orders(judge, prompts, ours, theirs, cache, ids, args.progress, refs)
         found = to_judgments(results, system, baseline, ours, theirs, args.combine_orders)
         skipped[f"{system} vs {baseline}: both orders unparseable"] += len(results) - len(found)
         for i, result in zip(rows, results, strict=True):
@@ -205,14 +222,22 @@ def evaluate_judge(
         asked += [(f"{system} vs {baseline}", result) for result in results]
         run.examples += reports.pick_examples(found, held, answers, args.n_examples)
 
+    reference_of = dict(zip(held.prompt_ids, held.chosen, strict=True)) if guided else {}
     pairs = [*plan.honeypots, *plan.labelled]
-    fits = fitting(judge, [PairItem(p.prompt, p.first, p.second) for p in pairs])
+    if guided:  # a reference-guided judge is asked only audit pairs whose prompt has a reference
+        for pair in pairs:
+            if reference_of.get(pair.prompt_id) is None:
+                skipped[f"{pair.label}: no reference answer for judge {judge.name}"] += 1
+        pairs = [p for p in pairs if reference_of.get(p.prompt_id) is not None]
+    fits = fitting(
+        judge, [PairItem(p.prompt, p.first, p.second, reference_of.get(p.prompt_id)) for p in pairs]
+    )
     for pair, ok in zip(pairs, fits, strict=True):
         if not ok:
             skipped[f"{pair.label}: too long for judge {judge.name}"] += 1
-    audited = judge_audit_pairs(
-        judge, cache, [p for p, ok in zip(pairs, fits, strict=True) if ok], args.progress
-    )
+    pairs = [p for p, ok in zip(pairs, fits, strict=True) if ok]
+    refs = [reference_of[p.prompt_id] for p in pairs] if guided else None
+    audited = judge_audit_pairs(judge, cache, pairs, args.progress, refs)
     run.audit_judgments = list(run.judgments)
     for pair, result in audited:
         asked.append((pair.label, result))

@@ -12,7 +12,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import keyword_judge
+from conftest import ScriptedJudge, keyword_judge
 
 from align_kit import answers, audits, evaluation, judge_setup, prompt_sets
 from align_kit.answers import Answered
@@ -331,3 +331,25 @@ def test_local_judge_grades_single_answers_from_its_label_logits():
     judge = HFLogitsJudge(config, "Q {question} A {answer} score:", model, build_byte_tokenizer())
     scores = judge.score_batch([ScoreItem("\n\nHuman: hi\n\nAssistant:", "hello"), ScoreItem("q", "no")])
     assert all(1.0 <= s <= 9.0 for s in scores) and scores[0] != scores[1]
+
+
+def test_reference_guided_pairwise_judge_sees_the_reference_and_counts_prompts_without_one(tmp_path):
+    data, files = single_setup(tmp_path, ["ref a", None, "ref b", None])
+    seen = []
+
+    def verdict(item):
+        seen.append(item.reference)
+        return "A" if item.answer_a.startswith("y") else "B" if item.answer_b.startswith("y") else "tie"
+
+    judge = ScriptedJudge(verdict, "guided", 8, identity="guided:v1")
+    judge.template = "{question} {reference} {answer_a} {answer_b}"
+    result = evaluate_systems(
+        files, "x", [judge], tmp_path / "out", dataset=str(data), n_boot=50, progress=False
+    )
+    judged = result["judges"]["guided"]
+    assert set(seen) == {"ref a", "ref b"}  # comparisons and honeypots alike
+    assert result["prompts"]["guided"] == {
+        "requested": 4, "judged": 2, "left_out": {"no reference answer for judge guided": 2}
+    }  # fmt: skip
+    y_vs_x = next(c for c in judged["comparisons"] if (c["system"], c["baseline"]) == ("y", "x"))
+    assert y_vs_x["n"] == 2 and y_vs_x["win_rate"] == 1.0
