@@ -58,6 +58,12 @@ def score_key(identity: str, item: ScoreItem) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def fitting(judge: Any, items: Sequence[ScoreItem]) -> list[bool]:
+    """Which items fit the judge's context (a judge without ``fits`` takes anything)."""
+    fits = getattr(judge, "fits", None)
+    return list(fits(list(items))) if fits is not None and items else [True] * len(items)
+
+
 def score_all(
     judge: Any, items: Sequence[ScoreItem], cache: ScoreCache | None, progress: bool
 ) -> list[float | None]:
@@ -124,6 +130,7 @@ def grade_single(
     names = [n for n in answers if n != CHOSEN]
     scores: dict[str, list[float | None]] = {}
     asked: list[float | None] = []  # every score asked for, for the parse-failure rate
+    overflow: set[int] = set()  # prompts with an answer too long for the judge
     for name in [*names, CHOSEN] if held.n_references else names:
         keep = [
             i
@@ -154,6 +161,7 @@ def grade_single(
         "scores_by_group": by_group,
         "judgments": judgments,
         "decided": decided,
+        "overflow": overflow,
         **audit,
     }
 
@@ -163,7 +171,7 @@ def single_audits(
     plan: Any, refs: Sequence[str | None], args: EvalArgs, asked: Sequence[float | None],
 ) -> dict[str, Any]:  # fmt: skip
     """Re-ask consistency, honeypot scores below the real answer's, parse failures, and their checks."""
-    base = [i for i, s in enumerate(scores[args.base]) if s is not None][:REASK]
+    base = [i for i, s in enumerate(scores[args.base]) if s is not None][:REASK]  # scored, so they fit
     items = [ScoreItem(held.prompts[i], answers[args.base][i], refs[i]) for i in base]
     again = score_all(judge, items, None, False) if items else []
     pairs = [(scores[args.base][i], s) for i, s in zip(base, again, strict=True)]
@@ -172,6 +180,9 @@ def single_audits(
     index = {pid: i for i, pid in enumerate(held.prompt_ids)}
     real = [ScoreItem(p.prompt, p.first, refs[index[p.prompt_id]]) for p in plan.honeypots]
     fake = [ScoreItem(p.prompt, p.second, refs[index[p.prompt_id]]) for p in plan.honeypots]
+    fit = [a and b for a, b in zip(fitting(judge, real), fitting(judge, fake), strict=True)]
+    real = [item for item, ok in zip(real, fit, strict=True) if ok]
+    fake = [item for item, ok in zip(fake, fit, strict=True) if ok]
     got = score_all(judge, real + fake, None, False) if real else []
     honey = [
         (a, b)

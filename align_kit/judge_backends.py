@@ -106,6 +106,23 @@ class ScoreJudge:
             )
         return self.scorer
 
+    def fits(self, items: list[PairItem | ScoreItem]) -> list[bool]:
+        """Whether every answer of each item, after its prompt, fits the scorer (a scorer without ``fits``,
+        such as the oracle, takes anything)."""
+        check = getattr(self._scorer(), "fits", None)
+        if check is None:
+            return [True] * len(items)
+        answers = [(i.answer,) if isinstance(i, ScoreItem) else (i.answer_a, i.answer_b) for i in items]
+        flat = check(
+            [i.prompt for i, a in zip(items, answers, strict=True) for _ in a],
+            [x for a in answers for x in a],
+        )
+        out, at = [], 0
+        for a in answers:
+            out.append(all(flat[at : at + len(a)]))
+            at += len(a)
+        return out
+
     def score_batch(self, items: list[ScoreItem]) -> list[float]:
         """Single grading: the scorer's own score of each answer (its scale, not 1-10)."""
         self.stats.calls += len(items)

@@ -276,9 +276,12 @@ def evaluate_single(
             reasons[i] = f"no reference answer for judge {judge.name}"
         elif missing:
             reasons[i] = f"too long for system {missing[0]}"
+        elif i in graded["overflow"]:
+            reasons[i] = f"too long for judge {judge.name}"
         else:
             reasons[i] = "no parseable score"
     judgments = graded.pop("judgments")
+    graded.pop("overflow")
     comparisons = [
         stats.summarize(judgments, s, b, seed=args.seed, n_boot=args.n_boot, level=args.level)
         for s, b in plan.comparisons
