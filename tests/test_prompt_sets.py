@@ -353,3 +353,9 @@ def test_reference_guided_pairwise_judge_sees_the_reference_and_counts_prompts_w
     }  # fmt: skip
     y_vs_x = next(c for c in judged["comparisons"] if (c["system"], c["baseline"]) == ("y", "x"))
     assert y_vs_x["n"] == 2 and y_vs_x["win_rate"] == 1.0
+
+
+def test_the_length_controlled_fit_survives_separated_data():
+    from align_kit import stats
+
+    assert stats._sigmoid(-1e4) == 0.0 and stats._sigmoid(1e4) == 1.0 and stats._sigmoid(0.0) == 0.5
