@@ -25,7 +25,7 @@ from align_kit.data import DataError, load_preferences, load_raw, render_held_ou
 from align_kit.eval_args import EvalArgs
 from align_kit.generation import best_of_n
 from align_kit.models import load_model, load_reward_model, load_tokenizer, resolve
-from align_kit.prompt_sets import PromptSet, categories, describe, read_prompt_set
+from align_kit.prompt_sets import PromptSet, categories, describe, read_source
 from align_kit.prompts import format_prompt
 
 CHOSEN = "chosen"  # the dataset's chosen answer, a baseline every system meets
@@ -139,10 +139,12 @@ def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> Held
     gets them rendered as it was trained): a prompt set's first ``args.n_prompts`` rows used whole
     (``prompt_sets``), else the first ``args.n_prompts`` distinct prompts of the preference data's test split
     with their first chosen answer. Prompts asked for and not there are counted in ``left_out``."""
-    prompt_set = read_prompt_set(data_args, args.n_prompts)
+    prompt_set, raws = read_source(data_args, args.n_prompts)  # the raw data is read once
     if prompt_set is not None:
         return held_out_of_set(prompt_set, args, data_args)
-    splits, counts = load_preferences(dataclasses.replace(data_args, chat_template="hh"), tokenizer)
+    if raws is None and args.group_column:
+        raws = load_raw(data_args)
+    splits, counts = load_preferences(dataclasses.replace(data_args, chat_template="hh"), tokenizer, raws)
     first_chosen: dict[str, str] = {}
     for row in splits["test"]:
         first_chosen.setdefault(row["prompt"], row["chosen"])
@@ -151,7 +153,7 @@ def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> Held
         raise ValueError(f"{data_args.dataset}: the test split has no usable rows")
     groups = None
     if args.group_column:
-        group_of = prompt_groups(splits["test"], data_args, args.group_column)
+        group_of = prompt_groups(splits["test"], data_args, args.group_column, raws)
         groups = [group_of[p] for p in prompts]
     left_out: Counter = Counter()
     if len(prompts) < args.n_prompts:
@@ -205,10 +207,12 @@ def held_out_of_set(prompt_set: PromptSet, args: EvalArgs, data_args: DataArgs) 
     )
 
 
-def prompt_groups(rows: Sequence[dict[str, Any]], data_args: DataArgs, column: str) -> dict[str, str]:
+def prompt_groups(
+    rows: Sequence[dict[str, Any]], data_args: DataArgs, column: str, raws: dict[str, Any] | None = None
+) -> dict[str, str]:
     """prompt -> its value of ``column`` in the raw source row it came from (``source_row``; the first row
-    of a prompt decides), for reporting every comparison per group."""
-    raw = load_raw(data_args)
+    of a prompt decides), for reporting every comparison per group (``raws``: the splits already read)."""
+    raw = raws if raws is not None else load_raw(data_args)
     split = raw[
         data_args.test_split if data_args.test_split in raw else data_args.train_split
     ]  # test from train
@@ -302,7 +306,7 @@ def fit_prompts(
     left_out, truncated, out = Counter(), 0, []
     reason = f"too long for system {name} (prompt + max_new_tokens {args.max_new_tokens} > {limit} tokens)"
     for text in rendered:
-        ids = tokenizer(text)["input_ids"]
+        ids = tokenizer(text, verbose=False)["input_ids"]  # too long is what we measure, not a warning
         if len(ids) <= room:
             out.append(text)
             continue

@@ -95,16 +95,33 @@ def prompt_set_file(args: DataArgs) -> Path | None:
     return None
 
 
-def read_prompt_set(args: DataArgs, n_prompts: int) -> PromptSet | None:
-    """The prompt set behind ``args.dataset`` (its first ``n_prompts`` rows), or None when the data is no
-    prompt set (preference pairs, the embedded task, a Hub dataset)."""
+def read_source(args: DataArgs, n_prompts: int) -> tuple[PromptSet | None, dict[str, RawSplit] | None]:
+    """The prompt set behind ``args.dataset`` (its first ``n_prompts`` rows), or, for data that is no prompt
+    set, the raw splits already read (as ``formats.load_raw`` gives them, so nothing is read twice; None when
+    nothing was read: the embedded task, a Hub dataset, a folder without a train split)."""
     path = prompt_set_file(args)
     if path is None:
-        return None
+        return None, None
     raw = read_file(path)
     layout = layout_of_columns(raw)
     if layout is None:
-        return None
+        if Path(args.dataset).is_file():
+            return None, {args.train_split: raw}
+        other = args.train_split if path.stem == args.test_split else None
+        found = sorted(p for p in path.parent.iterdir() if p.stem == other and p.suffix in DATA_SUFFIXES)
+        if not found:
+            return None, None
+        return None, {args.train_split: read_file(found[0]), args.test_split: raw}
+    return parse_prompt_set(raw, layout, path, n_prompts), None
+
+
+def read_prompt_set(args: DataArgs, n_prompts: int) -> PromptSet | None:
+    """The prompt set behind ``args.dataset``, or None when the data is no prompt set."""
+    return read_source(args, n_prompts)[0]
+
+
+def parse_prompt_set(raw: RawSplit, layout: str, path: Path, n_prompts: int) -> PromptSet:
+    """The usable rows of a prompt set's first ``n_prompts``, the others counted by reason."""
     rows = _rows(raw)
     considered = rows[:n_prompts]
     out = PromptSet(str(path), layout, [], len(considered))

@@ -76,7 +76,10 @@ class SequenceClassifierScorer:
             return [True] * len(prompts)
         eos = self.tokenizer.eos_token if self.append_eos else ""
         texts = [p + a + eos for p, a in zip(prompts, answers, strict=True)]
-        return [len(ids) <= limit for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return [
+            len(ids) <= limit
+            for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        ]
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
