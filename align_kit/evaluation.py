@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def evaluate(
     }
     failed = []
     for judge in judge_list:  # step 5: each judge, then its report
-        before = _counters(judge.stats)
+        before, started = _counters(judge.stats), time.perf_counter()
         try:
             run = judge_turn(judge, cache, out_dir, held, answers, plan, args)
             if turn_2 is not None:
@@ -221,6 +222,8 @@ def evaluate(
             if judge.name not in args.optional_judges:
                 failed.append(f"judge {judge.name}: {run.results['error']}")
         counts = _since(before, _counters(judge.stats))
+        plan_block.setdefault("judge s", {})[judge.name] = round(time.perf_counter() - started, 1)
+        plan_block.setdefault("judge calls made", {})[judge.name] = counts.get("calls")
         results = run.results | {
             "traffic": judge_traffic(counts, args.judge_retry_threshold),
             "skipped": {**dict(plan.honeypot_skipped), **run.results.get("skipped", {})},

@@ -137,6 +137,9 @@ def grade_single(
             for i, a in enumerate(answers[name])
             if a is not None and not (with_reference and refs[i] is None)
         ]
+        fits = fitting(judge, [ScoreItem(held.prompts[i], answers[name][i], refs[i]) for i in keep])
+        overflow |= {i for i, ok in zip(keep, fits, strict=True) if not ok}
+        keep = [i for i, ok in zip(keep, fits, strict=True) if ok]
         got = score_all(
             judge, [ScoreItem(held.prompts[i], answers[name][i], refs[i]) for i in keep], cache, args.progress
         )

@@ -359,3 +359,18 @@ def test_the_length_controlled_fit_survives_separated_data():
     from align_kit import stats
 
     assert stats._sigmoid(-1e4) == 0.0 and stats._sigmoid(1e4) == 1.0 and stats._sigmoid(0.0) == 0.5
+
+
+def test_single_grading_counts_answers_too_long_for_the_judge(tmp_path):
+    table = {"x0": 2, "x1": 5, "x2": 7, "x3": 4, "y0": 6, "y1": 5, "y2": 3, "y3": 9}
+    data, files = single_setup(tmp_path, [None] * 4)
+    scorer = ScriptedScorer(table)
+    scorer.fits = lambda items: [not item.answer.endswith("2") for item in items]  # x2 and y2 overflow
+    result = evaluate_systems(files, "x", [scorer], tmp_path / "out", dataset=str(data), grading="single",
+                              n_boot=50, progress=False)  # fmt: skip
+    assert result["prompts"]["scorer"] == {
+        "requested": 4,
+        "judged": 3,
+        "left_out": {"too long for judge scorer": 1},
+    }
+    assert all(not item.answer.endswith("2") for item in scorer.seen)
