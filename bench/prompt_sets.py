@@ -1,5 +1,5 @@
 """Evaluation on a benchmark prompt set in each layout: two tiny systems (random 1-layer GPT-2s with a
-128-token context, so the long prompts of each set do not fit) judged pairwise by a random-head reward model,
+256-token context, so the long prompts of each set do not fit) judged pairwise by a random-head reward model,
 and once more with single-answer grading. Prints the requested / judged / left-out table and the plan's
 generation-time estimate (from the first batch) against the time generation took.
 
@@ -72,7 +72,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="prompt_sets_"))
     for name, seed in (("a", 0), ("b", 1)):
         build_tiny_gpt2(
-            TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=128, seed=seed)
+            TinyGPT2Shape(n_layer=1, n_embd=32, n_head=2, n_positions=256, seed=seed)
         ).save_pretrained(work / name)
         build_byte_tokenizer().save_pretrained(work / name)
     load_reward_model(EMBEDDED_NAME, pad_token_id=257).save_pretrained(work / "rm")
