@@ -276,7 +276,7 @@ class Answered:
     truncated: int = 0
     context: int | None = None  # the system's context length in tokens, when known
     cut: int | None = None  # answers that reached max_new_tokens (None: not measurable, e.g. an answer file)
-    first_batch_s: float | None = None  # wall time of the first generation batch
+    batch_s: list[float] = field(default_factory=list)  # wall time of each generation batch (the first loads)
     seconds: float = 0.0  # wall time of all generation
 
 
@@ -372,8 +372,7 @@ def system_answers(system: System, held: HeldOut, args: EvalArgs, out_dir: Path,
     if todo:
         done_now = 0  # the batches come back rendered for the system: the file keeps the hh prompts
         for batch, new in generate_answers(system, [reader[p] for p in todo], args, state):
-            if result.first_batch_s is None:
-                result.first_batch_s = time.perf_counter() - start
+            result.batch_s.append(time.perf_counter() - start - sum(result.batch_s))
             prompts, done_now = todo[done_now : done_now + len(batch)], done_now + len(batch)
             if state.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -117,14 +117,17 @@ def log_plan(plan: Plan, held: HeldOut, systems: Sequence[Any], judges: Sequence
 def answer_all(
     systems: Sequence[Any], held: HeldOut, args: EvalArgs, out_dir: Path, state: Any, plan_block: dict[str, Any]
 ) -> dict[str, Answered]:  # fmt: skip
-    """Step 3: every system's answers; the first generation batch gives the time estimate of the rest."""
+    """Step 3: every system's answers; the first system's first two batches (the first with the model's
+    loading) give the time estimate of the rest."""
     answered: dict[str, Answered] = {}
     for system in systems:
         answered[system.name] = done = system_answers(system, held, args, out_dir, state)
-        if done.first_batch_s is not None and "estimated generation s" not in plan_block:
-            batches = sum(-(-len(held.prompts) // args.batch_size) for s in systems if s.kind != "answers")
-            plan_block["estimated generation s"] = round(done.first_batch_s * batches, 1)
-            log(f"plan: the first batch took {done.first_batch_s:.1f}s: generation about "
+        if done.batch_s and "estimated generation s" not in plan_block:
+            first, rest = done.batch_s[0], done.batch_s[1] if len(done.batch_s) > 1 else done.batch_s[0]
+            batches = -(-len(held.prompts) // args.batch_size)
+            generating = sum(s.kind != "answers" for s in systems)
+            plan_block["estimated generation s"] = round(generating * (first + rest * (batches - 1)), 1)
+            log(f"plan: the first batches took {first:.1f}s (with loading) and {rest:.1f}s: generation about "
                 f"{plan_block['estimated generation s']:.0f}s in all")  # fmt: skip
         for reason, n in done.left_out.items():
             log(f"{system.name}: {n} prompt(s) left out: {reason}")

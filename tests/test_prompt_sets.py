@@ -119,9 +119,17 @@ def test_audit_sizes_scale_with_the_prompts_unless_set():
 # Whole evaluations from the command line
 
 
-@pytest.mark.parametrize(
-    "layout", ["mt-bench", "arena-hard", "alpacaeval", "prompts", "prompts-with-references"]
-)
+SLOW = pytest.mark.quality  # the same path as the two layouts in the default suite: run by make test-all
+LAYOUTS = [
+    "mt-bench",
+    "prompts-with-references",
+    pytest.param("arena-hard", marks=SLOW),
+    pytest.param("alpacaeval", marks=SLOW),
+    pytest.param("prompts", marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_each_layout_evaluates_from_the_command_line(tmp_path, layout, micro_model_dir, tiny_model_dir):
     data = write_rows(tmp_path / "set.jsonl", layout_rows(layout))
     judge = short_judge_folder(tmp_path, micro_model_dir)
