@@ -22,13 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from align_kit.evaluation import main as evaluate  # noqa: E402
-from align_kit.models import (  # noqa: E402
+from align_kit.evaluation.pipeline import main as evaluate  # noqa: E402
+from align_kit.models.loading import (
     EMBEDDED_NAME,
     TinyGPT2Shape,
     build_byte_tokenizer,
     build_tiny_gpt2,
-    load_reward_model,  # noqa: E402
+    load_reward_model,
 )
 
 TOPICS = ["rivers", "bread", "clocks", "bridges", "owls", "glass", "chess", "tides", "maps", "bees"]

@@ -1,4 +1,4 @@
-"""Protects evaluation on benchmark prompt sets (align_kit/prompt_sets.py, answers.held_out, judging.py): the
+"""Protects evaluation on benchmark prompt sets (align_kit/data/prompt_sets.py, answers.held_out, judging.py): the
 prompts, MT-Bench, AlpacaEval and Arena-Hard layouts are detected and used whole; every layout evaluates from
 the command line with requested = judged + counted; comparisons against the reference run only where one
 exists and the label audit only on labelled data, and the report says which audits ran; a prompt longer than a
@@ -14,16 +14,18 @@ from collections import Counter
 import pytest
 from conftest import ScriptedJudge, keyword_judge
 
-from align_kit import answers, audits, evaluation, judge_setup, prompt_sets
-from align_kit.answers import Answered
 from align_kit.configs import DataArgs
-from align_kit.eval_args import EvalArgs, audit_sizes
-from align_kit.evaluation import evaluate_systems
-from align_kit.judge_backends import HFLogitsJudge
-from align_kit.judge_config import read_judge_config, read_template
-from align_kit.judges import JudgeStats, PairItem, ScoreItem
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
-from align_kit.prompts import format_prompt
+from align_kit.data import prompt_sets
+from align_kit.data.prompts import format_prompt
+from align_kit.evaluation import answers, audits, judge_setup
+from align_kit.evaluation import pipeline as evaluation
+from align_kit.evaluation.answers import Answered
+from align_kit.evaluation.pipeline import evaluate_systems
+from align_kit.evaluation.settings import EvalArgs, audit_sizes
+from align_kit.judges.backends import HFLogitsJudge
+from align_kit.judges.config import read_judge_config, read_template
+from align_kit.judges.protocol import JudgeStats, PairItem, ScoreItem
+from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 
 QUESTIONS = ["Add three and four.", "Name a warm colour.", "One word for a small dog?", "Greet me briefly."]
 LONG = "Tell me about this: " + "many words here " * 20  # 340 bytes: over a 256-position context
@@ -364,7 +366,7 @@ def test_reference_guided_pairwise_judge_sees_the_reference_and_counts_prompts_w
 
 
 def test_the_length_controlled_fit_survives_separated_data():
-    from align_kit import stats
+    from align_kit.evaluation import stats
 
     assert stats._sigmoid(-1e4) == 0.0 and stats._sigmoid(1e4) == 1.0 and stats._sigmoid(0.0) == 0.5
 
