@@ -269,8 +269,13 @@ def test_every_shipped_judge_parses_with_its_template():
     for name in names:
         config = read_judge_config(name)
         assert config.name == name
-        if config.template:
-            assert "{output_1}" in read_template(config.template)
+        if config.template:  # slot A's placeholder, or a single-grading judge's answer
+            text = read_template(config.template, config.grading)
+            assert (
+                ("{output_1}" in text or "{answer_a}" in text)
+                if config.grading == "pairwise"
+                else "{answer}" in text
+            )
     openai = read_judge_config("openai_pairwise")
     assert openai.api_key_env == "OPENAI_API_KEY" and openai.temperature == 0.0
     assert read_judge_config("local_hf_pairwise", tie_margin=0.5).tie_margin == 0.5

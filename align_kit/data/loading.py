@@ -261,12 +261,15 @@ def resolve_chat_format(args: DataArgs, tokenizer: Any = None) -> ChatFormat:
     return fmt
 
 
-def _load(args: DataArgs, tokenizer: Any, kinds: tuple[str, ...]) -> tuple[dict[str, list], DropCounts]:
-    """Read, detect, clean, split and cap; ``kinds`` are the layouts the caller reads ('pairs',
-    'instruction', 'unpaired')."""
+def _load(
+    args: DataArgs, tokenizer: Any, kinds: tuple[str, ...], raws: dict[str, RawSplit] | None = None
+) -> tuple[dict[str, list], DropCounts]:
+    """Read (unless ``raws`` were read already), detect, clean, split and cap; ``kinds`` are the layouts the
+    caller reads ('pairs', 'instruction', 'unpaired')."""
     fmt = resolve_chat_format(args, tokenizer)
     counts = DropCounts(requested_format=args.dataset_format, chat_template=fmt.name)
-    raws = {("train" if split == args.train_split else "test"): raw for split, raw in load_raw(args).items()}
+    read = raws if raws is not None else load_raw(args)
+    raws = {("train" if split == args.train_split else "test"): raw for split, raw in read.items()}
     splits = {}
     for split, raw in raws.items():
         layout = detect_format(raw, args) if args.dataset_format == "auto" else args.dataset_format
@@ -299,10 +302,13 @@ def _format_hint(raws: dict[str, RawSplit], args: DataArgs) -> str:
     return f"; the rows look like {seen!r}: try dataset_format: auto" if seen != args.dataset_format else ""
 
 
-def load_preferences(args: DataArgs, tokenizer: Any = None) -> tuple[dict[str, list[dict]], DropCounts]:
+def load_preferences(
+    args: DataArgs, tokenizer: Any = None, raws: dict[str, RawSplit] | None = None
+) -> tuple[dict[str, list[dict]], DropCounts]:
     """Clean train and test preference rows (``prompt``, ``chosen``, ``rejected`` rendered with the chat
-    template; ``messages``; ``source_row``) and the counts of what was kept and dropped."""
-    return _load(args, tokenizer, ("pairs",))
+    template; ``messages``; ``source_row``) and the counts of what was kept and dropped (``raws``: the
+    splits as ``load_raw`` reads them, when the caller read them already)."""
+    return _load(args, tokenizer, ("pairs",), raws)
 
 
 def load_sft(

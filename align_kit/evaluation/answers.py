@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from align_kit import files
 from align_kit.configs import DataArgs, ModelArgs
 from align_kit.data.formats import DataError, load_raw
 from align_kit.data.loading import load_preferences, render_held_out, system_chat_format
+from align_kit.data.prompt_sets import PromptSet, categories, describe, read_source
+from align_kit.data.prompts import format_prompt
 from align_kit.evaluation.served import served_answers, served_endpoint
 from align_kit.evaluation.settings import EvalArgs
 from align_kit.models import generation, rewards
@@ -94,14 +98,28 @@ def resolve_systems(args: EvalArgs, notes: list[str]) -> list[System]:
 
 @dataclass
 class HeldOut:
-    """Held-out prompts (distinct, in dataset order) with their chosen answers, and the labelled rows."""
+    """Held-out prompts (distinct, in dataset order) with their chosen (or reference) answers, and the
+    labelled rows. From a prompt set, ``chosen`` holds each prompt's reference answer or None, and ``rows``
+    is empty (a prompt set has no human labels)."""
 
     prompt_ids: list[str]
     prompts: list[str]
-    chosen: list[str]
+    chosen: list[str | None]
     rows: list[dict[str, str]]  # every held-out (prompt, chosen, rejected) row, for label agreement
     groups: list[str] | None = None  # each prompt's value of EvalArgs.group_column, when one is set
     chat_template: str = "auto"  # how systems that are no align-kit run get their prompts rendered
+    layout: str = "pairs"  # 'pairs' (preference data, test split) or a prompt_sets.PROMPT_SET_LAYOUTS name
+    requested: int = 0  # prompts asked for (n_prompts, or the rows of a prompt set read)
+    left_out: Counter = field(default_factory=Counter)  # reason -> prompts lost before any answer
+    group_column: str | None = None  # what ``groups`` are (EvalArgs.group_column, or 'category')
+    source_line: str = ""  # what was read, for the console and the report
+    first_turns: list[str] | None = None  # a prompt set's questions as written (turn 1)
+    second_turns: list[str | None] | None = None  # the second question of a two-turn conversation, or None
+    second_references: list[str | None] | None = None
+
+    @property
+    def n_references(self) -> int:
+        return sum(answer is not None for answer in self.chosen)
 
 
 def prompt_id(prompt: str) -> str:
@@ -110,9 +128,16 @@ def prompt_id(prompt: str) -> str:
 
 
 def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> HeldOut:
-    """The first ``args.n_prompts`` distinct prompts of the test split and their first chosen answer, in the
-    hh format (the plain conversation judges read; each system gets them rendered as it was trained)."""
-    splits, _ = load_preferences(dataclasses.replace(data_args, chat_template="hh"), tokenizer)
+    """The prompts every system answers, in the hh format (the plain conversation judges read; each system
+    gets them rendered as it was trained): a prompt set's first ``args.n_prompts`` rows used whole
+    (``prompt_sets``), else the first ``args.n_prompts`` distinct prompts of the preference data's test split
+    with their first chosen answer. Prompts asked for and not there are counted in ``left_out``."""
+    prompt_set, raws = read_source(data_args, args.n_prompts)  # the raw data is read once
+    if prompt_set is not None:
+        return held_out_of_set(prompt_set, args, data_args)
+    if raws is None and args.group_column:
+        raws = load_raw(data_args)
+    splits, counts = load_preferences(dataclasses.replace(data_args, chat_template="hh"), tokenizer, raws)
     first_chosen: dict[str, str] = {}
     for row in splits["test"]:
         first_chosen.setdefault(row["prompt"], row["chosen"])
@@ -121,8 +146,15 @@ def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> Held
         raise ValueError(f"{data_args.dataset}: the test split has no usable rows")
     groups = None
     if args.group_column:
-        group_of = prompt_groups(splits["test"], data_args, args.group_column)
+        group_of = prompt_groups(splits["test"], data_args, args.group_column, raws)
         groups = [group_of[p] for p in prompts]
+    left_out: Counter = Counter()
+    if len(prompts) < args.n_prompts:
+        dropped = ", ".join(f"{r}={n}" for r, n in sorted(counts.dropped.get("test", {}).items())) or "none"
+        reason = (
+            f"not in the test split ({len(first_chosen)} distinct prompts; loader drops there: {dropped})"
+        )
+        left_out[reason] = args.n_prompts - len(prompts)
     return HeldOut(
         [prompt_id(p) for p in prompts],
         prompts,
@@ -130,13 +162,50 @@ def held_out(args: EvalArgs, data_args: DataArgs, tokenizer: Any = None) -> Held
         splits["test"],
         groups,
         data_args.chat_template,
+        requested=args.n_prompts,
+        left_out=left_out,
+        group_column=args.group_column,
+        source_line=f"{data_args.dataset}: preference pairs, test split; {counts.summary()}".replace(
+            "\n", "; "
+        ),
     )
 
 
-def prompt_groups(rows: Sequence[dict[str, Any]], data_args: DataArgs, column: str) -> dict[str, str]:
+def held_out_of_set(prompt_set: PromptSet, args: EvalArgs, data_args: DataArgs) -> HeldOut:
+    """A prompt set as held-out prompts: the first turn of every usable row, its reference answer (or
+    None), its category as the group unless ``group_column`` names another column."""
+    items = prompt_set.items
+    prompts = [format_prompt(item.turns[0]) for item in items]
+    groups, column = categories(items), "category"
+    if args.group_column and args.group_column != "category":
+        raise DataError(
+            f"{prompt_set.source}: group_column {args.group_column!r}: a prompt set is grouped by its "
+            "category only"
+        )
+    return HeldOut(
+        [prompt_id(p) for p in prompts],
+        prompts,
+        [item.reference for item in items],
+        [],
+        groups,
+        data_args.chat_template,
+        layout=prompt_set.layout,
+        requested=prompt_set.rows_read,
+        left_out=Counter(prompt_set.left_out),
+        group_column=column if groups is not None else None,
+        source_line=describe(prompt_set),
+        first_turns=[item.turns[0] for item in items],
+        second_turns=[item.turns[1] if len(item.turns) > 1 else None for item in items],
+        second_references=[item.references[1] if len(item.references) > 1 else None for item in items],
+    )
+
+
+def prompt_groups(
+    rows: Sequence[dict[str, Any]], data_args: DataArgs, column: str, raws: dict[str, Any] | None = None
+) -> dict[str, str]:
     """prompt -> its value of ``column`` in the raw source row it came from (``source_row``; the first row
-    of a prompt decides), for reporting every comparison per group."""
-    raw = load_raw(data_args)
+    of a prompt decides), for reporting every comparison per group (``raws``: the splits already read)."""
+    raw = raws if raws is not None else load_raw(data_args)
     split = raw[
         data_args.test_split if data_args.test_split in raw else data_args.train_split
     ]  # test from train
@@ -182,23 +251,85 @@ def read_generations(path: Path) -> list[dict[str, Any]]:
     return files.read_jsonl(path, skip_bad=True)
 
 
-def system_answers(
-    system: System, held: HeldOut, args: EvalArgs, out_dir: Path, state: Any
-) -> tuple[list[str], int]:
-    """Answers of one system to every held-out prompt and how many were generated now.
+@dataclass
+class Answered:
+    """One system's answers to the held-out prompts (None where the prompt did not fit its context), how many
+    were generated now, the prompts left out or left-truncated by reason, and timings for the plan."""
+
+    answers: list[str | None]
+    generated: int = 0
+    left_out: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    context: int | None = None  # the system's context length in tokens, when known
+    cut: int | None = None  # answers that reached max_new_tokens (None: not measurable, e.g. an answer file)
+    batch_s: list[float] = field(default_factory=list)  # wall time of each generation batch (the first loads)
+    seconds: float = 0.0  # wall time of all generation
+
+
+def context_limit(path: str, tokenizer: Any) -> int | None:
+    """A model's context length in tokens, read from its config (no weights loaded), else from its tokenizer's
+    ``model_max_length`` when that is a real bound; None when neither says."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(path))
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    except (OSError, ValueError):
+        limit = None
+    if limit is None and getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 10**7:
+        limit = tokenizer.model_max_length
+    return int(limit) if limit else None
+
+
+def fit_prompts(
+    name: str, rendered: Sequence[str], tokenizer: Any, limit: int | None, args: EvalArgs
+) -> tuple[list[str | None], Counter, int]:
+    """Each rendered prompt as the system reads it when ``prompt + max_new_tokens`` fits ``limit``; with
+    ``truncate_prompts`` one that does not fit keeps its last tokens (counted), else it is None (counted)."""
+    if limit is None:
+        return list(rendered), Counter(), 0
+    room = limit - args.max_new_tokens
+    left_out, truncated, out = Counter(), 0, []
+    reason = f"too long for system {name} (prompt + max_new_tokens {args.max_new_tokens} > {limit} tokens)"
+    for text in rendered:
+        ids = tokenizer(text, verbose=False)["input_ids"]  # too long is what we measure, not a warning
+        if len(ids) <= room:
+            out.append(text)
+            continue
+        if args.truncate_prompts and room > 0:
+            cut = tokenizer.decode(ids[-room:])
+            if len(tokenizer(cut)["input_ids"]) <= room:
+                out.append(cut)
+                truncated += 1
+                continue
+        out.append(None)
+        left_out[reason] += 1
+    return out, left_out, truncated
+
+
+def count_cut(answers: Sequence[str | None], tokenizer: Any, max_new_tokens: int) -> int:
+    """Answers whose tokens reach ``max_new_tokens``: generation stopped them, not the model."""
+    return sum(
+        len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= max_new_tokens
+        for a in answers
+        if a is not None
+    )
+
+
+def system_answers(system: System, held: HeldOut, args: EvalArgs, out_dir: Path, state: Any) -> Answered:
+    """Answers of one system to every held-out prompt that fits its context (None for the others, counted).
 
     Rows already in ``generations/<system>.jsonl`` with the same model, weights, decoding and seed are
     reused; only the missing prompts are generated (split across processes) and appended after every
     generation batch.
     """
     if system.kind == "answers":
-        return answers_from_file(system.path, held.prompts), 0
+        return Answered(list(answers_from_file(system.path, held.prompts)))
     if system.kind == "served":  # asked by the main process, the one that judges
-        return (
-            served_answers(system.name, system.path, held.prompts, args, out_dir)
-            if state.is_main_process
-            else ([], 0)
-        )
+        if not state.is_main_process:
+            return Answered([])
+        answers, made = served_answers(system.name, system.path, held.prompts, args, out_dir)
+        return Answered(list(answers), generated=made)
     settings = generation_settings(args)
     if system.kind == "best_of_n":
         settings = {
@@ -215,16 +346,24 @@ def system_answers(
     chat = system_chat_format(system.path, held.chat_template, load_tokenizer)
     if chat.name != "hh":  # earlier answers were all generated from hh prompts: they stay valid
         identity["chat_template"] = chat.identity()
+    tokenizer = load_tokenizer(system.path)
+    limit = context_limit(system.path, tokenizer)
+    rendered = render_held_out(held.prompts, held.rows, chat)
+    fitted, left_out, truncated = fit_prompts(system.name, rendered, tokenizer, limit, args)
+    reader = dict(zip(held.prompts, fitted, strict=True))  # hh prompt -> what the system reads, or None
     path = out_dir / "generations" / f"{system.name}.jsonl"
     done = {
         row["prompt"]: row["answer"]
         for row in read_generations(path)
         if all(row.get(k) == v for k, v in identity.items())
     }
-    todo = [p for p in held.prompts if p not in done]
+    todo = [p for p in held.prompts if p not in done and reader[p] is not None]
+    result = Answered([], len(todo), left_out, truncated, limit)
+    start = time.perf_counter()
     if todo:
         done_now = 0  # the batches come back rendered for the system: the file keeps the hh prompts
-        for batch, new in generate_answers(system, render_held_out(todo, held.rows, chat), args, state):
+        for batch, new in generate_answers(system, [reader[p] for p in todo], args, state):
+            result.batch_s.append(time.perf_counter() - start - sum(result.batch_s))
             prompts, done_now = todo[done_now : done_now + len(batch)], done_now + len(batch)
             if state.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +373,10 @@ def system_answers(
                         row |= {"system": system.name, **identity, "num_processes": state.num_processes}
                         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             done |= dict(zip(prompts, new, strict=True))
-    return [done[p] for p in held.prompts], len(todo)
+    result.seconds = time.perf_counter() - start
+    result.answers = [done[p] if reader[p] is not None else None for p in held.prompts]
+    result.cut = count_cut(result.answers, tokenizer, args.max_new_tokens)
+    return result
 
 
 def answers_from_file(path: str, prompts: Sequence[str]) -> list[str]:
@@ -255,7 +397,7 @@ def generate_answers(
     prompts per process, each process answers a contiguous share of it, and all shares are gathered."""
     from accelerate.utils import gather_object
 
-    model = load_model(ModelArgs(model_name_or_path=system.path)).to(state.device)
+    model = load_model(ModelArgs(model_name_or_path=system.path)).to(state.device)  # prompts come rendered
     tokenizer = load_tokenizer(system.path)
     scorer = best_of_n_scorer(args, model.device) if system.kind == "best_of_n" else None
     step = args.batch_size * state.num_processes

@@ -52,9 +52,9 @@ def honeypots(held: HeldOut, n: int, kinds: Sequence[str], seed: int) -> tuple[l
         raise ValueError(f"unknown honeypot kind(s) {unknown}; choose from {HONEYPOT_KINDS}")
     rng = random.Random(seed)
     pairs, skipped = [], Counter()
-    for i, (pid, prompt, real) in enumerate(
-        zip(held.prompt_ids[:n], held.prompts[:n], held.chosen[:n], strict=True)
-    ):
+    with_reference = [i for i, answer in enumerate(held.chosen) if answer is not None][:n]
+    for i in with_reference:
+        pid, prompt, real = held.prompt_ids[i], held.prompts[i], held.chosen[i]
         words = _words(real)
         for kind in kinds:
             fake = None
@@ -78,7 +78,11 @@ def honeypots(held: HeldOut, n: int, kinds: Sequence[str], seed: int) -> tuple[l
 
 def _off_topic(index: int, held: HeldOut, rng: random.Random, candidates: int = 16) -> str | None:
     """The chosen answer of another prompt with the least word overlap (Jaccard) with this one's."""
-    others = [k for k in range(len(held.prompts)) if k != index and held.chosen[k] != held.chosen[index]]
+    others = [
+        k
+        for k in range(len(held.prompts))
+        if k != index and held.chosen[k] is not None and held.chosen[k] != held.chosen[index]
+    ]
     if not others:
         return None
     own = set(w.lower() for w in _words(held.chosen[index]))
@@ -247,3 +251,51 @@ def judge_traffic(
 
 def _value(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Degenerate answers: a judge cannot make evidence of answers that are blank or loop
+
+MIN_REPEAT_WORDS = 6  # shorter answers are never called self-repeating
+MIN_REPEAT_CHARS = 16
+
+
+def repeats_itself(answer: str, threshold: float = 0.5) -> bool:
+    """True when fewer than ``threshold`` of an answer's word trigrams are distinct (or, for an answer of few
+    words, of its character 4-grams): the answer loops."""
+    words = answer.split()
+    if len(words) >= MIN_REPEAT_WORDS:
+        grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    elif len(answer.strip()) >= MIN_REPEAT_CHARS:
+        text = answer.strip()
+        grams = [text[i : i + 4] for i in range(len(text) - 3)]
+    else:
+        return False
+    return len(set(grams)) / len(grams) < threshold
+
+
+def degenerate_answers(answered: dict[str, Any], max_share: float) -> dict[str, Any]:
+    """Per system (``Answered`` objects by name): the share of empty or whitespace-only answers, of answers cut
+    at max_new_tokens and of self-repeating ones; a system whose empty or repeating share is over
+    ``max_share`` is ``flagged`` and ``lines`` say, naming it, that its win rates are not evidence."""
+    systems, flagged, lines = {}, [], []
+    for name, done in answered.items():
+        texts = [a for a in done.answers if a is not None]
+        n = len(texts)
+        empty = sum(not a.strip() for a in texts)
+        repeating = sum(repeats_itself(a) for a in texts if a.strip())
+        systems[name] = {
+            "n": n,
+            "empty": empty / n if n else math.nan,
+            "repeating": repeating / n if n else math.nan,
+            "cut_at_max_new_tokens": done.cut / n if n and done.cut is not None else None,
+        }
+        bad = {k: systems[name][k] for k in ("empty", "repeating") if n and systems[name][k] > max_share}
+        if bad:
+            flagged.append(name)
+            shares = " and ".join(f"{100 * v:.0f}% {k}" for k, v in bad.items())
+            lines.append(
+                f"{NOT_EVIDENCE[0].upper()}{NOT_EVIDENCE[1:]} for system {name}: {shares} answers "
+                f"(over the {100 * max_share:g}% allowed by max_degenerate)"
+            )
+    return {"systems": systems, "flagged": flagged, "lines": lines, "max_share": max_share}

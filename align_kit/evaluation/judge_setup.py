@@ -16,7 +16,7 @@ from align_kit.configs import ConfigError
 from align_kit.evaluation.answers import fingerprint, split_spec
 from align_kit.evaluation.settings import EvalArgs
 from align_kit.judges.backends import build_judge
-from align_kit.judges.config import JudgeConfig, read_judge_config, read_template
+from align_kit.judges.config import JudgeConfig, check_keys, read_judge_config, read_template
 from align_kit.models.loading import source_state
 
 LOCAL_BACKENDS = ("reward_model", "hf_logits")  # judges that load a model from disk
@@ -27,12 +27,13 @@ class JudgeSetupError(ConfigError):
     """Judges that cannot work, found before anything is generated: one line per problem."""
 
 
-def judge_config(spec: str, args: EvalArgs) -> JudgeConfig:
+def judge_config(spec: str, args: EvalArgs, config: JudgeConfig | None = None) -> JudgeConfig:
     """A judge spec ('name', 'name=model', a path) read with its settings from the evaluation:
     ``judge.yaml`` < ``=model`` < ``judge_model`` / ``judge_dtype`` < ``judge_overrides[name]`` (setting
-    the same key both ways is an error)."""
+    the same key both ways is an error). ``config``: the spec's judge.yaml already read (it is read once)."""
     name, model = split_spec(spec)
-    config = read_judge_config(name, **({"model": model} if model else {}))
+    if config is None:
+        config = read_judge_config(name, **({"model": model} if model else {}))
     general: dict[str, Any] = {}
     if args.judge_model is not None and config.backend in MODEL_BACKENDS:
         general["model"] = args.judge_model
@@ -42,8 +43,11 @@ def judge_config(spec: str, args: EvalArgs) -> JudgeConfig:
     both = sorted(set(general) & set(specific))
     if both:
         raise ValueError(f"{both} set both by judge_model/judge_dtype and by judge_overrides[{name}]")
+    if "template" in specific:  # a template path is resolved against the judge's folder: read it there
+        return read_judge_config(name, **({"model": model} if model else {}), **general, **specific)
     if general or specific:
-        config = read_judge_config(name, **({"model": model} if model else {}), **general, **specific)
+        check_keys({**general, **specific}, f"judge_overrides[{name}]")
+        config = dataclasses.replace(config, **general, **specific)
     return config
 
 
@@ -80,7 +84,7 @@ def judge_problems(config: JudgeConfig, args: EvalArgs) -> list[str]:
     problems = []
     if config.template:
         try:
-            read_template(config.template)
+            read_template(config.template, config.grading)
         except (OSError, ValueError) as error:
             problems.append(f"template: {error}")
     if config.backend in LOCAL_BACKENDS and config.model:
@@ -103,6 +107,14 @@ def prepare_judges(specs: Sequence[str | Any], args: EvalArgs, notes: list[str])
     one per line. Backends load their models on first use, so a rerun answered from the cache loads none.
     """
     names = [split_spec(s)[0] for s in specs if isinstance(s, str)]
+    read: dict[str, JudgeConfig | Exception] = {}  # every judge.yaml read once
+    for spec in specs:
+        if isinstance(spec, str):
+            name, model = split_spec(spec)
+            try:
+                read[spec] = read_judge_config(name, **({"model": model} if model else {}))
+            except (OSError, ValueError) as error:
+                read[spec] = error
     for setting, given in (
         ("optional_judges", args.optional_judges),
         ("judge_overrides", args.judge_overrides),
@@ -111,7 +123,7 @@ def prepare_judges(specs: Sequence[str | Any], args: EvalArgs, notes: list[str])
         if unknown:
             raise JudgeSetupError(f"{setting} names {unknown}, which are not among the judges {names}")
     if args.judge_model is not None:
-        takers = [s for s in specs if isinstance(s, str) and _backend(s) in MODEL_BACKENDS]
+        takers = [s for s, c in read.items() if isinstance(c, JudgeConfig) and c.backend in MODEL_BACKENDS]
         if len(takers) > 1:
             raise JudgeSetupError(
                 f"judge_model applies to one judge, but {takers} all take a model: use judge_overrides"
@@ -123,7 +135,9 @@ def prepare_judges(specs: Sequence[str | Any], args: EvalArgs, notes: list[str])
             continue
         name = split_spec(spec)[0]
         try:
-            config = judge_config(spec, args)
+            if isinstance(read[spec], Exception):
+                raise read[spec]
+            config = judge_config(spec, args, read[spec])
             found = judge_problems(config, args)
         except (OSError, ValueError) as error:
             found = [str(error)]
@@ -134,7 +148,7 @@ def prepare_judges(specs: Sequence[str | Any], args: EvalArgs, notes: list[str])
             problems += [f"judge {name}: {problem}" for problem in found]
             continue
         weights = fingerprint(config.model) if config.backend in LOCAL_BACKENDS and config.model else None
-        if weights and not weights.startswith("hub:"):
+        if weights and not weights.startswith("hub:"):  # hashed once
             # verdicts are cached by the judge's settings: the weights' fingerprint retires them on retraining
             config = dataclasses.replace(config, cache_tag=f"{config.cache_tag}{weights}")
         out.append(build_judge(config))
@@ -147,10 +161,3 @@ def prepare_judges(specs: Sequence[str | Any], args: EvalArgs, notes: list[str])
     if len(set(judge_names)) != len(judge_names):
         raise ValueError(f"two judges share a name: {judge_names}; set `name` in one judge.yaml")
     return out
-
-
-def _backend(spec: str) -> str | None:
-    try:
-        return read_judge_config(split_spec(spec)[0]).backend
-    except (OSError, ValueError):
-        return None  # reported with the judge's other problems

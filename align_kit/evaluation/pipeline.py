@@ -31,10 +31,9 @@ other pair too, so that Bradley-Terry ratings and transitivity rest on direct ga
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import re
-from collections import Counter
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,245 +41,43 @@ from typing import Any
 from align_kit import files
 from align_kit.configs import DataArgs
 from align_kit.console import log
-from align_kit.evaluation import ratings, reports, stats, tax
+from align_kit.evaluation import reports, tax
 from align_kit.evaluation.answers import (
     CHOSEN,
+    Answered,
     HeldOut,
     generation_settings,
     held_out,
     resolve_systems,
     system_answers,
 )
-from align_kit.evaluation.audits import (
-    AuditPair,
-    audit_judge,
-    honeypots,
-    judge_traffic,
-    label_pairs,
-    trust_verdict,
-)
+from align_kit.evaluation.audits import degenerate_answers, judge_traffic
 from align_kit.evaluation.judge_setup import prepare_judges
+from align_kit.evaluation.judging import (
+    JudgeRun,
+    Plan,
+    comparison_plan,
+    evaluate_judge,
+    evaluate_single,
+    make_plan,
+    paired_plan,
+)
 from align_kit.evaluation.reports import headline, opening, write_report
 from align_kit.evaluation.settings import EvalArgs
-from align_kit.evaluation.stats import Judgment
-from align_kit.judges import protocol as judges_lib
+from align_kit.evaluation.turns import answer_second_turn, has_second_turn, turn_plan, turn_table
 from align_kit.judges.cache import JudgmentCache
 from align_kit.judges.openai_client import EndpointRefused
-from align_kit.judges.protocol import PairResult, log_traffic
-from align_kit.judges.verdicts import pair_score
+from align_kit.judges.protocol import log_traffic
 from align_kit.models.loading import load_tokenizer
 from align_kit.parsing import parse, save_resolved
 
+__all__ = ["comparison_plan", "paired_plan"]  # the plan's pieces, read by tests through this module
+
 CONFIG = (EvalArgs, DataArgs)
-MAX_UNPARSEABLE_SHOWN = 20
 
 
 class JudgeFailed(RuntimeError):
     """Judges that failed while judging; their reports and evaluation.json say why."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Judging
-
-
-def to_judgments(
-    results: Sequence[PairResult],
-    system: str,
-    baseline: str,
-    system_answers: Sequence[str],
-    baseline_answers: Sequence[str],
-    rule: str = "strict",
-) -> list[Judgment]:
-    """Decided ``judge_both_orders`` results as Judgments (lengths in characters, scores by ``rule``); a
-    pair whose two orders both failed to parse has no outcome and no Judgment (see ``undecided_rows``)."""
-    return [
-        Judgment(
-            prompt_id=str(result.prompt_id),
-            system=system,
-            baseline=baseline,
-            verdict=result.outcome,
-            first_order_verdict=result.first,  # the system shown first
-            swapped_order_verdict=result.swapped,
-            system_len=len(ours.strip()),
-            baseline_len=len(theirs.strip()),
-            judge=result.judge,
-            parse_failures=result.parse_failures,
-            score=pair_score(result.first, result.swapped, rule),
-            **_texts(result),
-        )
-        for result, ours, theirs in zip(results, system_answers, baseline_answers, strict=True)
-        if result.outcome is not None
-    ]
-
-
-def _texts(result: PairResult) -> dict[str, str | None]:
-    """The judge's raw answer and rationale in each order, as Judgment fields."""
-    first, swapped = result.first_reply, result.swapped_reply
-    return {
-        "first_order_text": first.text if first else None,
-        "swapped_order_text": swapped.text if swapped else None,
-        "first_order_rationale": first.rationale if first else None,
-        "swapped_order_rationale": swapped.rationale if swapped else None,
-    }
-
-
-def undecided_rows(
-    results: Sequence[PairResult],
-    system: str,
-    baseline: str,
-    system_answers: Sequence[str],
-    baseline_answers: Sequence[str],
-) -> list[dict[str, Any]]:
-    """judgments.csv rows (no verdict, no score) for the pairs unparseable in both orders, so their raw
-    judge answers are in the file too."""
-    return [
-        {
-            "prompt_id": str(result.prompt_id),
-            "system": system,
-            "baseline": baseline,
-            "system_len": len(ours.strip()),
-            "baseline_len": len(theirs.strip()),
-            "judge": result.judge,
-            "parse_failures": result.parse_failures,
-            **_texts(result),
-        }
-        for result, ours, theirs in zip(results, system_answers, baseline_answers, strict=True)
-        if result.outcome is None
-    ]
-
-
-def comparison_plan(names: Sequence[str], base: str, all_pairs: bool) -> list[tuple[str, str]]:
-    """(system, baseline) pairs: each system vs chosen, each other system vs base, then (with
-    ``all_pairs``) each later system vs each earlier non-base one."""
-    plan = [(name, CHOSEN) for name in names]
-    plan += [(name, base) for name in names if name != base]
-    if all_pairs:
-        others = [n for n in names if n != base]
-        plan += [(later, earlier) for earlier, later in itertools.combinations(others, 2)]
-    return plan
-
-
-def paired_plan(plan: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    """(system_a, system_b, baseline) for every two systems judged against the same baseline, the later
-    system first, so the difference reads 'new minus older' (e.g. dpo - sft against chosen)."""
-    by_baseline: dict[str, list[str]] = {}
-    for system, baseline in plan:
-        by_baseline.setdefault(baseline, []).append(system)
-    return [
-        (later, earlier, baseline)
-        for baseline, systems in by_baseline.items()
-        for earlier, later in itertools.combinations(systems, 2)
-    ]
-
-
-def judge_audit_pairs(
-    judge: Any, cache: JudgmentCache, pairs: Sequence[AuditPair], progress: bool
-) -> list[tuple[AuditPair, PairResult]]:
-    """Judge audit pairs in both orders, the first answer in the system's seat."""
-    results = judges_lib.judge_both_orders(
-        judge,
-        [p.prompt for p in pairs],
-        [p.first for p in pairs],
-        [p.second for p in pairs],
-        cache,
-        [p.prompt_id for p in pairs],
-        progress,
-    )
-    return list(zip(pairs, results, strict=True))
-
-
-def evaluate_judge(
-    judge: Any,
-    cache: JudgmentCache,
-    held: HeldOut,
-    answers: Mapping[str, Sequence[str]],
-    plan: Sequence[tuple[str, str]],
-    honeypot_pairs: Sequence[AuditPair],
-    labelled: Sequence[AuditPair],
-    args: EvalArgs,
-) -> tuple[dict[str, Any], list[Judgment], list[Judgment], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Everything one judge says: (results for write_report, comparison judgments, audit judgments,
-    examples, undecided comparison pairs)."""
-    skipped: Counter = Counter()
-    judgments: list[Judgment] = []
-    examples: list[dict[str, Any]] = []
-    undecided: list[dict[str, Any]] = []
-    asked: list[tuple[str, PairResult]] = []  # (comparison or audit pair, result) for every pair asked
-    for system, baseline in plan:
-        results = judges_lib.judge_both_orders(
-            judge, held.prompts, answers[system], answers[baseline], cache, held.prompt_ids, args.progress
-        )
-        found = to_judgments(
-            results, system, baseline, answers[system], answers[baseline], args.combine_orders
-        )
-        skipped[f"{system} vs {baseline}: both orders unparseable"] += len(results) - len(found)
-        judgments += found
-        undecided += undecided_rows(results, system, baseline, answers[system], answers[baseline])
-        asked += [(f"{system} vs {baseline}", result) for result in results]
-        examples += reports.pick_examples(found, held, answers, args.n_examples)
-
-    audited = judge_audit_pairs(judge, cache, honeypot_pairs, args.progress)
-    audited += judge_audit_pairs(judge, cache, labelled, args.progress)
-    audit_judgments = list(judgments)
-    for pair, result in audited:
-        asked.append((pair.label, result))
-        if result.outcome is None:
-            skipped[f"{pair.label}: both orders unparseable"] += 1
-        audit_judgments += to_judgments(
-            [result],
-            pair.label + ":first",
-            pair.label + ":second",
-            [pair.first],
-            [pair.second],
-            args.combine_orders,
-        )
-
-    rates = ratings.win_rate_table(ratings.win_table(judgments))
-    audit = audit_judge(
-        audit_judgments, [result for _, result in asked], audited, rates if len(rates) >= 3 else None
-    )
-    comparisons = [
-        stats.summarize(judgments, s, b, seed=args.seed, n_boot=args.n_boot, level=args.level)
-        for s, b in plan
-    ]
-    for comparison in comparisons:
-        if not comparison["n"]:
-            lost = skipped[f"{comparison['system']} vs {comparison['baseline']}: both orders unparseable"]
-            comparison["note"] = f"no decided pairs: {lost} of {len(held.prompts)} unparseable in both orders"
-    paired = [
-        stats.paired_test(judgments, a, b, baseline, seed=args.seed, n_boot=args.n_boot, level=args.level)
-        for a, b, baseline in paired_plan(plan)
-    ]
-    unparseable = reports.unparseable_answers(asked)
-    results = {
-        "combine_orders": args.combine_orders,
-        "skipped": {k: v for k, v in skipped.items() if v},
-        "comparisons": comparisons,
-        "paired": paired,
-        "ranking": ratings.rank_systems(judgments, anchor=args.base),
-        **audit,
-        "trust": trust_verdict(audit["audit_checks"]),
-        "unparseable": {"total": len(unparseable), "shown": unparseable[:MAX_UNPARSEABLE_SHOWN]},
-    }
-    if held.groups is not None:
-        results["by_group"] = group_comparisons(judgments, held, plan, args)
-    return results, judgments, audit_judgments, examples, undecided
-
-
-def group_comparisons(
-    judgments: Sequence[Judgment], held: HeldOut, plan: Sequence[tuple[str, str]], args: EvalArgs
-) -> dict[str, Any]:
-    """Every comparison of ``plan`` summarised on each group's prompts (``held.groups``) separately."""
-    group_of = dict(zip(held.prompt_ids, held.groups, strict=True))
-    comparisons = []
-    for system, baseline in plan:
-        for group in sorted(set(held.groups)):
-            rows = [j for j in judgments if group_of[j.prompt_id] == group]
-            summary = stats.summarize(
-                rows, system, baseline, seed=args.seed, n_boot=args.n_boot, level=args.level
-            )
-            comparisons.append({"group": group, **summary})
-    return {"column": args.group_column, "comparisons": comparisons}
 
 
 def _counters(judge_stats: Any) -> dict[str, Any]:
@@ -300,7 +97,48 @@ def _since(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The whole evaluation
+# The whole evaluation, as named steps whose results flow down
+
+
+def log_plan(plan: Plan, held: HeldOut, systems: Sequence[Any], judges: Sequence[Any]) -> dict[str, Any]:
+    """The plan block printed before anything is generated; returned for evaluation.json."""
+    block = {
+        "prompts": len(held.prompts),
+        "systems answering": [s.name for s in systems if s.kind != "answers"],
+        "comparisons": [f"{s} vs {b}" for s, b in plan.comparisons],
+        "comparison pairs": len(plan.comparisons) * len(held.prompts),
+        "audit pairs": {"honeypots": len(plan.honeypots), "labels": len(plan.labelled)},
+        "judge calls per judge (at most, before the cache)": plan.judge_calls,
+        "judges": [j.name for j in judges],
+    }
+    log(f"plan: {held.source_line}")
+    for key, value in block.items():
+        log(f"plan: {key}: {value}")
+    return block
+
+
+def answer_all(
+    systems: Sequence[Any], held: HeldOut, args: EvalArgs, out_dir: Path, state: Any, plan_block: dict[str, Any]
+) -> dict[str, Answered]:  # fmt: skip
+    """Step 3: every system's answers; the first system's first two batches (the first with the model's
+    loading) give the time estimate of the rest."""
+    answered: dict[str, Answered] = {}
+    for system in systems:
+        answered[system.name] = done = system_answers(system, held, args, out_dir, state)
+        if done.batch_s and "estimated generation s" not in plan_block:
+            first, rest = done.batch_s[0], done.batch_s[1] if len(done.batch_s) > 1 else done.batch_s[0]
+            batches = -(-len(held.prompts) // args.batch_size)
+            generating = sum(s.kind != "answers" for s in systems)
+            plan_block["estimated generation s"] = round(generating * (first + rest * (batches - 1)), 1)
+            log(f"plan: the first batches took {first:.1f}s (with loading) and {rest:.1f}s: generation about "
+                f"{plan_block['estimated generation s']:.0f}s in all")  # fmt: skip
+        for reason, n in done.left_out.items():
+            log(f"{system.name}: {n} prompt(s) left out: {reason}")
+        if done.truncated:
+            log(f"{system.name}: {done.truncated} prompt(s) left-truncated to fit its context")
+        log(f"{system.name}: {done.generated} answers generated, the others reused")
+    plan_block["actual generation s"] = round(sum(a.seconds for a in answered.values()), 1)
+    return answered
 
 
 def evaluate(
@@ -325,21 +163,29 @@ def evaluate(
     if data_args.max_pair_tokens is not None:  # lengths are counted with the base system's tokenizer
         tokenizer = load_tokenizer(next(s.path for s in systems if s.name == args.base))
     with state.main_process_first():  # the main process writes the embedded task once
-        held = held_out(args, data_args, tokenizer)
+        held = held_out(args, data_args, tokenizer)  # step 1
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(str(out_dir / "eval_config.json"), args, data_args)
-
-    answers: dict[str, list[str]] = {CHOSEN: held.chosen}
-    generated: dict[str, int] = {}
-    for system in systems:
-        answers[system.name], generated[system.name] = system_answers(system, held, args, out_dir, state)
-        log(f"{system.name}: {generated[system.name]} answers generated, the others reused")
+    plan = make_plan(held, systems, args)  # step 2
+    plan_block = log_plan(plan, held, systems, judge_list) if state.is_main_process else {}
+    answered = answer_all(systems, held, args, out_dir, state, plan_block)  # step 3
     if not state.is_main_process:
         return {}
-
+    answers: dict[str, list[str | None]] = {
+        CHOSEN: held.chosen,
+        **{k: a.answers for k, a in answered.items()},
+    }
     tax_result = tax.evaluation_tax(args, systems, held, answers) if args.tax_text else None
     notes += tax.tax_lines(tax_result) if tax_result and "systems" in tax_result else []
+    answer_audit = degenerate_answers(answered, args.max_degenerate)  # step 4
+    notes += [note for note in (held.source_line,) if note] + answer_audit["lines"]
+    turn_2 = None
+    if has_second_turn(held) and args.second_turn:  # step 3b: turn 2, given each system's own turn 1
+        turn_2, answers_2, left_2 = answer_second_turn(systems, held, answered, args, out_dir, state)
+        notes += [f"turn 2: {n} prompt(s) left out: {reason}" for reason, n in left_2.items()]
+    elif has_second_turn(held):
+        notes.append("only the first turn of each conversation is answered and judged (second_turn: false)")
     for judge in judge_list:
         model = getattr(getattr(judge, "config", None), "model", None)
         if "best_of_n" in answers and model and model == args.best_of_n_reward_model:
@@ -350,88 +196,126 @@ def evaluate(
     for note in notes:
         log(note)
     cache = JudgmentCache(out_dir / "judge_cache.jsonl")
-    plan = comparison_plan([s.name for s in systems], args.base, args.all_pairs)
-    honeypot_pairs, honeypot_skipped = honeypots(held, args.n_honeypots, args.honeypot_kinds, args.seed)
-    labelled = label_pairs(held, args.n_human, args.seed)
-    metadata = {
-        "systems": {s.name: s.path for s in systems},
-        "base": args.base,
-        "dataset": data_args.dataset,
-        "held-out prompts": len(held.prompts),
-        "decoding": json.dumps(generation_settings(args)),
-        "seed": args.seed,
-        "honeypot pairs": len(honeypot_pairs),
-        "labelled pairs": len(labelled),
-        "answer length unit": "characters",
-        "combine orders": args.combine_orders,
-    }
-    if args.group_column:
-        metadata["group column"] = args.group_column
-    if "best_of_n" in answers:
-        metadata["best_of_n"] = f"n={args.best_of_n_n}, temperature={args.best_of_n_temperature}, "
-        metadata["best_of_n"] += f"reward model {args.best_of_n_reward_model}"
+    metadata = run_metadata(args, data_args, held, systems, plan, answers)
     summary: dict[str, Any] = {
         "output_dir": str(out_dir),
         "systems": metadata["systems"],
         "base": args.base,
         "n_prompts": len(held.prompts),
         "prompt_ids": held.prompt_ids,
+        "layout": held.layout,
         "combine_orders": args.combine_orders,
         "notes": notes,
-        "generated": generated,
+        "plan": plan_block,
+        "generated": {k: a.generated for k, a in answered.items()},
+        "answers_audit": answer_audit,
+        "prompts": {},
+        **({"tax": tax_result} if tax_result else {}),
         "judge_calls": {},
         "evidence": {},
         "judges": {},
         "reports": {},
-        **({"tax": tax_result} if tax_result else {}),
     }
     failed = []
-    for judge in judge_list:
-        before = _counters(judge.stats)
+    for judge in judge_list:  # step 5: each judge, then its report
+        before, started = _counters(judge.stats), time.perf_counter()
         try:
-            results, judgments, audit_judgments, examples, undecided = evaluate_judge(
-                judge, cache, held, answers, plan, honeypot_pairs, labelled, args
-            )
+            run = judge_turn(judge, cache, out_dir, held, answers, plan, args)
+            if turn_2 is not None:
+                second = judge_turn(judge, cache, out_dir, turn_2, answers_2, turn_plan(plan, turn_2), args)
+                keep = ("comparisons", "prompts", "by_group", "scores", "scores_by_group")
+                run.results["turn_2"] = {k: v for k, v in second.results.items() if k in keep}
+                run.results.setdefault("tables", []).append(turn_table(second.results))
         except EndpointRefused:
             raise  # a refused key is the user's to fix: one line, exit 2
         except Exception as error:  # the judge gets a report saying why; the other judges still run
-            results, judgments, audit_judgments, examples, undecided = (
-                {"error": f"{type(error).__name__}: {error}"},
-                [],
-                [],
-                [],
-                [],
-            )
+            run = JudgeRun({"error": f"{type(error).__name__}: {error}"})
             if judge.name not in args.optional_judges:
-                failed.append(f"judge {judge.name}: {results['error']}")
+                failed.append(f"judge {judge.name}: {run.results['error']}")
         counts = _since(before, _counters(judge.stats))
+        plan_block.setdefault("judge s", {})[judge.name] = round(time.perf_counter() - started, 1)
+        plan_block.setdefault("judge calls made", {})[judge.name] = counts.get("calls")
         earlier = log_traffic(judge_folder(out_dir, judge.name), counts)  # a rerun adds to earlier runs'
-        results["traffic"] = judge_traffic(counts, args.judge_retry_threshold, earlier)
-        results["skipped"] = {**dict(honeypot_skipped), **results.get("skipped", {})}
-        results["notes"] = list(notes)
-        results["metadata"] = {"judge": judge.name, "judge identity": judge.identity, **metadata}
-        results["metadata"]["judge calls this run"] = counts.get("calls")
+        results = run.results | {
+            "traffic": judge_traffic(counts, args.judge_retry_threshold, earlier),
+            "skipped": {**dict(plan.honeypot_skipped), **run.results.get("skipped", {})},
+            "notes": list(notes),
+            "answers_audit": answer_audit,
+            "metadata": {"judge": judge.name, "judge identity": judge.identity, **metadata,
+                         "judge calls this run": counts.get("calls")},
+        }  # fmt: skip
         judge_dir = judge_folder(out_dir, judge.name)
-        paths = write_report(judge_dir, results, judgments, examples, undecided)
+        paths = write_report(judge_dir, results, run.judgments, run.examples, run.undecided)
         files.write_text(
             judge_dir / "audit_judgments.jsonl",
-            "".join(json.dumps(j.to_row()) + "\n" for j in audit_judgments),
+            "".join(json.dumps(j.to_row()) + "\n" for j in run.audit_judgments),
         )
         summary["judges"][judge.name] = files.to_jsonable(results)
+        summary["prompts"][judge.name] = results.get("prompts")
         summary["judge_calls"][judge.name] = counts.get("calls")
-        summary["evidence"][judge.name] = bool(results.get("trust", {}).get("evidence"))
+        evidence = bool(results.get("trust", {}).get("evidence")) and not answer_audit["flagged"]
+        summary["evidence"][judge.name] = evidence
         summary["reports"][judge.name] = {name: str(path) for name, path in paths.items()}
-        title, reasons = opening(results)
-        log(title)
-        for reason in reasons:
-            log(f"  {reason}")
-        for comparison in results.get("comparisons", []):
-            log(f"  {judge.name}: {headline(comparison)}")
-        log(f"judge {judge.name}: {counts.get('calls')} calls; report in {paths['report.md']}")
+        log_judge(judge.name, results, counts, paths)
     files.write_text(out_dir / "evaluation.json", json.dumps(files.to_jsonable(summary), indent=2))
     if failed:
         raise JudgeFailed("\n".join(failed) + f"\n(reports and {out_dir / 'evaluation.json'} were written)")
     return summary
+
+
+def log_judge(
+    name: str, results: Mapping[str, Any], counts: Mapping[str, Any], paths: Mapping[str, Path]
+) -> None:
+    """The console's lines for one judge: the verdict first, then the prompt counts and the headlines."""
+    title, reasons = opening(results)
+    log(title)
+    for reason in reasons:
+        log(f"  {reason}")
+    if results.get("prompts"):
+        log(f"  {name}: prompts {reports.prompt_line(results['prompts'])}")
+    for comparison in results.get("comparisons", []):
+        log(f"  {name}: {headline(comparison)}")
+    second = results.get("turn_2") or {}
+    if second.get("prompts"):
+        log(f"  {name}: turn 2: prompts {reports.prompt_line(second['prompts'])}")
+    for comparison in second.get("comparisons", []):
+        log(f"  {name}: turn 2: {headline(comparison)}")
+    log(f"judge {name}: {counts.get('calls')} calls; report in {paths['report.md']}")
+
+
+def run_metadata(
+    args: EvalArgs, data_args: DataArgs, held: HeldOut, systems: Sequence[Any], plan: Plan, answers: Mapping[str, Any]
+) -> dict[str, Any]:  # fmt: skip
+    """The report's settings table."""
+    metadata = {
+        "systems": {s.name: s.path for s in systems},
+        "base": args.base,
+        "dataset": data_args.dataset,
+        "layout": held.layout,
+        "held-out prompts": len(held.prompts),
+        "decoding": json.dumps(generation_settings(args)),
+        "seed": args.seed,
+        "honeypot pairs": len(plan.honeypots),
+        "labelled pairs": len(plan.labelled),
+        "answer length unit": "characters",
+        "combine orders": args.combine_orders,
+    }
+    if held.group_column:
+        metadata["group column"] = held.group_column
+    if "best_of_n" in answers:
+        metadata["best_of_n"] = f"n={args.best_of_n_n}, temperature={args.best_of_n_temperature}, "
+        metadata["best_of_n"] += f"reward model {args.best_of_n_reward_model}"
+    return metadata
+
+
+def judge_turn(
+    judge: Any, cache: JudgmentCache, out_dir: Path, held: HeldOut, answers: Mapping[str, Any], plan: Plan,
+    args: EvalArgs,
+) -> JudgeRun:  # fmt: skip
+    """One judge on one turn, in the evaluation's grading mode."""
+    if args.grading == "single":
+        return evaluate_single(judge, out_dir, held, answers, plan, args)
+    return evaluate_judge(judge, cache, held, answers, plan, args)
 
 
 def judge_folder(out_dir: str | Path, judge: str) -> Path:

@@ -170,12 +170,25 @@ def opening(results: Mapping[str, Any]) -> tuple[str, list[str]]:
     if trust is None:
         return "The judge was not audited: read these win rates with care.", []
     traffic = results.get("traffic") or {}
-    return f"Judge {judge}: {trust['headline']}", trust["lines"] + (
-        [traffic["line"]] if traffic.get("line") else []
+    title, lines = (
+        f"Judge {judge}: {trust['headline']}",
+        trust["lines"] + ([traffic["line"]] if traffic.get("line") else []),
     )
+    degenerate = (results.get("answers_audit") or {}).get("lines") or []
+    if degenerate:  # answers no judge can make evidence of come before anything about the judge
+        return degenerate[0], degenerate[1:] + [title] + lines
+    return title, lines
+
+
+def prompt_line(counts: Mapping[str, Any]) -> str:
+    """'requested 80, judged 60, left out 20 (too long for system sft 15, no comparison 5)'."""
+    left = counts.get("left_out") or {}
+    text = f"requested {counts['requested']}, judged {counts['judged']}, left out {sum(left.values())}"
+    return text + (f" ({', '.join(f'{k} {v}' for k, v in left.items())})" if left else "")
 
 
 COMBINE_RULES_TEXT = {
+    "scores": "single-answer scores: the answer with the higher score wins the prompt, equal scores tie",
     "strict": "strict: a pair is a win only when both orders pick the system, a loss when both pick the "
     "baseline, else a tie",
     "average": "average (Arena-Hard): a pair scores the mean of its two single-order scores (1 for the "
@@ -199,7 +212,13 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     )
     if results.get("error"):
         return "\n".join(lines)
+    if results.get("prompts"):
+        lines += ["## Prompts", "", f"Prompts: {prompt_line(results['prompts'])}.", ""]
+    if results.get("audits_run"):
+        lines += ["## Audits run", ""] + [f"- {k}: {v}" for k, v in results["audits_run"].items()] + [""]
     lines += ["## Headlines", ""] + [f"- {headline(s)}" for s in results.get("comparisons", [])] + [""]
+    for table in results.get("tables") or []:  # tables a grading mode adds (single grading's mean scores)
+        lines += [f"## {table['title']}", ""] + markdown_table(table["headers"], table["rows"]) + [""]
     lines += (
         ["## Comparisons", ""] + markdown_table(*_comparison_table(results.get("comparisons", []))) + [""]
     )
@@ -260,7 +279,8 @@ def render_html(
         verdict={
             "title": title,
             "reasons": reasons,
-            "trusted": bool(trust and trust["evidence"] and not results.get("error")),
+            "trusted": bool(trust and trust["evidence"] and not results.get("error"))
+            and not (results.get("answers_audit") or {}).get("flagged"),
         },
         error=results.get("error"),
         metadata=_metadata_rows(results.get("metadata") or {}),

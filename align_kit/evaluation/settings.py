@@ -67,9 +67,12 @@ class EvalArgs:
     best_of_n_temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature of the best-of-N samples."}
     )
-    n_honeypots: int = field(
-        default=50,
-        metadata={"help": "Held-out prompts turned into honeypots; each gives one pair per honeypot kind."},
+    n_honeypots: int | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts turned into honeypots; each gives one pair per honeypot kind. None: one "
+            "in 8 of the prompts (so the honeypot pairs are about half as many as the prompts)."
+        },
     )
     honeypot_kinds: list[str] = field(
         default_factory=lambda: list(HONEYPOT_KINDS),
@@ -77,9 +80,33 @@ class EvalArgs:
             "help": f"Corruptions of the chosen answer that the real answer must beat: {HONEYPOT_KINDS}."
         },
     )
-    n_human: int = field(
-        default=200,
-        metadata={"help": "Held-out chosen/rejected rows judged for agreement with the dataset's labels."},
+    n_human: int | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out chosen/rejected rows judged for agreement with the dataset's labels. None: half "
+            "as many as the prompts. A prompt set has no labels: this audit does not run on it."
+        },
+    )
+    second_turn: bool = field(
+        default=True,
+        metadata={
+            "help": "Where a prompt set has a second turn, every system answers it given its own first answer "
+            "and the judge reads the whole conversation (reported as turn 2); false: turn 1 only, with a note."
+        },
+    )
+    truncate_prompts: bool = field(
+        default=False,
+        metadata={
+            "help": "A prompt longer than a system's context (prompt + max_new_tokens) keeps its last tokens "
+            "instead of being left out; either way it is counted in the report."
+        },
+    )
+    max_degenerate: float = field(
+        default=0.25,
+        metadata={
+            "help": "Share of a system's answers that are empty/whitespace, or repeat themselves, above which "
+            "its win rates are marked not evidence (answers cut at max_new_tokens are reported, not judged)."
+        },
     )
     n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for every interval."})
     level: float = field(default=0.95, metadata={"help": "Confidence level of every interval."})
@@ -96,6 +123,14 @@ class EvalArgs:
             "help": "How a pair's two presentation orders score: 'strict' (a win needs both orders, any "
             "disagreement is a tie) or 'average' (Arena-Hard: the mean of the two single-order scores, so a "
             "win and a tie score 0.75). Used by every win rate, interval, paired test and rating."
+        },
+    )
+    grading: Literal["pairwise", "single"] = field(
+        default="pairwise",
+        metadata={
+            "help": "'pairwise': the judge picks the better of two answers, in both orders; 'single' (MT-Bench "
+            "style): the judge scores each answer alone (a judge with grading: single, or a reward model), and "
+            "win rates are read off the scores. A judge template with {reference} is shown the reference answer."
         },
     )
     optional_judges: list[str] = field(
@@ -204,7 +239,15 @@ class EvalArgs:
         check_at_least(self, 0, "n_honeypots", "n_human", "n_examples", "seed", "served_max_retries")
         check_at_least(self, 1, "served_max_concurrency")
         check_fraction(self, "top_p")
+        check_fraction(self, "max_degenerate", low_open=False)
         check_fraction(self, "level", high_open=True)
         for name in ("temperature", "best_of_n_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be above 0", field=name)
+
+
+def audit_sizes(args: EvalArgs, n_prompts: int) -> tuple[int, int]:
+    """(honeypot prompts, labelled rows): as set, or scaled with the prompts when left at None."""
+    honey = args.n_honeypots if args.n_honeypots is not None else -(-n_prompts // 8)
+    human = args.n_human if args.n_human is not None else -(-n_prompts // 2)
+    return honey, human

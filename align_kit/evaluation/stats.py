@@ -275,7 +275,11 @@ def length_controlled_win_rate(
 
 
 def _sigmoid(z: float) -> float:
-    return float(1.0 / (1.0 + math.exp(-z)))
+    """Logistic function, written so that neither branch overflows (a fit on separated data has huge z)."""
+    if z >= 0:
+        return float(1.0 / (1.0 + math.exp(-z)))
+    e = math.exp(z)
+    return float(e / (1.0 + e))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from align_kit.judges.protocol import (
     JudgeStats,
     PairItem,
     Reply,
+    ScoreItem,
     Scorer,
     Verdict,
     parse_verdict,
@@ -60,7 +61,7 @@ def build_judge(
 ) -> Judge:
     """The backend named by ``config.backend``; models are loaded on first use. ``torch_dtype: auto`` is
     resolved here (``resolve_dtype``), so the judge's identity names the dtype its verdicts come from."""
-    template = read_template(config.template) if config.template else None
+    template = read_template(config.template, config.grading) if config.template else None
     if config.torch_dtype == "auto":
         config = dataclasses.replace(config, torch_dtype=resolve_dtype(config.torch_dtype, config.device))
     if config.backend == "oracle":
@@ -107,6 +108,28 @@ class ScoreJudge:
                 model, tokenizer, self.config.batch_size, self.config.device, self.config.append_eos
             )
         return self.scorer
+
+    def fits(self, items: list[PairItem | ScoreItem]) -> list[bool]:
+        """Whether every answer of each item, after its prompt, fits the scorer (a scorer without ``fits``,
+        such as the oracle, takes anything)."""
+        check = getattr(self._scorer(), "fits", None)
+        if check is None:
+            return [True] * len(items)
+        answers = [(i.answer,) if isinstance(i, ScoreItem) else (i.answer_a, i.answer_b) for i in items]
+        flat = check(
+            [i.prompt for i, a in zip(items, answers, strict=True) for _ in a],
+            [x for a in answers for x in a],
+        )
+        out, at = [], 0
+        for a in answers:
+            out.append(all(flat[at : at + len(a)]))
+            at += len(a)
+        return out
+
+    def score_batch(self, items: list[ScoreItem]) -> list[float]:
+        """Single grading: the scorer's own score of each answer (its scale, not 1-10)."""
+        self.stats.calls += len(items)
+        return list(self._scorer().score([i.prompt for i in items], [i.answer for i in items]))
 
     def judge_batch(self, items: list[PairItem]) -> list[Verdict]:
         self.stats.calls += len(items)
@@ -157,13 +180,22 @@ class HFLogitsJudge:
         """The exact string the model reads (chat template applied when configured and available)."""
         self._load()
         rendered = render_prompt(self.template, item)
-        if not self.chat:
-            return rendered
+        if not self.chat:  # no chat template to hold it: the system prompt leads the text, never dropped
+            return f"{self.config.system_prompt}\n\n{rendered}" if self.config.system_prompt else rendered
         messages = (
             [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         )
         messages.append({"role": "user", "content": rendered})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def fits(self, items: list[PairItem]) -> list[bool]:
+        """Whether each item's rendered prompt (plus the one verdict token, or ``max_new_tokens`` in generate
+        mode) fits the model's context; the evaluation counts the others instead of asking them."""
+        self._load()
+        if self.max_length is None:
+            return [True] * len(items)
+        extra = 1 if self.config.mode == "logits" else self.config.max_new_tokens
+        return [len(ids) + extra <= self.max_length for ids in self._encode([self.text(i) for i in items])]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         # a chat template already holds the special tokens it wants
@@ -253,6 +285,41 @@ class HFLogitsJudge:
             ):
                 out[i] = text
         return out
+
+    @torch.inference_mode()
+    def label_scores(self, items: list[ScoreItem]) -> list[float]:
+        """Single grading in logits mode: the expected label value under the softmax over the labels' next-token
+        logits (labels such as "1".."9", each ending in one token after the prompt)."""
+        self._load()
+        texts = [self.text(item) for item in items]
+        values = torch.tensor([float(label) for label in self.config.labels])  # (L,)
+        out = []
+        for text in texts:
+            rows = self._encode([text + label for label in self.config.labels])
+            context = self._encode([text])[0]
+            ids, mask = self._left_pad([context])
+            logits = (
+                self.lm(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[0, -1].float()
+            )  # (V,)
+            label_ids = torch.tensor(
+                [row[len(context)] if len(row) > len(context) else row[-1] for row in rows]
+            )
+            probs = torch.softmax(logits[label_ids.to(logits.device)], dim=-1).cpu()  # (L,)
+            out.append(float((probs * values).sum()))
+        return out
+
+    def score_batch(self, items: list[ScoreItem]) -> list[float | None]:
+        """Single grading: the expected label value (logits mode), or the number the generated text gives
+        (generate mode: ``parse_regex`` group 1, else the first number), None when there is none."""
+        self.stats.calls += len(items)
+        if self.config.mode == "logits":
+            return self.label_scores(items)
+        scores = []
+        for text in self.generate(items):
+            match = re.search(self.config.parse_regex or r"(\d+(?:\.\d+)?)", text)
+            scores.append(float(match.group(1)) if match else None)
+        self.stats.parse_failures += sum(s is None for s in scores)
+        return scores
 
     def judge_batch(self, items: list[PairItem]) -> list[Verdict] | list[Reply]:
         """Verdicts from the label logits, or (generate mode) Replies with the generated text."""

@@ -22,6 +22,11 @@ MODES = ("logits", "generate", "reason")
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 VERDICT_SOURCES = ("text", "logprobs")
 PLACEHOLDERS = ("{instruction}", "{output_1}", "{output_2}")
+ALIASES = {"{instruction}": "{question}", "{output_1}": "{answer_a}", "{output_2}": "{answer_b}"}
+GRADINGS = ("pairwise", "single")  # which of two answers is better, or a score for one answer
+SINGLE_PLACEHOLDERS = ("{question}", "{answer}")  # a single-grading template needs both
+REFERENCE = "{reference}"  # optional in either: the data's reference answer (reference-guided grading)
+NAMED = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")  # anything written like a placeholder
 
 
 @dataclass
@@ -46,6 +51,14 @@ class JudgeConfig:
         default=None,
         metadata={
             "help": "Prompt template file next to judge.yaml, with {instruction}, {output_1}, {output_2}."
+        },
+    )
+    grading: str = field(
+        default="pairwise",
+        metadata={
+            "help": f"One of {GRADINGS}: pairwise templates fill {{question}}, {{answer_a}}, {{answer_b}} "
+            "(or {instruction}, {output_1}, {output_2}); single templates fill {question} and {answer} and the "
+            "judge answers a score. Either may hold {reference}: the data's reference answer."
         },
     )
     system_prompt: str | None = field(
@@ -191,9 +204,16 @@ class JudgeConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.grading not in GRADINGS:
+            raise ValueError(f"grading must be one of {GRADINGS}, got {self.grading!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if (
+        if self.grading == "single":  # score labels: distinct numbers written as strings
+            if len(set(self.labels)) != len(self.labels) or not all(_number(x) for x in self.labels):
+                raise ValueError(
+                    f"labels of a single-grading judge must be distinct numbers as strings, got {self.labels!r}"
+                )
+        elif (
             len(self.labels) != 2
             or len(set(self.labels)) != 2
             or not all(isinstance(x, str) for x in self.labels)
@@ -254,7 +274,7 @@ def judge_identity(config: JudgeConfig, template_text: str | None) -> str:
 # Reading judges
 
 
-def _check_keys(values: dict[str, Any], where: str) -> None:
+def check_keys(values: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(JudgeConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -276,8 +296,8 @@ def read_judge_config(name_or_path: str | Path, **overrides: Any) -> JudgeConfig
         shipped = sorted(p.name for p in judges_dir().iterdir() if (p / "judge.yaml").exists())
         raise FileNotFoundError(f"no judge {str(name_or_path)!r}: not a judge.yaml path nor one of {shipped}")
     values = copy.deepcopy(judge_file(path))  # the cached mapping stays as read
-    _check_keys(values, str(path))
-    _check_keys(overrides, "overrides")
+    check_keys(values, str(path))
+    check_keys(overrides, "overrides")
     values.update(overrides)
     if not values.get("name"):
         values["name"] = path.parent.name
@@ -298,10 +318,39 @@ def _read_judge_file(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     return load_yaml(path)[0]
 
 
-def read_template(path: str | Path) -> str:
-    """The template text, final newline(s) dropped so a label follows the last line directly."""
+def read_template(path: str | Path, grading: str = "pairwise") -> str:
+    """The template text, final newline(s) dropped so a label follows the last line directly. Every
+    placeholder the grading needs must be there and every other ``{name}`` is refused: it would reach the
+    judge as literal text."""
     text = Path(path).read_text().rstrip("\n")
-    missing = [p for p in PLACEHOLDERS if p not in text]
+    if grading == "single":
+        missing = [
+            p
+            for p in SINGLE_PLACEHOLDERS
+            if p not in text and not (p == "{question}" and "{instruction}" in text)
+        ]
+        known = {*SINGLE_PLACEHOLDERS, "{instruction}", REFERENCE}
+    else:
+        missing = [p for p in PLACEHOLDERS if p not in text and ALIASES[p] not in text]
+        known = {*PLACEHOLDERS, *ALIASES.values(), REFERENCE}
     if missing:
         raise ValueError(f"{path}: template lacks placeholder(s) {missing}")
+    unknown = sorted(set(NAMED.findall(text)) - known)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown placeholder(s) {unknown}; a {grading} template fills {sorted(known)}"
+        )
     return text
+
+
+def _number(text: object) -> bool:
+    try:
+        float(str(text))
+    except ValueError:
+        return False
+    return isinstance(text, str)
+
+
+def uses_reference(template: str | None) -> bool:
+    """Whether a judge's template puts the reference answer in front of it."""
+    return bool(template) and REFERENCE in template

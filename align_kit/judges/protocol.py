@@ -45,6 +45,16 @@ class PairItem:
     prompt: str
     answer_a: str
     answer_b: str
+    reference: str | None = None  # the data's reference answer, for templates with {reference}
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One answer for a single-grading judge to score, with the reference answer where there is one."""
+
+    prompt: str
+    answer: str
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,14 +151,21 @@ class Scorer(Protocol):
 # Prompts and parsing
 
 
-def render_prompt(template: str, item: PairItem) -> str:
-    """Fill the three placeholders in one pass, so text inside an answer is never substituted again."""
-    values = {
-        "instruction": instruction_of(item.prompt),
-        "output_1": item.answer_a.strip(),
-        "output_2": item.answer_b.strip(),
-    }
-    return re.sub(r"\{(instruction|output_1|output_2)\}", lambda m: values[m.group(1)], template)
+PLACEHOLDER = re.compile(r"\{(instruction|output_1|output_2|question|answer_a|answer_b|answer|reference)\}")
+
+
+def render_prompt(template: str, item: PairItem | ScoreItem) -> str:
+    """Fill the placeholders in one pass, so text inside an answer is never substituted again;
+    ``{question}``, ``{answer_a}`` and ``{answer_b}`` are other names of ``{instruction}``, ``{output_1}``
+    and ``{output_2}``; a ScoreItem fills ``{answer}``; ``{reference}`` is the reference answer."""
+    values = {"instruction": instruction_of(item.prompt), "reference": (item.reference or "").strip()}
+    if isinstance(item, ScoreItem):
+        values["answer"] = item.answer.strip()
+    else:
+        values |= {"output_1": item.answer_a.strip(), "output_2": item.answer_b.strip()}
+        values |= {"answer_a": values["output_1"], "answer_b": values["output_2"]}
+    values["question"] = values["instruction"]
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 def parse_verdict(
@@ -202,6 +219,11 @@ class PairResult:
     swapped_reply: Reply | None = None
 
 
+def _keyed_prompt(item: PairItem | ScoreItem) -> str:
+    """The prompt as the cache key sees it: with the reference answer when the judge is shown one."""
+    return item.prompt if item.reference is None else f"{item.prompt}\x00reference:{item.reference}"
+
+
 def judge_both_orders(
     judge: Judge,
     prompts: Sequence[str],
@@ -210,6 +232,7 @@ def judge_both_orders(
     cache: JudgmentCache | None = None,
     prompt_ids: Sequence[Any] | None = None,
     progress: bool = False,
+    references: Sequence[str | None] | None = None,
 ) -> list[PairResult]:
     """Judge each (prompt, system, baseline) with the system in slot A, then swapped.
 
@@ -220,12 +243,13 @@ def judge_both_orders(
     if not len(prompts) == len(system_answers) == len(baseline_answers):
         raise ValueError("prompts, system_answers and baseline_answers must have the same length")
     ids = list(prompt_ids) if prompt_ids is not None else list(range(len(prompts)))
+    refs = list(references) if references is not None else [None] * len(prompts)
     orders = [
-        (PairItem(p, s, b), PairItem(p, b, s))
-        for p, s, b in zip(prompts, system_answers, baseline_answers, strict=True)
+        (PairItem(p, s, b, r), PairItem(p, b, s, r))
+        for p, s, b, r in zip(prompts, system_answers, baseline_answers, refs, strict=True)
     ]
     keys = {
-        item: cache_key(judge.identity, item.prompt, item.answer_a, item.answer_b)
+        item: cache_key(judge.identity, _keyed_prompt(item), item.answer_a, item.answer_b)
         for pair in orders
         for item in pair
     }

@@ -67,6 +67,20 @@ class SequenceClassifierScorer:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = tokenizer.pad_token_id
 
+    def fits(self, prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
+        """Whether each ``prompt + answer`` (with its EOS) fits the model's positions; always True when the
+        config names no limit."""
+        config = self.model.config
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if limit is None:
+            return [True] * len(prompts)
+        eos = self.tokenizer.eos_token if self.append_eos else ""
+        texts = [p + a + eos for p, a in zip(prompts, answers, strict=True)]
+        return [
+            len(ids) <= limit
+            for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        ]
+
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         eos = self.tokenizer.eos_token if self.append_eos else ""
