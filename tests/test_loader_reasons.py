@@ -107,10 +107,10 @@ def test_rows_longer_than_max_length_are_counted_in_data_counts(tmp_path):
         for split, rows_ in splits.items()
     }  # the byte tokenizer: one token per byte, plus EOS
     assert expected["train"] + expected["test"] == 2
-    run = runs.Run(tmp_path / "run", None, max_length=100)
+    run = runs.Run(tmp_path / "run", None, long_rows=(100, "cut"))
     runs.record_data(run, counts)
     saved = json.loads((tmp_path / "run" / "data_counts.json").read_text())
-    assert saved["answers_cut"] == {"max_length": 100, **expected}
-    assert "longer than max_length 100" in counts.summary()
-    count_cut(counts, 10_000)
-    assert counts.answers_cut == {"max_length": 10_000, "train": 0, "test": 0}
+    assert saved["over_max_length"] == {"max_length": 100, "by_trl": "cut", **expected}
+    assert "longer than max_length 100 (cut by TRL): train" in counts.summary()
+    count_cut(counts, 10_000, "dropped")
+    assert counts.over_max_length == {"max_length": 10_000, "by_trl": "dropped", "train": 0, "test": 0}

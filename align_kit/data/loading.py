@@ -61,7 +61,7 @@ class DropCounts:
     ``dropped`` counts each dropped row once, under its first reason (the counts add up to the rows dropped);
     ``failing`` under every reason it fails. Order: parsing (a row that cannot be read stops there), then
     every content check (``content_problems``), then, for rows that pass them, template_error, duplicate,
-    too_long and the caps. ``answers_cut``: kept rows longer than the trainer's max_length (``count_cut``)."""
+    too_long and the caps. ``over_max_length``: kept rows over the trainer's max_length (``count_cut``)."""
 
     kept: Counter = field(default_factory=Counter)
     dropped: dict[str, Counter] = field(default_factory=dict)
@@ -70,7 +70,7 @@ class DropCounts:
     formats: dict[str, str] = field(default_factory=dict)
     requested_format: str | None = None
     chat_template: str | None = None
-    answers_cut: dict[str, Any] = field(default_factory=dict)
+    over_max_length: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] | None = None  # every dropped row with its reasons (``write_dropped``)
     lengths: dict[str, list[int]] = field(default_factory=dict, repr=False)  # kept rows' token lengths
 
@@ -104,7 +104,7 @@ class DropCounts:
             "kept": dict(self.kept),
             "dropped": {split: dict(counter) for split, counter in self.dropped.items()},
             "failing": {split: dict(counter) for split, counter in self.failing.items()},
-            "answers_cut": self.answers_cut,
+            "over_max_length": self.over_max_length,
             "examples": self.examples,
         }
 
@@ -121,9 +121,10 @@ class DropCounts:
             if sum(failing.values()) > sum(self.dropped.get(split, {}).values()):
                 every = ", ".join(f"{r}={n}" for r, n in sorted(failing.items()))
                 lines.append(f"{split}: dropped rows failing each check (a row may fail several): {every}")
-        if self.answers_cut:
-            cut = ", ".join(f"{split} {n}" for split, n in self.answers_cut.items() if split != "max_length")
-            lines.append(f"longer than max_length {self.answers_cut['max_length']} (cut by TRL): {cut}")
+        if self.over_max_length:
+            over, limit = self.over_max_length, self.over_max_length["max_length"]
+            n = ", ".join(f"{split} {over[split]}" for split in self.lengths)
+            lines.append(f"longer than max_length {limit} ({over['by_trl']} by TRL): {n}")
         return "\n".join(lines)
 
     def write(self, path: str | Path) -> None:
@@ -347,12 +348,12 @@ def _load(args: DataArgs, tokenizer: Any, kinds: tuple[str, ...]) -> tuple[dict[
     return out, counts
 
 
-def count_cut(counts: DropCounts, max_length: int | None) -> None:
-    """Count the kept rows whose prompt plus longest answer (and EOS) exceeds the trainer's ``max_length``:
-    TRL cuts them, and data_counts.json says how many."""
+def count_cut(counts: DropCounts, max_length: int | None, by_trl: str = "cut") -> None:
+    """Count the kept rows whose prompt plus longest answer (and EOS) exceeds the trainer's ``max_length``,
+    which TRL cuts (``by_trl``; its RewardTrainer drops them), so that data_counts.json says how many."""
     if max_length is None or not counts.lengths:
         return
-    counts.answers_cut = {"max_length": max_length} | {
+    counts.over_max_length = {"max_length": max_length, "by_trl": by_trl} | {
         split: sum(n > max_length for n in lengths) for split, lengths in counts.lengths.items()
     }
 

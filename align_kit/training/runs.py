@@ -80,7 +80,7 @@ class Run:
     resume_from: str | None
     run_id: str = ""  # named in every checkpoint manifest of the run (``checkpoints``)
     keep: int | None = None  # the run's save_total_limit, applied by ``checkpoints.rotate``
-    max_length: int | None = None  # the trainer's max_length: rows longer are counted in data_counts.json
+    long_rows: tuple[int, str] | None = None  # (the trainer's max_length, what TRL does to longer rows)
 
     def path(self, name: str) -> Path:
         return self.output_dir / name
@@ -157,9 +157,9 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     if resume_from:
         log(f"resuming from {resume_from}")
     keep, args.save_total_limit = args.save_total_limit, None  # rotation is ours: checkpoints.rotate
-    return Run(
-        output_dir, resume_from, checkpoints.run_id(output_dir), keep, getattr(args, "max_length", None)
-    )
+    limit = getattr(args, "max_length", None)  # longer rows: TRL's RewardTrainer drops them, the others cut
+    long_rows = (limit, "dropped" if type(args).__name__ == "RewardConfig" else "cut") if limit else None
+    return Run(output_dir, resume_from, checkpoints.run_id(output_dir), keep, long_rows)
 
 
 def refuse_output_dir(output_dir: Path, args: Any = None) -> None:
@@ -374,9 +374,8 @@ def chat_template_used(configs: tuple[Any, ...]) -> str | None:
 
 def record_data(run: Run, counts: Any) -> None:
     """Print and keep the data counts (layout, rows kept, dropped by reason, located examples); the chat
-    template the rows were rendered with is in run_config.json already (``chat_template_used``), and the
-    rows longer than the trainer's max_length (cut by TRL) are counted."""
-    count_cut(counts, run.max_length)
+    template is in run_config.json already (``chat_template_used``); rows over max_length are counted."""
+    count_cut(counts, *(run.long_rows or (None,)))
     log("data:\n" + counts.summary())
     run.write_json("data_counts.json", counts.to_dict())
 
