@@ -6,8 +6,9 @@ nothing. The tokenizer is trained to the shape's vocabulary size (50257 for GPT-
 included); data too small to give that many merges yields a smaller tokenizer, and the model keeps the
 shape's full embedding table (the unused rows are never looked up), so the parameter count stays the
 shape's. Both are built once under ``$ALIGN_KIT_HOME`` in a folder named by shape and data fingerprint
-(``random-gpt2-<sha256 of the texts>``), so a second run on the same data and its evaluation reuse them;
-``shape.json`` there records the spec, the fingerprint and the tokenizer's real vocabulary size.
+(``random-gpt2-v1-<sha256 of shape and texts, 16 hex digits>``), so a second run on the same data and its
+evaluation reuse them; ``shape.json`` there records the spec, the sizes, the seed and the tokenizer's real
+vocabulary size.
 """
 
 from __future__ import annotations
