@@ -149,6 +149,12 @@ class DataArgs:
             "(the embedded demo's SFT base is a mix so that preference tuning has room to improve it)."
         },
     )
+    write_dropped: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write every dropped row (file, row, line, every reason, the row) to this JSONL file."
+        },
+    )
     embedded_train_size: int = field(default=3000, metadata={"help": "Rows generated for the embedded task."})
     embedded_test_size: int = field(
         default=300, metadata={"help": "Held-out rows generated for the embedded task."}

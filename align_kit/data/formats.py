@@ -459,11 +459,19 @@ def parse_single(row: dict[str, Any], layout: str, args: DataArgs) -> tuple[Mess
     return history, completion, bool(label)
 
 
-def check_answer(content: str, name: str) -> None:
-    if not content.strip():
-        raise RowError("empty_answer", name)
-    if content.lstrip().startswith((HUMAN.strip(), ASSISTANT.strip())):
-        raise RowError("answer_holds_transcript", name)
+def answer_problems(content: str, name: str) -> list[tuple[str, str]]:
+    """Every (reason, field) that makes an answer unusable; empty when it is fine. An answer that begins
+    with "Human:" and holds no Assistant turn is the hh-rlhf artefact of an empty assistant turn followed by
+    the user's next turn: there is no reply to keep, so it is dropped under its own reason."""
+    text = content.lstrip()
+    problems = [("nul_bytes", name)] if "\x00" in content else []
+    if not text:
+        return [("empty_answer", name), *problems]
+    if text.startswith(HUMAN.strip()) and ASSISTANT not in text:
+        return [("answer_begins_with_human", name), *problems]
+    if text.startswith((HUMAN.strip(), ASSISTANT.strip())):
+        return [("answer_holds_transcript", name), *problems]
+    return problems
 
 
 def is_single_turn(history: Messages) -> bool:

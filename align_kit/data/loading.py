@@ -24,14 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from align_kit import files
 from align_kit.configs import DataArgs
+from align_kit.console import is_main_process
+from align_kit.data.counts import DropCounts
 from align_kit.data.formats import (
     INSTRUCTION,
     PAIR_FORMATS,
@@ -39,7 +39,7 @@ from align_kit.data.formats import (
     DataError,
     RawSplit,
     RowError,
-    check_answer,
+    answer_problems,
     check_columns,
     detect_format,
     is_single_turn,
@@ -48,56 +48,6 @@ from align_kit.data.formats import (
     parse_single,
 )
 from align_kit.data.prompts import HH, TOKENIZER, ChatFormat, chat_format, parse_hh
-
-MAX_EXAMPLES_PER_REASON = 5
-
-
-@dataclass
-class DropCounts:
-    """Rows kept and dropped per split and reason, with a few located examples of each reason, and what the
-    rows were read as: the layout of each split and the chat template they were rendered with."""
-
-    kept: Counter = field(default_factory=Counter)
-    dropped: dict[str, Counter] = field(default_factory=dict)
-    examples: list[dict[str, Any]] = field(default_factory=list)
-    formats: dict[str, str] = field(default_factory=dict)
-    requested_format: str | None = None
-    chat_template: str | None = None
-
-    def drop(
-        self, split: str, reason: str, source: str, row: int, field_name: str, line: int | None = None
-    ) -> None:
-        self.dropped.setdefault(split, Counter())[reason] += 1
-        if sum(1 for e in self.examples if e["reason"] == reason) < MAX_EXAMPLES_PER_REASON:
-            example = {"split": split, "reason": reason, "file": source, "row": row, "field": field_name}
-            self.examples.append(example | ({"line": line} if line is not None else {}))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dataset_format": {"requested": self.requested_format, **self.formats},
-            "chat_template": self.chat_template,
-            "kept": dict(self.kept),
-            "dropped": {split: dict(counter) for split, counter in self.dropped.items()},
-            "examples": self.examples,
-        }
-
-    def summary(self) -> str:
-        lines = []
-        if self.formats:
-            read_as = ", ".join(f"{split} {layout}" for split, layout in self.formats.items())
-            lines.append(f"read as: {read_as} (dataset_format {self.requested_format}); chat template: "
-                         f"{self.chat_template}")  # fmt: skip
-        for split in sorted(set(self.kept) | set(self.dropped)):
-            reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.dropped.get(split, {}).items())) or "none"
-            lines.append(f"{split}: kept {self.kept.get(split, 0)}, dropped: {reasons}")
-        return "\n".join(lines)
-
-    def write(self, path: str | Path) -> None:
-        files.write_json(path, self.to_dict(), indent=2)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cleaning one split: parse, check, render, deduplicate, length filter
 
 
 def clean(
@@ -119,8 +69,8 @@ def clean(
     rows, seen = [], set()
     for index, row in enumerate(raw.rows):
 
-        def drop(reason: str, name: str, index: int = index) -> None:
-            counts.drop(split, reason, raw.source, index, name, raw.line(index))
+        def drop(reason: str, name: str, more: Sequence = (), index: int = index, row: Any = row) -> None:
+            counts.drop(split, reason, raw.source, index, name, raw.line(index), more, row)
 
         try:
             if layout in PAIR_FORMATS:
@@ -131,18 +81,15 @@ def clean(
                     if layout == "tldr-comparisons"
                     else (args.chosen_column, args.rejected_column)
                 )
-                if answers[0].strip() == answers[1].strip() and answers[0].strip():
-                    raise RowError("identical_answers", names[1])
             else:
                 history, answer, label = parse_single(row, layout, args)
                 answers, names = [answer], ("completion",)
-            for content, name in zip(answers, names, strict=True):
-                check_answer(content, name)
         except RowError as error:
             drop(error.reason, error.field)
             continue
-        if args.single_turn and not is_single_turn(history):
-            drop("multi_turn", names[0])
+        problems = content_problems(history, answers, names, args.single_turn)
+        if problems:
+            drop(*problems[0], problems[1:])
             continue
         try:
             rendered = {"prompt": fmt.prompt(history)}
@@ -162,6 +109,22 @@ def clean(
     return rows
 
 
+def content_problems(
+    history: list[dict], answers: Sequence[str], names: Sequence[str], single_turn: bool
+) -> list[tuple[str, str]]:
+    """Every (reason, field) a parsed row fails, in the documented order (``DropCounts``)."""
+    problems = []
+    if len(answers) == 2 and answers[0].strip() == answers[1].strip() and answers[0].strip():
+        problems.append(("identical_answers", names[1]))
+    for content, name in zip(answers, names, strict=True):
+        problems += answer_problems(content, name)
+    if any("\x00" in message["content"] for message in history):
+        problems.append(("nul_bytes", "prompt"))
+    if single_turn and not is_single_turn(history):
+        problems.append(("multi_turn", names[0]))
+    return problems
+
+
 def _drop_too_long(
     rows: list[dict], answer_keys: Sequence[str], split: str, raw: RawSplit, args: DataArgs, counts, tokenizer
 ) -> list[dict]:
@@ -169,21 +132,23 @@ def _drop_too_long(
     ``max_pair_tokens``; the others are counted as too_long under their longer answer."""
     if tokenizer is None:
         raise ValueError("max_pair_tokens needs a tokenizer")
-    texts = [row["prompt"] + row[key] for row in rows for key in answer_keys]
-    lengths = [
-        len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    ]  # counts only
     kept = []
-    for i, row in enumerate(rows):
-        per_answer = lengths[i * len(answer_keys) : (i + 1) * len(answer_keys)]
+    for row, per_answer in zip(rows, token_lengths(rows, answer_keys, tokenizer), strict=True):
         if max(per_answer) + 1 > args.max_pair_tokens:
             longest = answer_keys[per_answer.index(max(per_answer))]
-            counts.drop(
-                split, "too_long", raw.source, row["source_row"], longest, raw.line(row["source_row"])
-            )
+            index = row["source_row"]
+            counts.drop(split, "too_long", raw.source, index, longest, raw.line(index), data=raw.rows[index])
         else:
             kept.append(row)
     return kept
+
+
+def token_lengths(rows: list[dict], answer_keys: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Per row, the token count of its prompt plus each answer (no special tokens)."""
+    texts = [row["prompt"] + row[key] for row in rows for key in answer_keys]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    width = len(answer_keys)
+    return [[len(x) for x in ids[i : i + width]] for i in range(0, len(ids), width)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,7 +205,8 @@ def _split_and_cap(
             raw = sources[split]
             for row in splits[split][cap:]:
                 index = row["source_row"]
-                counts.drop(split, f"over_{name}", raw.source, index, name, raw.line(index))
+                reason = f"over_{name}"
+                counts.drop(split, reason, raw.source, index, name, raw.line(index), data=raw.rows[index])
             splits[split] = splits[split][:cap]
     out = {"train": splits[train], "test": splits[test]}
     for split, rows in out.items():
@@ -268,6 +234,7 @@ def _load(
     caller reads ('pairs', 'instruction', 'unpaired')."""
     fmt = resolve_chat_format(args, tokenizer)
     counts = DropCounts(requested_format=args.dataset_format, chat_template=fmt.name)
+    counts.rows = [] if args.write_dropped else None
     read = raws if raws is not None else load_raw(args)
     raws = {("train" if split == args.train_split else "test"): raw for split, raw in read.items()}
     splits = {}
@@ -285,10 +252,28 @@ def _load(
         splits[split] = clean(raw, split, layout, args, counts, fmt, tokenizer)
     counts.formats.setdefault("test", counts.formats["train"])  # held out of train
     try:
-        return _split_and_cap(splits, raws, args, counts), counts
+        out = _split_and_cap(splits, raws, args, counts)
     except DataError as error:
         hint = _format_hint(raws, args)
         raise DataError(f"{error}{hint}") from None
+    finally:
+        if args.write_dropped and is_main_process():
+            lines = "".join(files.dumps(row, ensure_ascii=False) + "\n" for row in counts.rows)
+            files.write_text(args.write_dropped, lines)
+    for split, rows in out.items() if tokenizer is not None else ():
+        keys = ("chosen", "rejected") if counts.formats[split] in PAIR_FORMATS else ("completion",)
+        counts.lengths[split] = [max(n) + 1 for n in token_lengths(rows, keys, tokenizer)]  # + EOS
+    return out, counts
+
+
+def count_cut(counts: DropCounts, max_length: int | None, by_trl: str = "cut") -> None:
+    """Count the kept rows whose prompt plus longest answer (and EOS) exceeds the trainer's ``max_length``,
+    which TRL cuts (``by_trl``; its RewardTrainer drops them), so that data_counts.json says how many."""
+    if max_length is None or not counts.lengths:
+        return
+    counts.over_max_length = {"max_length": max_length, "by_trl": by_trl} | {
+        split: sum(n > max_length for n in lengths) for split, lengths in counts.lengths.items()
+    }
 
 
 def _format_hint(raws: dict[str, RawSplit], args: DataArgs) -> str:
@@ -338,15 +323,10 @@ def to_sft(rows: list[dict], target: str, seed: int) -> list[dict[str, Any]]:
     """Prompt/completion rows for SFT: the chosen answer, the rejected one, or a seeded 50/50 mix."""
     rng = random.Random(seed)
     out = []
+    if target not in ("chosen", "rejected", "mix"):
+        raise ValueError(f"sft_target must be chosen, rejected or mix, got {target!r}")
     for row in rows:
-        if target == "chosen":
-            pick = "chosen"
-        elif target == "rejected":
-            pick = "rejected"
-        elif target == "mix":
-            pick = "chosen" if rng.random() < 0.5 else "rejected"
-        else:
-            raise ValueError(f"sft_target must be chosen, rejected or mix, got {target!r}")
+        pick = target if target != "mix" else "chosen" if rng.random() < 0.5 else "rejected"
         out.append({"prompt": row["prompt"], "completion": row[pick]})
     return out
 

@@ -32,6 +32,8 @@ from align_kit.resources import home
 EMBEDDED_NAME = "tiny-gpt2"
 EMBEDDED_VERSION = 2  # part of the cache folder name: bump whenever the built model changes
 SCORE_HEAD_FILE = "score_head.safetensors"  # the new head of a reward model trained with an adapter
+RANDOM_PREFIX = "random:"  # random:<shape>, an offline model of a named shape (models.shapes)
+RANDOM_VERSION = 1  # part of its cache folder name: bump whenever a built model or tokenizer changes
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -117,9 +119,19 @@ def ensure_embedded_default(path: str | Path | None = None) -> Path:
     in one by one with ``config.json`` last, so a reader that finds it without the lock finds a
     whole model.
     """
+
+    def build(folder: Path) -> None:
+        save_on_this_rank(build_tiny_gpt2(), folder)
+        build_byte_tokenizer().save_pretrained(folder)
+
+    return build_once(Path(path) if path is not None else embedded_dir(), build)
+
+
+def build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target`` as ``build(folder)`` writes it, built once: under a file lock, into a temporary folder
+    whose files are moved in with ``config.json`` last (a reader that finds it finds a whole model)."""
     from filelock import FileLock
 
-    target = Path(path) if path is not None else embedded_dir()
     markers = (target / "tokenizer.json", target / "config.json")
     if all(marker.exists() for marker in markers):
         return target
@@ -129,8 +141,8 @@ def ensure_embedded_default(path: str | Path | None = None) -> Path:
             return target
         target.mkdir(exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        save_on_this_rank(build_tiny_gpt2(), tmp)
-        build_byte_tokenizer().save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        build(tmp)
         for item in sorted(tmp.iterdir(), key=lambda item: item.name == "config.json"):
             os.replace(item, target / item.name)
         tmp.rmdir()
@@ -158,8 +170,31 @@ def default_device(name: str | None = None) -> torch.device:
 
 
 def resolve(name_or_path: str) -> str:
-    """Map the embedded default's name to its folder; anything else is returned unchanged."""
+    """Map the embedded default's name to its folder, and ``random:<shape>`` to the one folder built for it
+    (``built_random``); anything else is returned unchanged."""
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return str(built_random(name_or_path))
     return str(ensure_embedded_default()) if name_or_path == EMBEDDED_NAME else name_or_path
+
+
+def random_dir(spec: str, fingerprint: str) -> Path:
+    """Where ``models.shapes`` builds ``random:<shape>`` for data with this fingerprint."""
+    return home() / f"random-{spec.removeprefix(RANDOM_PREFIX)}-v{RANDOM_VERSION}-{fingerprint[:16]}"
+
+
+def built_random(spec: str) -> Path:
+    """The folder of ``random:<shape>`` outside a training run (an evaluation): the one built so far, or a
+    ConfigError when none or several were (a training run builds it on its data; name the folder then)."""
+    found = sorted(p.parent for p in home().glob(f"{random_dir(spec, '*').name}/config.json"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigError(
+            f"{spec} is built on a run's training data: give it as a recipe's model_name_or_path first"
+        )
+    raise ConfigError(
+        f"{spec} was built on {len(found)} datasets; name its folder: {', '.join(map(str, found))}"
+    )
 
 
 # recipes whose run folders later stages load models from
@@ -196,7 +231,7 @@ def source_state(name_or_path: str) -> Literal["missing", "unfinished", "weights
     be local (``looks_local``) that is not there, 'unfinished' for an align-kit run folder (run_config.json)
     with neither run_complete.json nor a saved model, 'weights file' for a weights file given as a folder;
     None for anything loadable or left to the Hub (the embedded default, an existing path, a Hub id)."""
-    if name_or_path == EMBEDDED_NAME:
+    if name_or_path == EMBEDDED_NAME or name_or_path.startswith(RANDOM_PREFIX):
         return None
     path = Path(name_or_path).expanduser()
     if path.is_dir():

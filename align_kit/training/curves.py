@@ -38,7 +38,6 @@ KL_ESTIMATOR = "k1: mean over prompts of sum_t log pi(y_t|x,y_<t) - log pi_ref(y
 logger = logging.getLogger("align_kit")
 
 
-@torch.no_grad()
 @dataclass
 class CurveArgs:
     """Over-optimisation curves: proxy score, gold score and KL to the reference, measured during training."""
@@ -96,6 +95,7 @@ class CurveArgs:
             )
 
 
+@torch.no_grad()
 def sample_with_log_ratios(
     policy: nn.Module,
     reference: nn.Module,

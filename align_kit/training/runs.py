@@ -27,8 +27,9 @@ from transformers.trainer_callback import ExportableState
 from align_kit import files
 from align_kit.configs import ConfigError, DataArgs, ModelArgs, RunArgs
 from align_kit.console import OneLineError, is_main_process, log
+from align_kit.data.loading import count_cut
 from align_kit.data.prompts import TOKENIZER, chat_format
-from align_kit.models import adapters
+from align_kit.models import adapters, shapes
 from align_kit.models.loading import load_tokenizer, source_problem, tokenizer_source
 from align_kit.parsing import setting_source, to_dict
 from align_kit.training import checkpoints, run_folder
@@ -79,6 +80,7 @@ class Run:
     resume_from: str | None
     run_id: str = ""  # named in every checkpoint manifest of the run (``checkpoints``)
     keep: int | None = None  # the run's save_total_limit, applied by ``checkpoints.rotate``
+    long_rows: tuple[int, str] | None = None  # (the trainer's max_length, what TRL does to longer rows)
 
     def path(self, name: str) -> Path:
         return self.output_dir / name
@@ -99,6 +101,7 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
     output_dir = Path(args.output_dir)
     refuse_output_dir(output_dir, args)
+    shapes.resolve_random_model(configs)  # random:<shape> -> its folder, built on this run's data
     check_model_sources(configs)
     run_args = next((c for c in configs if isinstance(c, RunArgs)), RunArgs())
     resume_from = args.resume_from_checkpoint
@@ -154,7 +157,9 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     if resume_from:
         log(f"resuming from {resume_from}")
     keep, args.save_total_limit = args.save_total_limit, None  # rotation is ours: checkpoints.rotate
-    return Run(output_dir, resume_from, checkpoints.run_id(output_dir), keep)
+    limit = getattr(args, "max_length", None)  # longer rows: TRL's RewardTrainer drops them, the others cut
+    long_rows = (limit, "dropped" if type(args).__name__ == "RewardConfig" else "cut") if limit else None
+    return Run(output_dir, resume_from, checkpoints.run_id(output_dir), keep, long_rows)
 
 
 def refuse_output_dir(output_dir: Path, args: Any = None) -> None:
@@ -369,7 +374,8 @@ def chat_template_used(configs: tuple[Any, ...]) -> str | None:
 
 def record_data(run: Run, counts: Any) -> None:
     """Print and keep the data counts (layout, rows kept, dropped by reason, located examples); the chat
-    template the rows were rendered with is in run_config.json already (``chat_template_used``)."""
+    template is in run_config.json already (``chat_template_used``); rows over max_length are counted."""
+    count_cut(counts, *(run.long_rows or (None,)))
     log("data:\n" + counts.summary())
     run.write_json("data_counts.json", counts.to_dict())
 
