@@ -22,6 +22,8 @@ from align_kit.logprobs import answer_token_logps
 from align_kit.losses import DPO_LOSS_TYPES, DPOConfig, DPOTrainer
 from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 
+pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
+
 VOCAB = 300
 SHAPE = TinyGPT2Shape(n_layer=2, n_embd=32, n_head=2, n_positions=128)
 REL = 1e-5
@@ -147,35 +149,42 @@ def dpo_trainer(tmp_path, reference: str, **settings) -> DPOTrainer:
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer)
 
 
-def loss_metrics_grads(trainer: DPOTrainer, inputs, chunk_size: int):
+def loss_metrics_grads(trainer: DPOTrainer, inputs, chunk_size: int, backward: bool = True):
     trainer._chunk_size = chunk_size
     trainer._metrics["train"].clear()
     trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
+    with torch.set_grad_enabled(backward):
+        loss = trainer.compute_loss(trainer.model, inputs)
+    if backward:
+        loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
     return loss.detach(), metrics, grads(trainer.model)
 
 
 @pytest.mark.parametrize("reference", ["adapter-off", "separate"])
 def test_dpo_loss_metrics_and_gradients_equal_trls_path(tmp_path, reference):
-    types = [t for t in DPO_LOSS_TYPES if t not in ("exo_pair",)]  # exo_pair needs label_smoothing
-    trainer = dpo_trainer(tmp_path, reference, loss_type=types)
+    types = [t for t in DPO_LOSS_TYPES if t != "exo_pair"]  # exo_pair needs label_smoothing: below
+    weights = torch.linspace(0.2, 1.5, len(types)).tolist()
+    trainer = dpo_trainer(tmp_path, reference, loss_type=types, loss_weights=weights)
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     with torch.no_grad():  # move the policy off its reference so that no log-ratio is 0
-        for name, param in trainer.model.named_parameters():
+        for param in trainer.model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)
-    for loss_type in types:
-        trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
-        trl_loss, trl_metrics, trl_grads = loss_metrics_grads(trainer, inputs, 0)
-        loss, metrics, chunked_grads = loss_metrics_grads(trainer, inputs, 16)
-        assert loss.item() == pytest.approx(trl_loss.item(), rel=REL, abs=1e-7), loss_type
-        for name, value in trl_metrics.items():
-            assert metrics[name] == pytest.approx(value, rel=REL, abs=1e-6), (loss_type, name)
-        for name, grad in trl_grads.items():
-            assert_close(chunked_grads[name], grad)
+    trl_loss, trl_metrics, trl_grads = loss_metrics_grads(trainer, inputs, 0)  # all terms, weighted
+    loss, metrics, chunked_grads = loss_metrics_grads(trainer, inputs, 16)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=REL)
+    for name, value in trl_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=REL, abs=1e-6), name
+    assert set(chunked_grads) == set(trl_grads) and trl_grads
+    for name, grad in trl_grads.items():
+        assert_close(chunked_grads[name], grad)
     assert trl_metrics["rewards/margins"] != 0.0
+    for loss_type in types:  # each term on its own, forward only
+        trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+        want = loss_metrics_grads(trainer, inputs, 0, backward=False)[0]
+        got = loss_metrics_grads(trainer, inputs, 16, backward=False)[0]
+        assert got.item() == pytest.approx(want.item(), rel=REL, abs=1e-7), loss_type
 
 
 def test_exo_pair_and_label_smoothing_equal_trls_path(tmp_path):
