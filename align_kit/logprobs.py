@@ -86,7 +86,12 @@ def chunked_head_logps(
     parts = []
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start : start + chunk_size], labels[start : start + chunk_size], head.weight, head.bias)
+        args = (
+            hidden[start : start + chunk_size],
+            labels[start : start + chunk_size],
+            head.weight,
+            head.bias,
+        )
         if recompute:
             parts.append(checkpoint(_head_chunk, *args, use_reentrant=False))
         else:

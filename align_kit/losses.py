@@ -181,9 +181,15 @@ def dpo_term(
     if loss_type == "sigmoid_norm":
         return -logsig(beta * per_token)
     if loss_type == "exo_pair":  # EXO, Eq. 16: KL(softmax(z, 0) || (1 - eps, eps))
-        return torch.sigmoid(z) * (logsig(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (logsig(-z) - math.log(eps))
+        return torch.sigmoid(z) * (logsig(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+            logsig(-z) - math.log(eps)
+        )
     if loss_type == "nca_pair":
-        return -logsig(beta * chosen_ratio) - 0.5 * logsig(-beta * chosen_ratio) - 0.5 * logsig(-beta * rejected_ratio)
+        return (
+            -logsig(beta * chosen_ratio)
+            - 0.5 * logsig(-beta * chosen_ratio)
+            - 0.5 * logsig(-beta * rejected_ratio)
+        )
     if loss_type == "robust":  # rDPO: unbiased under label flips with probability eps
         return (-(1 - eps) * logsig(z) + eps * logsig(-z)) / (1 - 2 * eps)
     if loss_type == "bco_pair":
@@ -401,7 +407,9 @@ class DPOTrainer(trl.DPOTrainer):
             if problem:
                 reasons.append(problem)
         if reasons:
-            runs.log(f"logprob_chunk_size={args.logprob_chunk_size} not used, TRL's full-logits path instead ({'; '.join(reasons)})")
+            runs.log(
+                f"logprob_chunk_size={args.logprob_chunk_size} not used, TRL's full-logits path instead ({'; '.join(reasons)})"
+            )
             return 0
         return args.logprob_chunk_size
 
@@ -411,7 +419,11 @@ class DPOTrainer(trl.DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
         with torch.no_grad():
             ref = answer_token_logps(
-                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], self.chunk_size
+                model,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["completion_mask"],
+                self.chunk_size,
             )
         return ref.logps.sum(dim=1).chunk(2, dim=0)
 
@@ -439,7 +451,9 @@ class DPOTrainer(trl.DPOTrainer):
         loss = self._user_loss(mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
         return (loss, outputs) if return_outputs else loss
 
-    def _user_loss(self, mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
+    def _user_loss(
+        self, mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    ) -> torch.Tensor:
         output = self.user_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, self.beta)
         losses, chosen_rewards, rejected_rewards = split_output(
             self.args.loss_function, output, len(chosen_logps)
@@ -471,7 +485,13 @@ class DPOTrainer(trl.DPOTrainer):
         loss = sum(
             weight
             * dpo_term(
-                loss_type, self.beta, logps, lengths, chosen_nll, self.args.label_smoothing, self.args.discopop_tau
+                loss_type,
+                self.beta,
+                logps,
+                lengths,
+                chosen_nll,
+                self.args.label_smoothing,
+                self.args.discopop_tau,
             ).mean()
             for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True)
         )

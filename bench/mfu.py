@@ -128,7 +128,13 @@ def measure_peak(shape: dict, quick: bool) -> dict:
     import torch
 
     tokens, d = shape["batch"] * shape["seq"], shape["n_embd"]
-    shapes = [(tokens, d, d), (tokens, d, 3 * d), (tokens, d, 4 * d), (tokens, 4 * d, d), (tokens, d, shape["vocab"])]
+    shapes = [
+        (tokens, d, d),
+        (tokens, d, 3 * d),
+        (tokens, d, 4 * d),
+        (tokens, 4 * d, d),
+        (tokens, d, shape["vocab"]),
+    ]
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         rates = {f"{m}x{k}x{n}": matmul_rate(m, k, n, dtype, 0.2 if quick else 1.0) for m, k, n in shapes}
@@ -201,7 +207,11 @@ def child(job: dict) -> dict:
 
         data = Dataset.from_list(
             [
-                {"prompt": letters(rng, half), "chosen": letters(rng, half - 1), "rejected": letters(rng, half - 1)}
+                {
+                    "prompt": letters(rng, half),
+                    "chosen": letters(rng, half - 1),
+                    "rejected": letters(rng, half - 1),
+                }
                 for _ in range(rows)
             ]
         )
@@ -347,7 +357,8 @@ def judge(figures: dict, info: dict) -> dict[str, bool]:
         bf16 = figures["bf16"]
         ratios = {
             "sft": bf16["sft bf16"]["step_s_median"] / steps["sft"]["step_s_median"],
-            "dpo": bf16["dpo full chunked bf16"]["step_s_median"] / steps["dpo full chunked"]["step_s_median"],
+            "dpo": bf16["dpo full chunked bf16"]["step_s_median"]
+            / steps["dpo full chunked"]["step_s_median"],
         }
         figures["bf16_over_fp32_step_time"] = ratios
         passed["bf16_over_fp32_step_time"] = max(ratios.values()) <= 0.6
@@ -357,7 +368,9 @@ def judge(figures: dict, info: dict) -> dict[str, bool]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="A tiny shape: seconds, not minutes.")
-    parser.add_argument("--parts", default=",".join(PARTS), help="Comma-separated subset of " + ", ".join(PARTS))
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="Comma-separated subset of " + ", ".join(PARTS)
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", help=argparse.SUPPRESS)

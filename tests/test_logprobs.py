@@ -146,7 +146,9 @@ def dpo_trainer(tmp_path, reference: str, **settings) -> DPOTrainer:
         ref_model = build_tiny_gpt2(SHAPE, vocab_size=len(tokenizer)).eval().requires_grad_(False)
     argv = dict(output_dir=str(tmp_path), per_device_train_batch_size=6, max_length=96, report_to="none")
     args = DPOConfig(**argv, use_cpu=True, bf16=False, gradient_checkpointing=False, **settings)
-    return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer)
+    return DPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer
+    )
 
 
 def loss_metrics_grads(trainer: DPOTrainer, inputs, chunk_size: int, backward: bool = True):
