@@ -230,7 +230,7 @@ def child(job: dict) -> dict:
     trainer.add_callback(Clock())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = trainer.train()
-    step_s = [b - a for a, b in zip(ends, ends[1:])]
+    step_s = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     adapter_params = trained if case.get("adapter") else 0
