@@ -14,7 +14,8 @@ RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init
 
 # What trains a model and what judges one; the orchestrators (cli, demo, loss_sweep, loss_search) use both.
 TRAINING = {
-    "adapters", "callbacks", "configs", "data", "files", "formats", "generation", "grpo", "guards",
+    "adapters", "callbacks", "configs", "data", "dpo_chunked", "files", "formats", "generation", "grpo", "guards",
+    "logprobs", "ref_cache",
     "losses", "models", "parsing", "ppo", "prompts", "quiet", "resources", "reward_funcs", "rewards", "runs", "task",
 }  # fmt: skip
 EVALUATION = {

@@ -145,7 +145,7 @@ def dpo_trainer(tmp_path, reference: str, **settings) -> DPOTrainer:
     else:
         ref_model = build_tiny_gpt2(SHAPE, vocab_size=len(tokenizer)).eval().requires_grad_(False)
     argv = dict(output_dir=str(tmp_path), per_device_train_batch_size=6, max_length=96, report_to="none")
-    args = DPOConfig(**argv, use_cpu=True, bf16=False, gradient_checkpointing=False, **settings)
+    args = DPOConfig(**{**argv, **settings}, use_cpu=True, bf16=False, gradient_checkpointing=False)
     return DPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer
     )
