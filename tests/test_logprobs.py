@@ -211,3 +211,19 @@ def test_a_negative_chunk_size_is_refused_when_parsed():
 
     with pytest.raises(ConfigError, match="logprob_chunk_size"):
         DPOConfig(output_dir="x", logprob_chunk_size=-1, report_to="none")
+
+
+def test_generation_answer_logprobs_equal_the_full_softmax_with_left_padded_prompts():
+    from align_kit.generation import answer_logprobs
+
+    model = tiny_model().eval()
+    sequences = torch.randint(1, VOCAB, (3, 18), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(sequences)
+    mask[0, :4], mask[1, :2] = 0, 0  # prompts left padded to width 8
+    with torch.no_grad():
+        got = answer_logprobs(model, sequences, mask, 8)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits
+        want = torch.log_softmax(logits[:, 7:-1], -1).gather(-1, sequences[:, 8:, None]).squeeze(-1)
+    assert got.shape == want.shape == (3, 10)
+    assert_close(got, want)
