@@ -59,6 +59,7 @@ TARGETS = {
     "precomputed_over_live_step_time": "<= 0.8",
 }
 CHUNK = 1024
+CASE_LOG = common.RESULTS / "mfu_cases.jsonl"  # every finished case, one line each, as it finishes
 
 
 def rss_mb() -> float:
@@ -413,8 +414,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        outcome = child(json.loads(Path(args.child).read_text()))
+        job = json.loads(Path(args.child).read_text())
+        outcome = child(job)
         Path(args.result).write_text(json.dumps(outcome))
+        with open(CASE_LOG, "a") as log:  # a run cut short keeps what it measured
+            keep = {k: job[k] for k in ("case", "seq", "steps", "threads")}
+            log.write(json.dumps({**keep, **outcome, "load_average": os.getloadavg()}) + "\n")
         return outcome
 
     import torch
