@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> Any:
 
 def console() -> int:
     """The installed ``align-kit`` script: the exit status, not the recipe's returned metrics. A user's mistake
-    or a diverged run is one line on stderr and a non-zero status (``guards.exit_status``)."""
-    from align_kit.guards import exit_status
+    or a diverged run is one line on stderr and a non-zero status (``console.exit_status``)."""
+    from align_kit.console import exit_status
 
     return exit_status(main)
 

@@ -208,7 +208,7 @@ TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class AdapterArgs:
-    """The hand-written MLP adapter (see align_kit/adapters.py). Flat keys so a run stays one flat YAML."""
+    """The hand-written MLP adapter (see align_kit/models/adapters.py). Flat keys so a run stays one flat YAML."""
 
     adapter: Literal["none", "residual", "replace"] = field(
         default="none",

@@ -49,7 +49,7 @@ def run(name: str, script: str, config: str, done: Path) -> float:
 
 def oracle_means(eval_dir: Path) -> dict[str, dict]:
     """Mean oracle score per system and family, from the answers the evaluation generated."""
-    from align_kit.generation import oracle_scores
+    from align_kit.models.generation import oracle_scores
 
     table = {}
     for path in sorted((eval_dir / "generations").glob("*.jsonl")):

@@ -73,8 +73,8 @@ def build(cfg: dict):
 
 def adapt(model, case: str, cfg: dict):
     """Turn the base model into the case's trainable model (full: unchanged)."""
-    from align_kit.adapters import freeze_non_adapter, inject_adapters
     from align_kit.configs import AdapterArgs
+    from align_kit.models.adapters import freeze_non_adapter, inject_adapters
 
     if case in ("residual", "replace"):
         inject_adapters(model, AdapterArgs(adapter=case, adapter_rank=cfg["rank"], adapter_init="pretrained"))
@@ -143,8 +143,8 @@ def child_dpo(case: str, cfg: dict) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from align_kit.adapters import AdapterOffReference
-    from align_kit.models import build_byte_tokenizer
+    from align_kit.models.adapters import AdapterOffReference
+    from align_kit.models.loading import build_byte_tokenizer
 
     imports_rss_mb = peak_rss_mb()  # interpreter + torch + TRL: the same for every case
     policy = build(cfg)

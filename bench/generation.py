@@ -1,6 +1,6 @@
 """Batched generation against one prompt at a time, same model, same prompts, measured side by side.
 
-``align_kit.generation.generate`` with every prompt in one left-padded batch (KV cache, stop at EOS)
+``align_kit.models.generation.generate`` with every prompt in one left-padded batch (KV cache, stop at EOS)
 against the same function called with ``batch_size=1``. A random GPT-2 (byte tokenizer, default 4 layers
 x 128) answers held-out prompts of the embedded task; it never emits EOS early, so both modes generate
 every one of the ``new_tokens`` tokens and do the same work per prompt. Target: >= 3x prompts/s.
@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table, write_result  # noqa: E402
 
-from align_kit import task  # noqa: E402
-from align_kit.generation import generate  # noqa: E402
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2  # noqa: E402
+from align_kit.data import task  # noqa: E402
+from align_kit.models.generation import generate  # noqa: E402
+from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2  # noqa: E402
 
 TARGETS = {"batched_vs_one_at_a_time_speedup": 3.0}
 

@@ -264,7 +264,7 @@ def child_dpo(job: dict) -> dict:
     if job["case"] == "raw_trl":
         raw_trl_dpo(job["config"], clock)
     else:
-        from align_kit.demo import load_script
+        from align_kit.resources import load_script
 
         recipe = load_script(ROOT / "recipes" / "dpo.py", "recipe_dpo")
         callbacks = recipe.trainer_callbacks
@@ -323,8 +323,8 @@ def judge_speed(cfg: dict, device: str) -> dict:
     import judges as judge_bench
     import torch
 
-    from align_kit.judge_backends import load_judge
-    from align_kit.models import build_byte_tokenizer
+    from align_kit.judges.backends import load_judge
+    from align_kit.models.loading import build_byte_tokenizer
 
     dtype = "bfloat16" if device == "cuda" else "float32"
     lm = adapter_bench.build(cfg["model"]).to(getattr(torch, dtype))
@@ -408,7 +408,7 @@ def save_model(folder: Path, model_shape: dict) -> tuple[Path, int]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from align_kit.models import build_byte_tokenizer
+    from align_kit.models.loading import build_byte_tokenizer
 
     torch.manual_seed(0)
     config = GPT2Config(**model_shape, bos_token_id=256, eos_token_id=256, pad_token_id=257)

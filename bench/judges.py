@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from common import write_result
 
-from align_kit import task
-from align_kit.judge_backends import load_judge
-from align_kit.judges import PairItem
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.data import task
+from align_kit.judges.backends import load_judge
+from align_kit.judges.protocol import PairItem
+from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 
 
 class WideBacklogServer(ThreadingHTTPServer):

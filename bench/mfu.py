@@ -9,7 +9,7 @@ and bf16 against float32.
   Measured at the start and again at the end of the run; the higher of the two is used (the conservative MFU).
   On a GPU the datasheet peak (989 TFLOP/s dense bf16, H100/H200) is reported beside the measured one.
 - steps: each case runs in its own child process (so its peak RSS is its own) through the trainer align-kit
-  uses (trl.SFTTrainer, align_kit.losses.DPOTrainer, trl.RewardTrainer), GPT2Config with random weights and
+  uses (trl.SFTTrainer, align_kit.training.losses.DPOTrainer, trl.RewardTrainer), GPT2Config with random weights and
   vocabulary 50257 (nothing downloaded), batch 4 (pairs for DPO and the reward model) x 128 tokens, one warm-up
   step then timed steps. DPO: full model and residual adapter, chunked (logprob_chunk_size 1024) and TRL's path.
 - Model FLOPs per step, counted from the shapes: forward 2N per token (N = the matmul weights: 12 L d^2 + d V,
@@ -21,7 +21,7 @@ and bf16 against float32.
   peak RSS above the child's baseline after imports.
 - bf16: the SFT and full DPO steps under bf16 autocast against float32, where the CPU reports AVX512-BF16 or AMX.
 - precompute: DPO steps with the reference's log-probabilities precomputed (``precompute_ref_log_probs``, kept in
-  the run folder by align_kit/ref_cache.py) against the live reference; the precomputation runs before the
+  the run folder by align_kit/training/ref_cache.py) against the live reference; the precomputation runs before the
   first step, so every timed step is what a second epoch costs.
 
 Writes bench/results/mfu.json (``--quick``: mfu_quick.json, a tiny shape for a smoke run).
@@ -165,9 +165,9 @@ def child(job: dict) -> dict:
     from datasets import Dataset
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
 
-    from align_kit import adapters
     from align_kit.configs import AdapterArgs
-    from align_kit.models import build_byte_tokenizer
+    from align_kit.models import adapters
+    from align_kit.models.loading import build_byte_tokenizer
 
     baseline = rss_mb()
     shape, case, seq = job["shape"], job["case"], job["seq"]
@@ -212,7 +212,7 @@ def child(job: dict) -> dict:
         trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         answer_tokens = 2 * shape["batch"] * seq
     else:
-        from align_kit.losses import DPOConfig, DPOTrainer
+        from align_kit.training.losses import DPOConfig, DPOTrainer
 
         data = Dataset.from_list(
             [

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps, args.repeats = 6, 1
 
     from align_kit.configs import DataArgs
-    from align_kit.data import embedded_folder
-    from align_kit.models import ensure_embedded_default
+    from align_kit.data.loading import embedded_folder
+    from align_kit.models.loading import ensure_embedded_default
 
     model_dir = str(ensure_embedded_default())
     data = DataArgs(embedded_train_size=3000, embedded_test_size=300)

@@ -1,5 +1,5 @@
 """Judged win rates of several systems against the dataset's chosen answers and a base system, with judge
-audits, as one report per judge (see align_kit/evaluation.py for the steps and the output layout).
+audits, as one report per judge (see align_kit/evaluation/pipeline.py for the steps and the output layout).
 
     python eval/win_rate.py --config eval/configs/embedded.yaml
     accelerate launch eval/win_rate.py --config eval/configs/embedded.yaml   # generation split by rank
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align_kit import evaluation
+from align_kit.evaluation import pipeline as evaluation
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -26,6 +26,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from align_kit.guards import run_command
+    from align_kit.console import run_command
 
     run_command(main)

@@ -8,7 +8,7 @@ Each round writes ``round_<r>/samples.jsonl`` (every sampled answer, its reward,
 ``round_<r>/model`` (the policy after the round) and, last, ``round_<r>/report.json``. An interrupted run
 started again resumes after its last finished round, from that round's policy; an interrupted round keeps
 its samples (and its trainer checkpoints, with ``save_strategy: steps``). Best-of-N sampling without
-training, the inference-time baseline, is ``align_kit.generation.best_of_n``.
+training, the inference-time baseline, is ``align_kit.models.generation.best_of_n``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from statistics import mean
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from align_kit import adapters, guards, rewards, runs
+from align_kit import console
 from align_kit.configs import AdapterArgs, BestOfNArgs, DataArgs, ModelArgs, RewardModelArgs, RunArgs
-from align_kit.data import distinct_prompts, load_preferences
-from align_kit.generation import greedy_reward, policy_report, sample_and_score, top_k
-from align_kit.models import load_model, load_policy, load_tokenizer, tokenizer_source
+from align_kit.data.loading import distinct_prompts, load_preferences
+from align_kit.models import adapters, rewards
+from align_kit.models.generation import greedy_reward, policy_report, sample_and_score, top_k
+from align_kit.models.loading import load_model, load_policy, load_tokenizer, tokenizer_source
 from align_kit.parsing import parse
+from align_kit.training import guards, runs
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, RunArgs, SFTConfig)
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = runs.start(args, data_args, model_args, adapter_args, reward_args, bon_args, run_args)
     reports = runs.finished_rounds(run)[: bon_args.rounds]  # an interrupted run's: resume after the last
     if reports:
-        runs.log(f"resuming after round {len(reports)}, from {runs.round_model(run, len(reports))}")
+        console.log(f"resuming after round {len(reports)}, from {runs.round_model(run, len(reports))}")
 
     # 3. data: prompts only; each round samples its own training prompts
     tokenizer = load_tokenizer(tokenizer_source(model_args), model_args.model_revision)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the KL); reward model(s)
     start_from = str(runs.round_model(run, len(reports))) if reports else model_args.model_name_or_path
     model, _ = load_policy(dataclasses.replace(model_args, model_name_or_path=start_from), adapter_args)
-    runs.log(adapters.describe_parameters(model))
+    console.log(adapters.describe_parameters(model))
     reference = load_model(model_args).eval().requires_grad_(False)
     scorer = rewards.reward_scorer(rewards.load_reward(reward_args, tokenizer.pad_token_id), tokenizer)
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             "log_history": trainer.state.log_history,
         }
         round_run.write_json(runs.ROUND_REPORT, report)  # last: the round is finished
-        runs.log(
+        console.log(
             f"round {round_index}: reward of samples {report['reward_samples']:+.3f}, kept "
             f"{report['reward_kept']:+.3f}; greedy held-out {report['reward_greedy_held_out']:+.3f}"
         )
@@ -118,4 +120,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

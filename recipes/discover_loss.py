@@ -6,8 +6,8 @@ Algorithms with and for Large Language Models") on the loss sweep's budget.
         --proposer_base_url http://127.0.0.1:8000/v1 --proposer_model my-served-model
 
 An LLM behind any OpenAI-compatible endpoint proposes one loss function per generation, given the table so far;
-each proposal is checked statically and unit-checked in a killable worker (align_kit.loss_checks,
-align_kit.loss_sandbox), then trained and scored exactly as a member of the sweep (align_kit.loss_sweep).
+each proposal is checked statically and unit-checked in a killable worker (align_kit.loss_lab.checks,
+align_kit.loss_lab.sandbox), then trained and scored exactly as a member of the sweep (align_kit.loss_lab.sweep).
 Every proposal goes to <output_dir>/discovery/discovery.jsonl; a rerun resumes where the last one stopped.
 """
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import sys
 
-from align_kit import loss_search, loss_sweep
-from align_kit.loss_discovery import OpenAIProposer, discover
-from align_kit.loss_sandbox import LossSandbox
-from align_kit.runs import log
+from align_kit.console import log
+from align_kit.loss_lab import search as loss_search
+from align_kit.loss_lab import sweep as loss_sweep
+from align_kit.loss_lab.discovery import OpenAIProposer, discover
+from align_kit.loss_lab.sandbox import LossSandbox
 
 CONFIG = (loss_search.DiscoveryArgs, *loss_sweep.CONFIG)
 

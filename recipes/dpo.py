@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from align_kit import adapters, guards, runs
-from align_kit.callbacks import trainer_callbacks
+from align_kit import console
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
-from align_kit.data import load_preferences
-from align_kit.losses import DPOConfig, DPOTrainer  # TRL's, plus checked settings and loss_function
-from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.data.loading import load_preferences
+from align_kit.models import adapters
+from align_kit.models.loading import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
+from align_kit.training import guards, runs
+from align_kit.training.callbacks import trainer_callbacks
+from align_kit.training.losses import DPOConfig, DPOTrainer  # TRL's, plus checked settings and loss_function
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, DPOConfig)
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. model, adapter and reference
     model, ref_model = policy_and_reference(model_args, adapter_args)
-    runs.log(adapters.describe_parameters(model))
+    console.log(adapters.describe_parameters(model))
 
     # 5. trainer
     trainer = DPOTrainer(
@@ -63,4 +65,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

@@ -8,7 +8,7 @@ For each prompt GRPO samples ``num_generations`` answers, scores them with ``rew
 ``reward_weights``), and pushes up the answers that beat their group's mean, with a KL penalty ``beta`` to
 the reference; no value model. The policy starts from SFT; the reference is passed explicitly (loaded again
 from disk, or the policy with its adapter off), never TRL's reload from ``_name_or_path``. Rewards are
-specs (see ``align_kit.reward_funcs``): ``oracle``, a reward-model folder, ``ensemble:a,b``, ``module:function``.
+specs (see ``align_kit.training.reward_funcs``): ``oracle``, a reward-model folder, ``ensemble:a,b``, ``module:function``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import GRPOConfig
 
-from align_kit import adapters, guards, rewards, runs
+from align_kit import console
 from align_kit.configs import (
     AdapterArgs,
     ConfigError,
@@ -26,12 +26,14 @@ from align_kit.configs import (
     RewardModelArgs,
     RunArgs,
 )
-from align_kit.data import distinct_prompts, load_preferences
-from align_kit.generation import policy_report
-from align_kit.grpo import GRPOTrainerWithReference
-from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.data.loading import distinct_prompts, load_preferences
+from align_kit.models import adapters, rewards
+from align_kit.models.generation import policy_report
+from align_kit.models.loading import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.reward_funcs import WeightedRewards, build_reward_funcs
+from align_kit.training import guards, runs
+from align_kit.training.grpo import GRPOTrainerWithReference
+from align_kit.training.reward_funcs import WeightedRewards, build_reward_funcs
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, GRPOArgs, RunArgs, GRPOConfig)
 
@@ -57,11 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. policy, adapter and reference; reward functions
     policy, ref_model = policy_and_reference(model_args, adapter_args)
-    runs.log(adapters.describe_parameters(policy))
+    console.log(adapters.describe_parameters(policy))
     reward_funcs, ensemble = build_reward_funcs(
         grpo_args.reward_funcs, reward_args, tokenizer, args.reward_weights
     )
-    runs.log(f"rewards: {grpo_args.reward_funcs}, weights {args.reward_weights or 'all 1'}")
+    console.log(f"rewards: {grpo_args.reward_funcs}, weights {args.reward_weights or 'all 1'}")
 
     # 5. trainer
     trainer = GRPOTrainerWithReference(
@@ -94,4 +96,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

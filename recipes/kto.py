@@ -13,13 +13,15 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import KTOTrainer
 
-from align_kit import adapters, guards, runs
-from align_kit.callbacks import trainer_callbacks
+from align_kit import console
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
-from align_kit.data import load_unpaired
-from align_kit.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
-from align_kit.models import load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.data.loading import load_unpaired
+from align_kit.models import adapters
+from align_kit.models.loading import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
+from align_kit.training import guards, runs
+from align_kit.training.callbacks import trainer_callbacks
+from align_kit.training.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, KTOConfig)
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. model, adapter and reference
     model, ref_model = policy_and_reference(model_args, adapter_args)
-    runs.log(adapters.describe_parameters(model))
+    console.log(adapters.describe_parameters(model))
 
     # 5. trainer
     trainer = KTOTrainer(

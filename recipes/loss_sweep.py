@@ -1,5 +1,5 @@
 """Loss sweep: one starting model trained with each listed loss and beta under one budget and seed, each
-member evaluated on the same held-out prompts and pairs, and one ranked table (see align_kit/loss_sweep.py).
+member evaluated on the same held-out prompts and pairs, and one ranked table (see align_kit/loss_lab/sweep.py).
 
     accelerate launch recipes/loss_sweep.py --config recipes/configs/loss_sweep_tiny.yaml
     python recipes/loss_sweep.py --config recipes/configs/loss_sweep_tiny.yaml --max_steps 10
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from align_kit import loss_sweep
-from align_kit.runs import log
+from align_kit.console import log
+from align_kit.loss_lab import sweep as loss_sweep
 
 CONFIG = (
     loss_sweep.CONFIG

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import logging
 
-from align_kit import adapters, guards, rewards, runs
+from align_kit import console
 from align_kit.configs import AdapterArgs, DataArgs, ModelArgs, PPOArgs, RewardModelArgs, RunArgs
-from align_kit.data import distinct_prompts, load_preferences
-from align_kit.generation import policy_report
-from align_kit.models import load_reward_model, load_tokenizer, policy_and_reference, tokenizer_source
+from align_kit.data.loading import distinct_prompts, load_preferences
+from align_kit.models import adapters, rewards
+from align_kit.models.generation import policy_report
+from align_kit.models.loading import load_reward_model, load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.ppo import (
+from align_kit.training import guards, runs
+from align_kit.training.ppo import (
     CANNOT_RESUME,
     BatchWidth,
     add_entropy_bonus,
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. policy, adapter and reference; reward and value models
     policy, ref_model = policy_and_reference(model_args, adapter_args)
-    runs.log(adapters.describe_parameters(policy))
+    console.log(adapters.describe_parameters(policy))
     reward_model = rewards.load_reward(reward_args, tokenizer.pad_token_id).eval().requires_grad_(False)
     value_path = ppo_args.value_model_path or reward_args.reward_models[0]
     value_model = load_reward_model(value_path, model_args.torch_dtype, tokenizer.pad_token_id)
@@ -100,4 +102,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

@@ -14,12 +14,20 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from align_kit import adapters, guards, rewards, runs, task
-from align_kit.callbacks import trainer_callbacks
+from align_kit import console
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RewardArgs, RunArgs
-from align_kit.data import attach_margins, load_preferences, subsample
-from align_kit.models import load_tokenizer, load_trainable_reward_model, save_score_head, tokenizer_source
+from align_kit.data import task
+from align_kit.data.loading import attach_margins, load_preferences, subsample
+from align_kit.models import adapters, rewards
+from align_kit.models.loading import (
+    load_tokenizer,
+    load_trainable_reward_model,
+    save_score_head,
+    tokenizer_source,
+)
 from align_kit.parsing import parse
+from align_kit.training import guards, runs
+from align_kit.training.callbacks import trainer_callbacks
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RewardArgs, RunArgs, RewardConfig)
 
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. model and adapter (the score head is new and always trains)
     model = load_trainable_reward_model(model_args, adapter_args, tokenizer.pad_token_id)
-    runs.log(adapters.describe_parameters(model))
+    console.log(adapters.describe_parameters(model))
 
     # 5. trainer
     trainer = RewardTrainer(
@@ -73,17 +81,17 @@ def main(argv: list[str] | None = None) -> dict:
     kind = task.rejected_kind if data_args.dataset == "embedded" else None
     held_out = rewards.preference_stats(scorer, splits["test"], kind)
     run.write_json(rewards.SCALE_FILE, {"mean": held_out["mean"], "std": held_out["std"]})
-    runs.log(
+    console.log(
         f"held-out preference accuracy {held_out['accuracy']:.3f} on {held_out['n_pairs']} pairs; "
         f"reward chosen {held_out['chosen_mean']:+.2f} +- {held_out['chosen_std']:.2f}, "
         f"rejected {held_out['rejected_mean']:+.2f} +- {held_out['rejected_std']:.2f}"
     )
     for name, group in held_out.get("by_kind", {}).items():
-        runs.log(f"  rejected answer {name}: accuracy {group['accuracy']:.3f} on {group['n_pairs']} pairs")
+        console.log(f"  rejected answer {name}: accuracy {group['accuracy']:.3f} on {group['n_pairs']} pairs")
     return runs.finish(
         run, trainer, {"train": runs.train_summary(run, trainer, result), "held_out": held_out}
     )
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

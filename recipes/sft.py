@@ -10,12 +10,14 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from align_kit import adapters, guards, runs
-from align_kit.callbacks import trainer_callbacks
+from align_kit import console
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
-from align_kit.data import load_sft
-from align_kit.models import load_policy, load_tokenizer, tokenizer_source
+from align_kit.data.loading import load_sft
+from align_kit.models import adapters
+from align_kit.models.loading import load_policy, load_tokenizer, tokenizer_source
 from align_kit.parsing import parse
+from align_kit.training import guards, runs
+from align_kit.training.callbacks import trainer_callbacks
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, RunArgs, SFTConfig)
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. model and adapter
     model, _ = load_policy(model_args, adapter_args)
-    runs.log(adapters.describe_parameters(model))
+    console.log(adapters.describe_parameters(model))
 
     # 5. trainer
     trainer = SFTTrainer(
@@ -62,4 +64,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    guards.run_command(main)
+    console.run_command(main)

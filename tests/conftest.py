@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from align_kit.demo import load_script
-from align_kit.judges import JudgeStats
-from align_kit.models import (
+from align_kit.judges.protocol import JudgeStats
+from align_kit.models.loading import (
     EMBEDDED_NAME,
     TinyGPT2Shape,
     build_byte_tokenizer,
     build_tiny_gpt2,
     load_reward_model,
 )
+from align_kit.resources import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
@@ -166,7 +166,7 @@ def reward_folders(tmp_path_factory) -> list[str]:
 
     import torch
 
-    from align_kit import rewards
+    from align_kit.models import rewards
 
     folders = []
     for seed in (0, 1):

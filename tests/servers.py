@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from align_kit.models import build_byte_tokenizer, build_tiny_gpt2
+from align_kit.models.loading import build_byte_tokenizer, build_tiny_gpt2
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

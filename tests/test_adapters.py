@@ -1,4 +1,4 @@
-"""Invariants of the hand-written GPT-2 MLP adapter (align_kit/adapters.py).
+"""Invariants of the hand-written GPT-2 MLP adapter (align_kit/models/adapters.py).
 
 Protects: the adapted model equals the base at init (residual; replace at full width) and whenever the
 adapters are disabled; training moves adapter weights only; save -> load gives identical logits; removal
@@ -16,7 +16,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from align_kit.adapters import (
+from align_kit.configs import AdapterArgs
+from align_kit.models.adapters import (
     AdapterOffReference,
     MLPAdapter,
     adapters_disabled,
@@ -30,8 +31,7 @@ from align_kit.adapters import (
     remove_adapters,
     save_adapter,
 )
-from align_kit.configs import AdapterArgs
-from align_kit.models import build_byte_tokenizer, build_tiny_gpt2, load_adapted
+from align_kit.models.loading import build_byte_tokenizer, build_tiny_gpt2, load_adapted
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -180,7 +180,7 @@ def test_save_then_load_adapted_gives_identical_logits(tmp_path, tiny_model_dir)
 
 def test_models_load_model_rebuilds_adapter_folder(tmp_path, tiny_model_dir):
     from align_kit.configs import ModelArgs
-    from align_kit.models import load_model
+    from align_kit.models.loading import load_model
 
     args = AdapterArgs(adapter="replace", adapter_rank=64)
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)

@@ -2,9 +2,9 @@
 
 Every case of the corpus under tests/assets/bad/ (a YAML file whose header names the recipe, the kind of
 mistake and the expected text), every command-line mistake and every run-folder mistake below goes through a
-recipe's ``main()`` and must raise one of ``guards.USER_MISTAKES`` whose first line holds the expected text
+recipe's ``main()`` and must raise one of ``console.USER_MISTAKES`` whose first line holds the expected text
 and, for a setting from a file, names the file and line; nearly all are refused before the run folder is
-made or any model loads. ``guards.exit_status`` turns them into one line on stderr and status 2, lets a bug
+made or any model loads. ``console.exit_status`` turns them into one line on stderr and status 2, lets a bug
 keep its traceback, and ``ALIGN_KIT_DEBUG=1`` shows every traceback; a subprocess checks the real commands.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import ASSETS, ROOT, load_recipe
 
-from align_kit import configs, guards, parsing, runs
+from align_kit import configs, console, parsing
+from align_kit.training import guards, runs
 
 CORPUS = sorted((ASSETS / "bad").glob("*.yaml"))
 CPU = ["--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none"]
@@ -32,7 +33,7 @@ def header(path: Path) -> dict[str, str]:
 
 def refusal(recipe: str, argv: list[str]) -> str:
     """The first line of the user's-mistake error that ``recipe.main(argv)`` raises."""
-    with pytest.raises(guards.USER_MISTAKES) as caught:
+    with pytest.raises(console.USER_MISTAKES) as caught:
         load_recipe(recipe).main(argv)
     return str(caught.value).splitlines()[0]
 
@@ -166,16 +167,16 @@ def test_exit_status_prints_one_line_for_a_mistake_and_keeps_a_bugs_traceback(ca
     def diverged():
         raise guards.TrainingDiverged("training diverged: loss is nan at step 3")
 
-    assert guards.exit_status(mistake) == guards.EXIT_MISTAKE == 2
+    assert console.exit_status(mistake) == console.EXIT_MISTAKE == 2
     assert capsys.readouterr().err == "align-kit: x.yaml:3: beta: 0.0 must be above 0 second line\n"
-    assert guards.exit_status(diverged) == guards.EXIT_DIVERGED == 3
+    assert console.exit_status(diverged) == console.EXIT_DIVERGED == 3
     assert capsys.readouterr().err == "align-kit: training diverged: loss is nan at step 3\n"
-    assert guards.exit_status(lambda: {"metrics": 1}) == 0 and guards.exit_status(lambda: 2) == 2
+    assert console.exit_status(lambda: {"metrics": 1}) == 0 and console.exit_status(lambda: 2) == 2
     with pytest.raises(ZeroDivisionError):
-        guards.exit_status(lambda: 1 / 0)  # a bug is no user's mistake: its traceback stays
+        console.exit_status(lambda: 1 / 0)  # a bug is no user's mistake: its traceback stays
     monkeypatch.setenv("ALIGN_KIT_DEBUG", "1")
     with pytest.raises(configs.ConfigError):
-        guards.exit_status(mistake)
+        console.exit_status(mistake)
 
 
 @pytest.mark.slow

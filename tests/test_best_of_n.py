@@ -11,7 +11,7 @@ import pytest
 from conftest import load_recipe, tiny_run_args
 
 from align_kit.configs import ModelArgs
-from align_kit.models import EMBEDDED_NAME, load_model
+from align_kit.models.loading import EMBEDDED_NAME, load_model
 
 
 @pytest.fixture(scope="module")

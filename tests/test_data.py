@@ -8,7 +8,7 @@ import pytest
 from conftest import ASSETS
 
 from align_kit.configs import DataArgs
-from align_kit.data import (
+from align_kit.data.loading import (
     ASSISTANT,
     DataError,
     RowError,
@@ -18,7 +18,7 @@ from align_kit.data import (
     split_hh,
     to_sft,
 )
-from align_kit.models import build_byte_tokenizer
+from align_kit.models.loading import build_byte_tokenizer
 
 HH = ASSETS / "hh_rlhf_tiny.jsonl"
 

@@ -36,7 +36,7 @@ def test_every_stage_the_demo_runs_has_its_script_and_tiny_config():
 def test_summary_prints_oracle_scores_win_rates_and_the_reward_models_accuracy_by_kind(
     tmp_path, monkeypatch, capsys
 ):
-    from align_kit import task
+    from align_kit.data import task
 
     monkeypatch.setattr(demo, "OUT", tmp_path)
     example = task.generate(3, "test")[0]  # an add question

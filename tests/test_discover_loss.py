@@ -13,7 +13,7 @@ from conftest import load_recipe
 from test_loss_discovery import DPO, HINGE, ScriptedChatServer, loss, reply
 from test_loss_sweep import SWEEP
 
-from align_kit.loss_discovery import read_log
+from align_kit.loss_lab.discovery import read_log
 
 pytestmark = pytest.mark.slow  # a checking worker starts (imports torch) and three tiny models train
 

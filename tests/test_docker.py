@@ -150,7 +150,7 @@ def test_dockerignore_keeps_environments_outputs_and_secrets_out():
     for path in [".venv", ".git", "runs/demo/sft", ".env", "align_kit/__pycache__/models.cpython-311.pyc"]:
         assert _is_ignored(path, patterns), f"{path} would be sent to the Docker daemon"
     for path in [
-        "align_kit/models.py",
+        "align_kit/models/loading.py",
         "recipes/accelerate/ddp.yaml",
         "eval",
         "tests",

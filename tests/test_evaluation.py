@@ -1,4 +1,4 @@
-"""Protects the judged evaluation end to end (align_kit/evaluation.py, answers.py, audits.py,
+"""Protects the judged evaluation end to end (align_kit/evaluation/pipeline.py, answers.py, audits.py,
 eval/win_rate.py): answers are generated once and reused, a finished evaluation reruns with zero judge calls
 and zero generations, the judge's single-order answers reach the audit in slot terms, and each audit catches
 the judge it is meant to catch: a first-slot-biased judge, a length-loving judge (raw rate moves, length-
@@ -23,16 +23,19 @@ import sys
 import pytest
 from conftest import ROOT, ScriptedJudge, keyword_judge
 
-from align_kit import answers, audits, evaluation, generation, judge_setup, models, rewards
-from align_kit.answers import CHOSEN, HeldOut
 from align_kit.configs import DataArgs
-from align_kit.eval_args import HONEYPOT_KINDS, EvalArgs
-from align_kit.evaluation import CONFIG, evaluate_systems
-from align_kit.judge_config import read_judge_config
-from align_kit.judges import PairItem
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.evaluation import answers, audits, judge_setup
+from align_kit.evaluation import pipeline as evaluation
+from align_kit.evaluation.answers import CHOSEN, HeldOut
+from align_kit.evaluation.pipeline import CONFIG, evaluate_systems
+from align_kit.evaluation.reports import read_judgments
+from align_kit.evaluation.settings import HONEYPOT_KINDS, EvalArgs
+from align_kit.judges.config import read_judge_config
+from align_kit.judges.protocol import PairItem
+from align_kit.models import generation, rewards
+from align_kit.models import loading as models
+from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 from align_kit.parsing import parse
-from align_kit.reports import read_judgments
 
 EVAL_CONFIGS = sorted((ROOT / "eval" / "configs").glob("*.yaml"))
 HEADER = re.compile(r"^# (?:python|accelerate launch(?: --\S+(?: \S+)?)*) eval/win_rate\.py --config (\S+)$")
@@ -469,7 +472,7 @@ def test_best_of_n_system_uses_align_kit_rewards(tiny_models, tmp_path):
     assert rows[0]["generation"]["best_of_n"] == 3 and rows[0]["model"] == tiny_models["a"]
     # the same calls made directly, one per generation batch (seed + batch number), give the same answers
     from align_kit.configs import ModelArgs
-    from align_kit.models import load_model, load_tokenizer
+    from align_kit.models.loading import load_model, load_tokenizer
 
     reward = models.load_reward_model(str(reward_dir), pad_token_id=257)
     policy, tokenizer = (
@@ -540,7 +543,7 @@ def test_reports_open_with_the_judges_verdict_random_fails_and_oracle_passes(tmp
 
 
 def test_a_judge_that_never_parses_still_gets_a_report_with_na_and_its_raw_answers(tmp_path):
-    from align_kit.judges import Reply
+    from align_kit.judges.protocol import Reply
 
     held, copy = copy_of_chosen(tmp_path)
     mumbler = ScriptedJudge(lambda item: Reply(None, text=f"Hmm <{len(item.answer_a)}> maybe"), "mumbler", 64)
@@ -569,7 +572,7 @@ def test_a_judge_that_never_parses_still_gets_a_report_with_na_and_its_raw_answe
 
 
 def test_judgments_csv_holds_the_judges_raw_text_and_the_gallery_shows_it(tmp_path):
-    from align_kit.judges import Reply
+    from align_kit.judges.protocol import Reply
 
     held, copy = copy_of_chosen(tmp_path)
     terse = write_answers(tmp_path / "terse.jsonl", held.prompts, lambda i, p: " No.")
@@ -662,7 +665,7 @@ def test_every_comparison_is_reported_per_group(tmp_path):
 def test_judge_traffic_is_reported_and_a_limping_run_is_flagged(tmp_path):
     from dataclasses import dataclass
 
-    from align_kit.judges import JudgeStats
+    from align_kit.judges.protocol import JudgeStats
 
     @dataclass
     class CostlyStats(JudgeStats):  # a field the HTTP judge may add later: rendered like the others
@@ -860,7 +863,8 @@ def two_runs(tmp_path_factory):
 
 
 def test_leaderboard_merges_runs_that_share_a_judge_and_prompts(two_runs, capsys):
-    from align_kit import cli, leaderboard
+    from align_kit import cli
+    from align_kit.evaluation import leaderboard
 
     root, held = two_runs
     out = root / "board"
@@ -886,7 +890,7 @@ def test_leaderboard_merges_runs_that_share_a_judge_and_prompts(two_runs, capsys
 
 
 def test_leaderboard_refuses_other_judges_and_other_prompts(two_runs, tmp_path):
-    from align_kit import leaderboard
+    from align_kit.evaluation import leaderboard
 
     root, held = two_runs
     copy = str(root / "copy.jsonl")

@@ -13,12 +13,12 @@ import pytest
 import transformers
 from conftest import ASSETS, ScriptedJudge, load_recipe, tiny_run_args
 
-from align_kit import generation
 from align_kit.configs import DataArgs
-from align_kit.data import load_preferences, load_sft
-from align_kit.evaluation import evaluate_systems
-from align_kit.models import load_tokenizer
-from align_kit.prompts import instruction_of
+from align_kit.data.loading import load_preferences, load_sft
+from align_kit.data.prompts import instruction_of
+from align_kit.evaluation.pipeline import evaluate_systems
+from align_kit.models import generation
+from align_kit.models.loading import load_tokenizer
 
 TEMPLATE = ASSETS / "tiny_chat_template.jinja"
 

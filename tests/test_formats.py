@@ -1,5 +1,5 @@
-"""Protects the dataset layouts users bring and how conversations are rendered (align_kit/data.py,
-align_kit/prompts.py): auto detection of every layout and one clear error on a mixed or unknown one;
+"""Protects the dataset layouts users bring and how conversations are rendered (align_kit/data/loading.py,
+align_kit/data/prompts.py): auto detection of every layout and one clear error on a mixed or unknown one;
 conversational rows with an explicit or an implicit prompt, TL;DR comparisons with the paper's prompt,
 instruction rows, unpaired rows; malformed messages counted with file, row, line and field; chat templates
 (auto, hh, the tokenizer's, a .jinja file) and the rendering the evaluation gives each system; Hub datasets
@@ -13,7 +13,7 @@ import pytest
 from conftest import ASSETS
 
 from align_kit.configs import ConfigError, DataArgs
-from align_kit.data import (
+from align_kit.data.loading import (
     TLDR_QUERY,
     DataError,
     load_preferences,
@@ -22,8 +22,8 @@ from align_kit.data import (
     render_held_out,
     system_chat_format,
 )
-from align_kit.models import build_byte_tokenizer, load_tokenizer
-from align_kit.prompts import ChatFormat, chat_format, hh_prompt, instruction_of, parse_hh
+from align_kit.data.prompts import ChatFormat, chat_format, hh_prompt, instruction_of, parse_hh
+from align_kit.models.loading import build_byte_tokenizer, load_tokenizer
 
 CHAT_PREFERENCE = ASSETS / "chat_preference_tiny.jsonl"
 CHAT_TRANSCRIPTS = ASSETS / "chat_transcripts_tiny.jsonl"

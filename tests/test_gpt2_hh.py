@@ -16,8 +16,8 @@ import yaml
 from align_kit.eval import win_rate
 from conftest import ROOT, load_recipe
 
-from align_kit import task
-from align_kit.models import build_byte_tokenizer, build_tiny_gpt2
+from align_kit.data import task
+from align_kit.models.loading import build_byte_tokenizer, build_tiny_gpt2
 
 CONFIGS = ROOT / "recipes" / "configs"
 ORDER = ["sft", "reward", "dpo", "kto", "ppo", "best_of_n", "grpo"]  # the README's order

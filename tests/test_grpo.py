@@ -17,11 +17,13 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl import GRPOConfig
 
-from align_kit import adapters, models, reward_funcs, rewards
 from align_kit.configs import ModelArgs, RewardModelArgs
-from align_kit.grpo import GRPOTrainerWithReference
-from align_kit.models import EMBEDDED_NAME, build_byte_tokenizer, load_model
-from align_kit.task import generate as generate_task
+from align_kit.data.task import generate as generate_task
+from align_kit.models import adapters, rewards
+from align_kit.models import loading as models
+from align_kit.models.loading import EMBEDDED_NAME, build_byte_tokenizer, load_model
+from align_kit.training import reward_funcs
+from align_kit.training.grpo import GRPOTrainerWithReference
 
 PAD = 257
 REWARDED_TOKEN = ord("A")  # the byte tokenizer's id for "A"

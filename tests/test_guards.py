@@ -24,8 +24,9 @@ from conftest import tiny_run_args
 from safetensors.torch import load_file
 from transformers import TrainerState
 
-from align_kit import cli, files, guards, runs
-from align_kit.models import build_tiny_gpt2
+from align_kit import cli, console, files
+from align_kit.models.loading import build_tiny_gpt2
+from align_kit.training import guards, runs
 
 
 def strict_json(path: Path):
@@ -40,8 +41,8 @@ def strict_json(path: Path):
 def test_a_diverging_run_stops_at_the_first_nan_and_is_not_marked_complete(tmp_path, capsys):
     out = tmp_path / "sft"
     argv = tiny_run_args(out, learning_rate=1000, max_steps=8, save_strategy="steps", save_steps=1)
-    status = guards.exit_status(lambda: cli.main(["sft", *argv]))
-    assert status == guards.EXIT_DIVERGED == 3
+    status = console.exit_status(lambda: cli.main(["sft", *argv]))
+    assert status == console.EXIT_DIVERGED == 3
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align-kit:")]
     # Step 1 at learning rate 1000 leaves huge but finite weights; the gradient of step 2 is NaN.
     assert line.startswith(

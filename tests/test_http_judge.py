@@ -18,11 +18,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from servers import free_port
 
-from align_kit.judge_backends import load_judge
-from align_kit.judge_cache import JudgmentCache, cache_key
-from align_kit.judge_config import JudgeConfig
-from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeBudgetExceeded, JudgeRequestError, OpenAIJudge
-from align_kit.judges import PairItem, judge_both_orders
+from align_kit.judges.backends import load_judge
+from align_kit.judges.cache import JudgmentCache, cache_key
+from align_kit.judges.config import JudgeConfig
+from align_kit.judges.openai_client import (
+    REFUSED_ATTEMPTS,
+    JudgeBudgetExceeded,
+    JudgeRequestError,
+    OpenAIJudge,
+)
+from align_kit.judges.protocol import PairItem, judge_both_orders
 
 
 class WideBacklogServer(ThreadingHTTPServer):

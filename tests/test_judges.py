@@ -13,16 +13,16 @@ import pytest
 import torch
 from conftest import ScriptedJudge, keyword_judge
 
-from align_kit import task
-from align_kit.judge_backends import HFLogitsJudge, ScoreJudge, load_judge
-from align_kit.judge_cache import JudgmentCache, cache_key
-from align_kit.judge_config import JudgeConfig, judge_identity, read_judge_config, read_template
-from align_kit.judges import PairItem, Reply, judge_both_orders, parse_verdict, render_prompt
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
-from align_kit.prompts import instruction_of
+from align_kit.data import task
+from align_kit.data.prompts import instruction_of
+from align_kit.judges.backends import HFLogitsJudge, ScoreJudge, load_judge
+from align_kit.judges.cache import JudgmentCache, cache_key
+from align_kit.judges.config import JudgeConfig, judge_identity, read_judge_config, read_template
+from align_kit.judges.protocol import PairItem, Reply, judge_both_orders, parse_verdict, render_prompt
+from align_kit.judges.verdicts import combine_orders, pair_score
+from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.models.rewards import SequenceClassifierScorer
 from align_kit.resources import judges_dir
-from align_kit.rewards import SequenceClassifierScorer
-from align_kit.verdicts import combine_orders, pair_score
 
 PROMPT = "\n\nHuman: What is 2 plus 2?\n\nAssistant:"
 
@@ -210,7 +210,7 @@ def test_replies_keep_their_text_and_rationale_through_the_cache(tmp_path):
 
 
 def test_auto_dtype_is_float32_without_a_gpu_and_names_the_judge(monkeypatch):
-    from align_kit import judge_backends
+    from align_kit.judges import backends as judge_backends
 
     assert judge_backends.resolve_dtype("bfloat16") == "bfloat16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1,4 +1,4 @@
-"""Protects the chunked log-probability path (align_kit/logprobs.py) and its use in DPOTrainer:
+"""Protects the chunked log-probability path (align_kit/models/logprobs.py) and its use in DPOTrainer:
 
 - per-token answer log-probabilities and their gradients equal TRL's full-logits path (relative 1e-5) for a
   full model, both adapter designs and the adapter-off reference, with right and left padding;
@@ -15,12 +15,12 @@ import torch
 from datasets import Dataset
 from trl.trainer.utils import selective_log_softmax
 
-from align_kit import adapters
 from align_kit.configs import AdapterArgs, DataArgs
-from align_kit.data import load_preferences
-from align_kit.logprobs import answer_token_logps
-from align_kit.losses import DPO_LOSS_TYPES, DPOConfig, DPOTrainer
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.data.loading import load_preferences
+from align_kit.models import adapters
+from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.models.logprobs import answer_token_logps
+from align_kit.training.losses import DPO_LOSS_TYPES, DPOConfig, DPOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
@@ -214,7 +214,7 @@ def test_a_negative_chunk_size_is_refused_when_parsed():
 
 
 def test_generation_answer_logprobs_equal_the_full_softmax_with_left_padded_prompts():
-    from align_kit.generation import answer_logprobs
+    from align_kit.models.generation import answer_logprobs
 
     model = tiny_model().eval()
     sequences = torch.randint(1, VOCAB, (3, 18), generator=torch.Generator().manual_seed(2))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align_kit.loss_checks import (
+from align_kit.loss_lab.checks import (
     FUNCTIONAL_FUNCTIONS,
     REASONS,
     TENSOR_ATTRIBUTES,
@@ -22,7 +22,7 @@ from align_kit.loss_checks import (
     ProposalRefused,
     check_source,
 )
-from align_kit.loss_sandbox import LossSandbox, _unit_check, write_loss_file
+from align_kit.loss_lab.sandbox import LossSandbox, _unit_check, write_loss_file
 
 HEAD = "def loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
 LOGITS = "    logits = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)\n"

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from align_kit.loss_discovery import (
+from align_kit.loss_lab.discovery import (
     LossFailed,
     OpenAIProposer,
     ProposerConfig,
@@ -26,7 +26,7 @@ from align_kit.loss_discovery import (
     extract_code,
     read_log,
 )
-from align_kit.loss_sandbox import LossSandbox
+from align_kit.loss_lab.sandbox import LossSandbox
 
 HEAD = "def {name}(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
 LOGITS = "    logits = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)\n"
@@ -372,7 +372,7 @@ def test_the_proposer_retries_a_server_error_and_reads_the_key_from_the_environm
 
 
 def test_the_proposer_takes_an_openai_judges_endpoint_settings(tmp_path):
-    from align_kit.judge_config import JudgeConfig
+    from align_kit.judges.config import JudgeConfig
 
     judge = JudgeConfig(
         backend="openai", model="served", template=str(tmp_path / "t.txt"), base_url="http://h:1/v1",

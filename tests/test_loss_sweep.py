@@ -1,4 +1,4 @@
-"""Protects the loss sweep (recipes/loss_sweep.py, align_kit/loss_sweep.py): loss specs become the right recipe
+"""Protects the loss sweep (recipes/loss_sweep.py, align_kit/loss_lab/sweep.py): loss specs become the right recipe
 settings, every member is trained by its recipe and evaluated on the same prompts, the ranked table (JSON with
 CIs, Markdown, plot) is written, a rerun reuses finished members, and one loss given as source code is trained
 and evaluated as the discovery loop asks."""
@@ -12,8 +12,8 @@ import torch
 import yaml
 from conftest import load_recipe
 
-from align_kit.loss_sweep import Sweep, override_groups, parse_member
-from align_kit.losses import implicit_reward_accuracy, pair_logps
+from align_kit.loss_lab.sweep import Sweep, override_groups, parse_member
+from align_kit.training.losses import implicit_reward_accuracy, pair_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
@@ -96,7 +96,7 @@ def test_command_line_overrides_are_grouped_by_key():
 @torch.no_grad()
 def test_pair_logps_of_a_left_padded_batch_equal_each_pair_alone(micro_model_dir):
     from align_kit.configs import ModelArgs
-    from align_kit.models import load_model, load_tokenizer
+    from align_kit.models.loading import load_model, load_tokenizer
 
     model, tokenizer = (
         load_model(ModelArgs(model_name_or_path=str(micro_model_dir))).eval(),

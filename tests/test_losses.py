@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from conftest import ROOT, load_recipe, tiny_run_args
 
 from align_kit.configs import DataArgs, ModelArgs
-from align_kit.data import load_preferences, load_unpaired, to_unpaired
-from align_kit.losses import LossFunctionError, split_output
-from align_kit.models import load_model, load_tokenizer
+from align_kit.data.loading import load_preferences, load_unpaired, to_unpaired
+from align_kit.models.loading import load_model, load_tokenizer
 from align_kit.parsing import parse
+from align_kit.training.losses import LossFunctionError, split_output
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
@@ -112,7 +112,7 @@ def nll(micro_model_dir) -> float:
 
 
 def test_the_table_covers_every_trl_loss_type():
-    from align_kit.losses import DPO_LOSS_TYPES
+    from align_kit.training.losses import DPO_LOSS_TYPES
 
     assert [name for name, _, _ in STEP0] == list(DPO_LOSS_TYPES)
 
@@ -348,7 +348,7 @@ def test_unpaired_rows_are_read_with_counted_drops(tmp_path):
 
 
 def test_unpaired_file_missing_the_label_column_names_it(tmp_path):
-    from align_kit.data import DataError
+    from align_kit.data.loading import DataError
 
     write_unpaired(tmp_path / "x.jsonl", [{"prompt": "a", "completion": "b"}])
     with pytest.raises(DataError, match=r"x.jsonl: missing column\(s\) \['label'\]"):

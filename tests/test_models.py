@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from align_kit.configs import ModelArgs
-from align_kit.models import (
+from align_kit.models.loading import (
     EMBEDDED_NAME,
     build_byte_tokenizer,
     build_tiny_gpt2,

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, load_recipe, tiny_run_args
 
 from align_kit.configs import ModelArgs
-from align_kit.models import embedded_dir, load_model
+from align_kit.models.loading import embedded_dir, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -173,8 +173,8 @@ def test_two_process_evaluation_gives_the_same_numbers_as_one_process(dpo_two_an
     number in each judge's results.json equals the one-process evaluation's."""
     from transformers import GPT2ForSequenceClassification
 
-    from align_kit import evaluation
-    from align_kit.models import build_byte_tokenizer, build_tiny_gpt2
+    from align_kit.evaluation import pipeline as evaluation
+    from align_kit.models.loading import build_byte_tokenizer, build_tiny_gpt2
 
     home = dpo_two_and_one["home"]
     reward_model = tmp_path / "reward"  # a random scorer, saved: its verdicts vary, unlike the oracle's here
@@ -216,7 +216,7 @@ def test_two_process_evaluation_gives_the_same_numbers_as_one_process(dpo_two_an
 
 def _first_use_of_embedded_task(home: str, barrier) -> None:
     from align_kit.configs import DataArgs
-    from align_kit.data import embedded_folder
+    from align_kit.data.loading import embedded_folder
 
     os.environ["ALIGN_KIT_HOME"] = home
     barrier.wait()  # all processes ask for the missing task at the same moment
@@ -225,7 +225,7 @@ def _first_use_of_embedded_task(home: str, barrier) -> None:
 
 def test_concurrent_first_use_of_the_embedded_task_leaves_it_whole(tmp_path):
     """Four processes at once (the old shared tmp name failed 15 of 20 such processes)."""
-    from align_kit import task
+    from align_kit.data import task
 
     context = multiprocessing.get_context("fork")  # the children run plain Python only, so fork is safe
     barrier = context.Barrier(4)
@@ -247,7 +247,7 @@ def test_concurrent_first_use_of_the_embedded_task_leaves_it_whole(tmp_path):
 def test_two_process_adapter_run_saves_the_adapter_both_ranks_trained(dpo_two_and_one, tmp_path):
     """DPO with a residual adapter on two ranks: the adapter is saved from the state dict every rank
     gathers, and reloading it onto the base gives the weights both ranks ended with."""
-    from align_kit.adapters import CONFIG_NAME, WEIGHTS_NAME, has_adapters
+    from align_kit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, has_adapters
 
     home = dpo_two_and_one["home"]
     args = tiny_run_args(

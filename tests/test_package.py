@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, tiny_run_args
 
 from align_kit import cli, resources
-from align_kit.judge_backends import load_judge
+from align_kit.judges.backends import load_judge
 
 BIN = Path(sys.executable).parent
 SHIPPED = {  # repository folder -> where the wheel puts it

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import load_recipe, max_change, recipe_argv
 
-from align_kit import adapters
-from align_kit import ppo as ppo_lib
 from align_kit.configs import ModelArgs
-from align_kit.models import EMBEDDED_NAME, TinyGPT2Shape, build_tiny_gpt2, load_model
+from align_kit.models import adapters
+from align_kit.models.loading import EMBEDDED_NAME, TinyGPT2Shape, build_tiny_gpt2, load_model
+from align_kit.training import ppo as ppo_lib
 
 EOS, PAD = 256, 257
 

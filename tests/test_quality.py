@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, load_recipe
 
-from align_kit import task
 from align_kit.configs import ModelArgs
-from align_kit.generation import generate
-from align_kit.models import build_byte_tokenizer, load_model
-from align_kit.stats import bootstrap_ci
+from align_kit.data import task
+from align_kit.evaluation.stats import bootstrap_ci
+from align_kit.models.generation import generate
+from align_kit.models.loading import build_byte_tokenizer, load_model
 
 pytestmark = pytest.mark.quality
 CONFIGS = ROOT / "recipes" / "configs"

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from align_kit import quiet
+from align_kit import console
 
 REPORT = """GPT2ForSequenceClassification LOAD REPORT from: runs/gpt2-hh/sft
 Key          | Status  |
@@ -28,7 +28,7 @@ class Kept(logging.Handler):
 
 @pytest.fixture
 def kept():
-    quiet.install()
+    console.install()
     handler = Kept()
     names = ("transformers.trainer", "transformers.trainer_utils", "transformers.modeling_utils")
     for name in names:
@@ -65,10 +65,10 @@ def test_anything_else_still_reaches_the_log(kept):
 
 
 def test_the_checkpointing_rename_warning_is_dropped_and_others_are_not():
-    quiet.install()
+    console.install()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        quiet.install()  # after simplefilter, as at a recipe's start
+        console.install()  # after simplefilter, as at a recipe's start
         warnings.warn(
             "`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1
         )

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 from servers import TransformersServe, build_chat_model, serving_missing
 
-from align_kit.judge_backends import load_judge
-from align_kit.judge_cache import JudgmentCache, cache_key
-from align_kit.judge_openai import REFUSED_ATTEMPTS, JudgeRequestError, OpenAIJudge
-from align_kit.judges import PairItem, judge_both_orders
+from align_kit.judges.backends import load_judge
+from align_kit.judges.cache import JudgmentCache, cache_key
+from align_kit.judges.openai_client import REFUSED_ATTEMPTS, JudgeRequestError, OpenAIJudge
+from align_kit.judges.protocol import PairItem, judge_both_orders
 
 pytestmark = pytest.mark.slow
 

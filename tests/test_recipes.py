@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import load_recipe, tiny_run_args
 
-from align_kit import callbacks
 from align_kit.configs import ModelArgs
-from align_kit.models import EMBEDDED_NAME, load_model
+from align_kit.models.loading import EMBEDDED_NAME, load_model
+from align_kit.training import callbacks
 
 RUN_FILES = ["run_config.json", "data_counts.json", "metrics.json", "run_complete.json", "tokenizer.json"]
 
@@ -76,7 +76,7 @@ def test_unknown_config_key_fails_loudly(tmp_path):
 
 def test_reference_is_loaded_from_disk_not_shared(sft_run):
     from align_kit.configs import AdapterArgs
-    from align_kit.models import policy_and_reference
+    from align_kit.models.loading import policy_and_reference
 
     sft_out, _ = sft_run
     policy, reference = policy_and_reference(ModelArgs(model_name_or_path=str(sft_out)), AdapterArgs())
@@ -90,7 +90,7 @@ def test_reference_is_loaded_from_disk_not_shared(sft_run):
 def test_dpo_with_residual_adapter_trains_only_the_adapter_against_the_adapter_off_reference(
     sft_run, tmp_path
 ):
-    from align_kit.adapters import ADAPTER_PREFIX, CONFIG_NAME, has_adapters
+    from align_kit.models.adapters import ADAPTER_PREFIX, CONFIG_NAME, has_adapters
 
     sft_out, _ = sft_run
     out = tmp_path / "dpo_adapter"

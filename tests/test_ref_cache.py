@@ -1,4 +1,4 @@
-"""Protects the precomputed reference (align_kit/ref_cache.py): computed once into the run folder, equal to
+"""Protects the precomputed reference (align_kit/training/ref_cache.py): computed once into the run folder, equal to
 computing it live (adapter-off reference and a separate reference model), reused by a second trainer on the same
 run folder (a resumed run) without running the reference, and recomputed when the data, the reference's weights
 or a setting that changes the values differ."""

@@ -16,10 +16,10 @@ import pytest
 from conftest import ScriptedJudge
 from PIL import Image
 
-from align_kit import answers
 from align_kit.configs import DataArgs
-from align_kit.eval_args import EvalArgs
-from align_kit.evaluation import evaluate_systems
+from align_kit.evaluation import answers
+from align_kit.evaluation.pipeline import evaluate_systems
+from align_kit.evaluation.settings import EvalArgs
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 MATPLOTLIB_BLUE, MATPLOTLIB_ORANGE = (31, 119, 180), (255, 127, 14)  # colours C0 and C1 of the plots

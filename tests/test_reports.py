@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from align_kit import ratings, reports, stats
-from align_kit.stats import Judgment
+from align_kit.evaluation import ratings, reports, stats
+from align_kit.evaluation.stats import Judgment
 
 
 def _synthetic_run(seed=0):
@@ -162,7 +162,7 @@ def test_report_without_optional_sections(tmp_path):
 
 
 def test_report_opens_with_the_judges_verdict_and_files_are_written_whole(tmp_path):
-    from align_kit import audits
+    from align_kit.evaluation import audits
 
     results, judgments, examples = _synthetic_run()
     checks = [dict(c) for c in results["audit_checks"]]

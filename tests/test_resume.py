@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, load_recipe, tiny_run_args
 from safetensors.torch import load_file
 
-from align_kit import runs
+from align_kit.training import runs
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,12 @@ import torch
 from conftest import load_recipe, tiny_run_args
 from transformers import set_seed
 
-from align_kit import adapters, models, rewards, task
 from align_kit.configs import DataArgs
-from align_kit.data import load_preferences
-from align_kit.models import EMBEDDED_NAME, load_tokenizer
+from align_kit.data import task
+from align_kit.data.loading import load_preferences
+from align_kit.models import adapters, rewards
+from align_kit.models import loading as models
+from align_kit.models.loading import EMBEDDED_NAME, load_tokenizer
 
 RUN_FILES = ["run_config.json", "data_counts.json", "metrics.json", "run_complete.json", "tokenizer.json"]
 

@@ -1,4 +1,4 @@
-"""Protects align_kit/rewards.py: the Bradley-Terry loss (hand values and TRL's RewardTrainer), ensemble
+"""Protects align_kit/models/rewards.py: the Bradley-Terry loss (hand values and TRL's RewardTrainer), ensemble
 aggregation and its disagreement alarm, the ensemble as a PPO reward model, ranking, best-of-N sampling,
 checkpoint selection, reward-based early stopping, the sampled KL, and margins read from the raw data."""
 
@@ -13,12 +13,14 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from align_kit import callbacks, data, generation, rewards
 from align_kit.configs import DataArgs, RewardModelArgs
-from align_kit.data import load_preferences
-from align_kit.generation import generate
-from align_kit.models import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
-from align_kit.prompts import format_prompt
+from align_kit.data import loading as data
+from align_kit.data.loading import load_preferences
+from align_kit.data.prompts import format_prompt
+from align_kit.models import generation, rewards
+from align_kit.models.generation import generate
+from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
+from align_kit.training import callbacks
 
 SMALL = TinyGPT2Shape(n_layer=2, n_embd=32, n_head=2, n_positions=128)
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(4)] + [

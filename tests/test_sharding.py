@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align_kit import runs
 from align_kit.configs import ConfigError
+from align_kit.training import runs
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from align_kit import ratings, stats
-from align_kit.stats import Judgment
+from align_kit.evaluation import ratings, stats
+from align_kit.evaluation.stats import Judgment
 
 
 def _judgments(verdicts, system="dpo", baseline="sft", system_len=None, baseline_len=None, prompt_ids=None):

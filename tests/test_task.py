@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from align_kit import task
-from align_kit.data import split_hh
+from align_kit.data import task
+from align_kit.data.loading import split_hh
 
 
 def test_generation_is_seeded_and_distinct():

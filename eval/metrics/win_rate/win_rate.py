@@ -1,4 +1,4 @@
-"""Judged win rate as a Hugging Face `evaluate` metric, computed by align_kit.stats.
+"""Judged win rate as a Hugging Face `evaluate` metric, computed by align_kit.evaluation.stats.
 
 Load it offline from this file or its folder:  evaluate.load("/abs/path/eval/metrics/win_rate").
 """
@@ -6,7 +6,14 @@ Load it offline from this file or its folder:  evaluate.load("/abs/path/eval/met
 import datasets
 import evaluate
 
-from align_kit.stats import agreement, bootstrap_ci, verdict_counts, verdict_scores, win_rate, win_rate_se
+from align_kit.evaluation.stats import (
+    agreement,
+    bootstrap_ci,
+    verdict_counts,
+    verdict_scores,
+    win_rate,
+    win_rate_se,
+)
 
 _DESCRIPTION = """Win rate of a system against a baseline from per-prompt judge verdicts ('win', 'tie' or 'loss'
 from the system's point of view), a tie counting half a win, with its standard error (sample standard
