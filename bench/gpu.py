@@ -763,6 +763,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"measured {peak['matmul_size']}^3 matmul: {peak['measured_matmul_flops'] / 1e12:.3g} TFLOP/s")
     print("targets:", ", ".join(f"{name} {'ok' if ok else 'MISSED'}" for name, ok in passed.items()))
     print(f"wrote {out} in {info['wall_s']} s{' (dry run: CPU figures, not judged)' if args.dry_run else ''}")
+    if not args.dry_run:  # the same MFU table as on the CPU, against the measured and the datasheet peak
+        import mfu
+
+        mfu.main(["--out", str(common.RESULTS / "mfu_gpu.json")])
     failed = [part for part in parts if "error" in figures[part]]
     if failed:
         raise SystemExit(f"bench/gpu.py: part(s) {', '.join(failed)} failed; their errors are in {out}")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["recipe_overhead", "adapters", "judges", "generation", "gpu"]
+BENCHMARKS = ["recipe_overhead", "adapters", "judges", "generation", "mfu", "gpu"]
 
 
 def invocation(name: str, quick: bool) -> tuple[list[str], str]:

@@ -20,6 +20,9 @@ from align_kit.configs import ModelArgs
 from align_kit.data.task import judge_answer
 from align_kit.models import adapters
 from align_kit.models.loading import load_model
+from align_kit.models.logprobs import answer_token_logps, check_chunkable
+
+ANSWER_CHUNK = 1024  # answer tokens per LM-head chunk in answer_logprobs
 
 
 @torch.no_grad()
@@ -173,8 +176,16 @@ def _answer_mask(answers: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 def answer_logprobs(
     model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
 ) -> torch.Tensor:
-    """log p(y_t | x, y_<t) of every answer token, (B, A); prompts left padded to ``prompt_width``."""
+    """log p(y_t | x, y_<t) of every answer token, (B, A); prompts left padded to ``prompt_width``.
+    Computed a chunk of tokens at a time from the final hidden states (``logprobs``), never as (B, A, V)."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
+    if check_chunkable(model) is None:
+        answers = torch.zeros_like(sequences)
+        answers[:, prompt_width:] = 1
+        per_token = answer_token_logps(
+            model, sequences, attention_mask, answers, ANSWER_CHUNK, position_ids=position_ids
+        ).logps  # (B, T-1)
+        return per_token[:, prompt_width - 1 :]
     logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
     logprobs = torch.log_softmax(logits[:, prompt_width - 1 : -1].float(), dim=-1)  # (B, A, V)
     return logprobs.gather(-1, sequences[:, prompt_width:, None]).squeeze(-1)

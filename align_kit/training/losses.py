@@ -29,6 +29,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from align_kit.configs import ConfigError
 from align_kit.models.generation import answer_logprobs
+from align_kit.training.dpo_chunked import ChunkedDPO
 
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -174,9 +175,24 @@ class DPOConfig(trl.DPOConfig):
             "or (losses, chosen_rewards, rejected_rewards). See align_kit/training/losses.py."
         },
     )
+    logprob_chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Answer tokens per chunk when computing log-probabilities from the final hidden states and "
+            "the LM head, each chunk's logits recomputed in backward, so no (batch, length, vocabulary) logits "
+            "tensor exists (align_kit/models/logprobs.py). 0: TRL's path (full logits). Not in TRL 1.12; on by default "
+            "because the full logits are what runs out of memory. TRL's path is used, and the log says so, with "
+            "use_weighting, ld_alpha, an f_divergence_type other than reverse_kl or use_liger_kernel."
+        },
+    )
 
     def __post_init__(self):
         self.loss_type = _loss_type_list(self.loss_type)
+        if not isinstance(self.logprob_chunk_size, int) or self.logprob_chunk_size < 0:
+            raise ConfigError(
+                f"logprob_chunk_size: {self.logprob_chunk_size!r} must be a whole number >= 0 (0: TRL's path)",
+                field="logprob_chunk_size",
+            )
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise ConfigError(
                 f"beta: {self.beta} must be above 0 (every DPO loss scales or divides by beta; at 0 the loss "
@@ -298,17 +314,31 @@ class KTOConfig(trl.KTOConfig):
 # The trainer
 
 
-class DPOTrainer(trl.DPOTrainer):
-    """TRL's DPOTrainer that, when ``args.loss_function`` is set, computes that loss instead of the
-    ``loss_type`` terms and logs TRL's pair metrics (rewards/chosen, rewards/rejected, rewards/accuracies,
-    rewards/margins, logps/chosen, logps/rejected). Without it, it is TRL's trainer unchanged."""
+class DPOTrainer(ChunkedDPO, trl.DPOTrainer):
+    """TRL's DPOTrainer with two additions.
+
+    - ``args.logprob_chunk_size > 0`` (the default): the policy's and the reference's answer log-probabilities
+      come from ``logprobs.answer_token_logps`` (no full-vocabulary logits), and the loss is ``dpo_term``'s
+      weighted terms or the user's ``loss_function``; TRL's metrics are logged from the same pass.
+    - ``args.loss_function``: that loss replaces the ``loss_type`` terms, and TRL's pair metrics (rewards/*,
+      logps/*) are logged for it.
+
+    With ``logprob_chunk_size: 0`` and no loss function it is TRL's trainer unchanged."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         spec = self.args.loss_function
         self.user_loss = None if spec is None else load_loss_function(spec)
 
+    def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.precompute_ref_logps:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        reference = self.ref_model if self.ref_model is not None else model  # None: a PEFT adapter
+        return self.compute_ref_log_probs(reference, inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.chunk_size:
+            return self._chunked_loss(model, inputs, return_outputs)
         if self.user_loss is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
@@ -320,12 +350,13 @@ class DPOTrainer(trl.DPOTrainer):
         outputs = model(**model_inputs, use_cache=False)
         logps = answer_logps(outputs.logits, inputs["input_ids"], inputs["completion_mask"])  # (2B,)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # the batch is [chosen rows, rejected rows]
-        if self.precompute_ref_logps:
-            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            reference = self.ref_model if self.ref_model is not None else model  # None: a PEFT adapter
-            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, inputs)
+        ref_chosen_logps, ref_rejected_logps = self._reference_logps(model, inputs)
+        loss = self._user_loss(mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        return (loss, outputs) if return_outputs else loss
 
+    def _user_loss(
+        self, mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    ) -> torch.Tensor:
         output = self.user_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, self.beta)
         losses, chosen_rewards, rejected_rewards = split_output(
             self.args.loss_function, output, len(chosen_logps)
@@ -336,8 +367,7 @@ class DPOTrainer(trl.DPOTrainer):
             chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps)
             rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps)
         self._log_pair_metrics(mode, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
-        loss = losses.mean()
-        return (loss, outputs) if return_outputs else loss
+        return losses.mean()
 
     def _log_pair_metrics(self, mode, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> None:
         """TRL's pair metrics, each gathered over the processes and averaged by ``DPOTrainer.log``."""

@@ -1,0 +1,134 @@
+"""Per-token log-probabilities of answer tokens without a (batch, length, vocabulary) logits tensor.
+
+A causal LM's log pi(y_t | y_<t) needs the logits only at the answer positions, and only one row at a time:
+``log_softmax(h_t W^T + b)[y_{t+1}]``. ``answer_token_logps`` runs the model with ``logits_to_keep=1`` and
+``output_hidden_states=True`` (so the model itself makes a (B, 1, V) logits tensor), keeps the final hidden
+states of the answer positions, and applies the LM head to ``chunk_size`` of them at a time. In training each
+chunk is wrapped in ``torch.utils.checkpoint``: its logits are freed after the forward and recomputed in the
+backward, so at most one (chunk_size, V) block of logits (and its gradient) exists at any moment.
+
+The same pass gives the statistics TRL's DPO trainer logs from the full logits (entropy, mean logit, argmax
+accuracy), computed on the same answer tokens, so switching paths changes no logged metric.
+
+The model is called through its own ``forward`` (works through DDP, ``AdapterOffReference`` and adapters); the
+head is ``get_output_embeddings()`` of the unwrapped model. Models that rescale or soft-cap logits after the head
+(``logit_scale``, ``final_logit_softcapping``) are refused by ``check_chunkable``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class AnswerLogps:
+    """Per-token results on a (N, T) batch, each (N, T-1) and zero outside the answer mask (token t+1 given <= t)."""
+
+    logps: torch.Tensor  # log pi(y_{t+1} | y_<=t), differentiable
+    entropy: torch.Tensor  # entropy of pi(. | y_<=t), detached
+    mean_logit: torch.Tensor  # mean over the vocabulary of the logits, detached
+    correct: torch.Tensor  # argmax == y_{t+1}, detached (bool)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module that owns the LM head: through DDP/accelerate's ``.module`` and AdapterOffReference's ``.policy``."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        policy = model.__dict__.get("policy")  # AdapterOffReference keeps its policy outside the registry
+        if isinstance(policy, nn.Module):
+            model = policy
+            continue
+        return model
+
+
+def check_chunkable(model: nn.Module) -> str | None:
+    """Why the chunked path cannot reproduce this model's logits, or None when it can."""
+    owner = unwrapped(model)
+    head = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return f"{type(owner).__name__} has no nn.Linear output head (get_output_embeddings)"
+    config = getattr(owner, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, name, None) not in (None, 1.0):
+            return f"{type(owner).__name__} rescales its logits after the head ({name})"
+    return None
+
+
+def _head_chunk(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (K, H), labels (K,) -> log-prob of each label, entropy, mean logit, argmax hit; each (K,)."""
+    logits = nn.functional.linear(hidden, weight, bias).float()  # (K, V); float32 also under bf16 autocast
+    logsumexp = torch.logsumexp(logits, dim=-1)  # (K,)
+    logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logsumexp
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = logsumexp - (probs * logits).sum(-1)  # H = log Z - E_p[logit]
+        mean_logit = logits.mean(-1)
+        correct = logits.argmax(-1) == labels
+    return logps, entropy, mean_logit, correct
+
+
+def chunked_head_logps(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Linear,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_head_chunk`` over rows of hidden (K, H) in chunks of ``chunk_size``; logits recomputed in backward."""
+    parts = []
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (
+            hidden[start : start + chunk_size],
+            labels[start : start + chunk_size],
+            head.weight,
+            head.bias,
+        )
+        if recompute:
+            parts.append(checkpoint(_head_chunk, *args, use_reentrant=False))
+        else:
+            parts.append(_head_chunk(*args))
+    if not parts:  # no answer token in the batch
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty, torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+
+def answer_token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_mask: torch.Tensor,
+    chunk_size: int,
+    **model_kwargs,
+) -> AnswerLogps:
+    """Per-token log-probabilities of the answer tokens of a (N, T) batch; ``answer_mask`` (N, T) marks the
+    answer tokens (TRL's ``completion_mask``). No (N, T, V) tensor is made at any point."""
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+        **model_kwargs,
+    )
+    hidden = outputs.hidden_states[-1][:, :-1]  # (N, T-1, H): final layer, after the last norm
+    target = answer_mask[:, 1:].bool()  # (N, T-1)
+    labels = input_ids[:, 1:][target]  # (K,)
+    head = unwrapped(model).get_output_embeddings()
+    logps, entropy, mean_logit, correct = chunked_head_logps(hidden[target], labels, head, chunk_size)
+    full = hidden.new_zeros(target.shape, dtype=torch.float32)
+    return AnswerLogps(
+        logps=full.masked_scatter(target, logps),
+        entropy=full.detach().masked_scatter(target, entropy),
+        mean_logit=full.detach().masked_scatter(target, mean_logit),
+        correct=torch.zeros_like(target).masked_scatter(target, correct),
+    )
