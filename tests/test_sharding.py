@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from align_kit.configs import ConfigError
-from align_kit.training import runs
+from align_kit.training import launch
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 
@@ -26,7 +26,7 @@ def test_a_launch_that_cannot_shard_is_refused_in_one_line(monkeypatch, env, use
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=message) as error:
-        runs.refuse_unsharded_launch(use_cpu)
+        launch.refuse_unsharded_launch(use_cpu)
     assert "\n" not in str(error.value)
 
 
@@ -37,13 +37,13 @@ def test_deepspeed_missing_is_named(monkeypatch):
         pytest.skip("deepspeed is installed here")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="deepspeed is not installed"):
-        runs.refuse_unsharded_launch(False)
+        launch.refuse_unsharded_launch(False)
 
 
 def test_a_plain_launch_passes(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    runs.refuse_unsharded_launch(True)
+    launch.refuse_unsharded_launch(True)
 
 
 def test_a_recipe_launched_for_fsdp_on_cpu_stops_before_loading(monkeypatch, tmp_path):

@@ -32,7 +32,7 @@ from align_kit.data.prompts import TOKENIZER, chat_format
 from align_kit.models import adapters, shapes
 from align_kit.models.loading import load_tokenizer, source_problem, tokenizer_source
 from align_kit.parsing import setting_source, to_dict
-from align_kit.training import checkpoints, run_folder
+from align_kit.training import checkpoints, launch, run_folder
 
 COMPLETE = "run_complete.json"
 RUN_CONFIG = "run_config.json"
@@ -99,7 +99,7 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     ``args`` before anything pickles it. Saves the resolved config."""
     set_seed(args.seed)
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
-    refuse_unsharded_launch(bool(getattr(args, "use_cpu", False)))
+    launch.refuse_unsharded_launch(bool(getattr(args, "use_cpu", False)))
     output_dir = Path(args.output_dir)
     refuse_output_dir(output_dir, args)
     shapes.resolve_random_model(configs)  # random:<shape> -> its folder, built on this run's data
@@ -470,29 +470,6 @@ def round_model(run: Run, index: int) -> Path:
     """Where round ``index`` (best-of-N, iterative DPO) keeps its policy: the next round (or a resume) starts
     from it."""
     return round_dir(run, index) / "model"
-
-
-def refuse_unsharded_launch(use_cpu: bool) -> None:
-    """One line, before anything loads, where the launcher asked for FSDP or DeepSpeed and the run cannot
-    shard: accelerate would otherwise train as DDP (or fail deep inside the trainer) without saying so."""
-    import torch
-
-    on_cpu = use_cpu or not torch.cuda.is_available()
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and on_cpu:
-        raise ConfigError(
-            "FSDP was requested (ACCELERATE_USE_FSDP) on CPU: align-kit does not run FSDP on CPUs (accelerate "
-            "launches it as unsharded DDP); use recipes/accelerate/cpu_2proc.yaml, or FSDP on GPUs"
-        )
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                "DeepSpeed ZeRO was requested (ACCELERATE_USE_DEEPSPEED) but deepspeed is not installed: "
-                'pip install -e ".[deepspeed]" on a GPU host'
-            )
-        if on_cpu:
-            raise ConfigError("DeepSpeed ZeRO was requested on CPU: align-kit runs ZeRO on GPUs only")
 
 
 def started_rounds(output_dir: Path) -> bool:
