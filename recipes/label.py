@@ -47,12 +47,12 @@ CONFIG = (DataArgs, ModelArgs, LabelArgs)
 def main(argv: list[str] | None = None) -> dict:
     # 1. config
     data_args, model_args, label_args = parse(CONFIG, argv)
-    judge = judge_from_spec(label_args.judge)
 
     # 2. seed, logging, run directory (no trainer: the folder is the dataset)
     set_seed(label_args.seed)
     out = Path(label_args.output_dir)
-    runs.refuse_output_dir(out)
+    runs.refuse_output_dir(out, label_args)
+    judge = judge_from_spec(label_args.judge)
     changes = runs.changed_settings(out, to_dict(data_args, model_args, label_args))
     if changes:  # a rerun reuses the samples: only with the settings they were drawn with
         raise runs.RunRefused(f"{out} holds an unfinished labelling with other settings {sorted(changes)}")

@@ -222,7 +222,7 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from types import SimpleNamespace
-from align_kit import run_folder
+from align_kit.training import run_folder
 refusal, _ = run_folder.take_lock(Path(sys.argv[1]))
 print("held" if refusal is None else refusal, flush=True)
 time.sleep(120)

@@ -18,7 +18,7 @@ from align_kit.parsing import config_file
 from align_kit.training import runs
 
 HEADER = re.compile(r"^# (?:accelerate launch|python) (?:--config_file \S+ )?(\w+/\w+)\.py --config (\S+)")
-NO_CONFIG = {"leaderboard", "demo"}  # their own argparse options, no --config
+NO_CONFIG = {"leaderboard", "demo", "curves"}  # their own argparse options, no --config
 
 
 class Loaded(Exception):
@@ -48,6 +48,9 @@ def stop_at_start(monkeypatch) -> None:
     def start(args, *configs, **_):
         raise Loaded(config_file(args))
 
+    def refuse_output_dir(output_dir, args=None):  # labelling makes its folder without a trainer
+        raise Loaded(config_file(args))
+
     def run(sweep):
         raise Loaded(sweep.config_path)
 
@@ -55,6 +58,7 @@ def stop_at_start(monkeypatch) -> None:
         raise Loaded(config_file(args))
 
     monkeypatch.setattr(runs, "start", start)
+    monkeypatch.setattr(runs, "refuse_output_dir", refuse_output_dir)
     monkeypatch.setattr(loss_sweep.Sweep, "run", run)
     monkeypatch.setattr(pipeline, "evaluate", evaluate)
 

@@ -352,6 +352,8 @@ def labelling_mark(args: DataArgs) -> dict[str, Any] | None:
     """The failed-audit mark of a local dataset labelled by a judge (in its folder, or beside its file), or
     None when the dataset carries none."""
     path = Path(args.dataset)
+    if files.data_path_problem(path):  # a FIFO, a device, a path too long: the loader says so in one line
+        return None
     folder = path if path.is_dir() else path.parent if path.is_file() else None
     if folder is None or not (folder / LABELLING_MARK).is_file():
         return None
