@@ -192,6 +192,49 @@ def answer_logprobs(
 
 
 @torch.no_grad()
+def sample_with_log_ratios(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> tuple[list[str], list[float]]:
+    """One answer per prompt sampled from ``policy`` at temperature 1 (no truncation), and each answer's
+    log pi(y|x) - log pi_ref(y|x) summed over its tokens up to and including EOS: the k1 KL sample."""
+    torch.manual_seed(seed)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = policy.training
+    policy.eval()
+    answers: list[str] = []
+    ratios: list[float] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+            batch = batch.to(next(policy.parameters()).device)
+            width = batch["input_ids"].shape[1]
+            sequences = policy.generate(
+                **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip  # (B, width + A)
+            new = sequences[:, width:]  # (B, A)
+            mask = _answer_mask(new, tokenizer.eos_token_id)  # tokens up to and including the first EOS
+            attention_mask = torch.cat([batch["attention_mask"].bool(), mask], dim=1)
+            log_ratio = answer_logprobs(policy, sequences, attention_mask, width) - answer_logprobs(
+                reference, sequences, attention_mask, width
+            )  # (B, A)
+            ratios += (log_ratio * mask).sum(-1).tolist()
+            answers += tokenizer.batch_decode(
+                new.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True
+            )
+    finally:
+        tokenizer.padding_side = side
+        policy.train(was_training)
+    return answers, ratios
+
+
+@torch.no_grad()
 def sampled_kl(
     policy: PreTrainedModel,
     reference: nn.Module,
@@ -203,32 +246,11 @@ def sampled_kl(
 ) -> float:
     """KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)] in nats per answer, estimated
     with one answer per prompt sampled at temperature 1 without truncation (so y really comes from pi);
-    log-probabilities sum over the answer's tokens up to and including EOS."""
-    torch.manual_seed(seed)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    was_training = policy.training
-    policy.eval()
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
-            batch = batch.to(policy.device)
-            width = batch["input_ids"].shape[1]
-            sequences = policy.generate(
-                **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
-            mask = _answer_mask(sequences[:, width:], tokenizer.eos_token_id)  # (B, A)
-            attention_mask = torch.cat([batch["attention_mask"].bool(), mask], dim=1)
-            log_ratio = answer_logprobs(policy, sequences, attention_mask, width) - answer_logprobs(
-                reference, sequences, attention_mask, width
-            )  # (B, A)
-            total += (log_ratio * mask).sum().item()
-            count += sequences.shape[0]
-    finally:
-        tokenizer.padding_side = side
-        policy.train(was_training)
-    return total / max(count, 1)
+    log-probabilities sum over the answer's tokens up to and including EOS (``sample_with_log_ratios``)."""
+    _, ratios = sample_with_log_ratios(
+        policy, reference, tokenizer, prompts, max_new_tokens, batch_size, seed
+    )
+    return sum(ratios) / max(len(ratios), 1)
 
 
 def policy_report(

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
@@ -28,7 +27,7 @@ from align_kit.configs import ConfigError, as_list, check_at_least
 from align_kit.console import is_main_process, log
 from align_kit.data.task import OracleScorer
 from align_kit.models import adapters
-from align_kit.models.generation import answer_logprobs, generate
+from align_kit.models.generation import generate, sample_with_log_ratios
 from align_kit.models.loading import load_reward_model
 from align_kit.models.rewards import RewardEnsemble, reward_scorer
 
@@ -93,50 +92,6 @@ class CurveArgs:
                 "stop_at_gold_peak needs curve_steps (the gold peak is found on curve points)",
                 field="stop_at_gold_peak",
             )
-
-
-@torch.no_grad()
-def sample_with_log_ratios(
-    policy: nn.Module,
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    max_new_tokens: int = 48,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> tuple[list[str], list[float]]:
-    """One answer per prompt sampled from ``policy`` at temperature 1 (no truncation), and each answer's
-    log pi(y|x) - log pi_ref(y|x) summed over its tokens up to and including EOS: the k1 KL sample."""
-    torch.manual_seed(seed)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    was_training = policy.training
-    policy.eval()
-    answers: list[str] = []
-    ratios: list[float] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
-            batch = batch.to(next(policy.parameters()).device)
-            width = batch["input_ids"].shape[1]
-            sequences = policy.generate(
-                **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip  # (B, width + A)
-            new = sequences[:, width:]  # (B, A)
-            is_eos = (new == tokenizer.eos_token_id).long()
-            mask = (is_eos.cumsum(-1) - is_eos) == 0  # tokens up to and including the first EOS
-            attention_mask = torch.cat([batch["attention_mask"].bool(), mask], dim=1)
-            log_ratio = answer_logprobs(policy, sequences, attention_mask, width) - answer_logprobs(
-                reference, sequences, attention_mask, width
-            )  # (B, A)
-            ratios += (log_ratio * mask).sum(-1).tolist()
-            answers += tokenizer.batch_decode(
-                new.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True
-            )
-    finally:
-        tokenizer.padding_side = side
-        policy.train(was_training)
-    return answers, ratios
 
 
 def slope(values: Sequence[float]) -> float:
