@@ -2,7 +2,7 @@
 ``transformers serve``), given as ``name=MODEL@BASE_URL``, e.g. ``mine=my-model@http://127.0.0.1:8000/v1``.
 
 Each held-out prompt (an hh conversation) is sent as chat messages through the judge's client
-(``judge_openai.OpenAIClient``: the same concurrency window, retries, budget, proxy handling and traffic
+(``judges.openai_client.OpenAIClient``: the same concurrency window, retries, budget, proxy handling and traffic
 counters), and each answer is appended to ``generations/<system>.jsonl`` the moment it arrives. Answers
 are reused while the model name, the decoding and the seed are the same (where the server listens is not
 part of that, as for a judge's cache); a rerun asks only the missing prompts, so a complete one sends no

@@ -1,6 +1,6 @@
 """Judges built from their configs: ``load_judge`` reads a judge's YAML and ``build_judge`` makes its
 backend, the exact oracle and reward models (a higher score wins), a local causal LM reading label
-logits (or generating a verdict), or an OpenAI-compatible endpoint (``judge_openai``).
+logits (or generating a verdict), or an OpenAI-compatible endpoint (``judges.openai_client``).
 
 A backend loads its model on first use, not when it is built: its identity, which keys the verdict
 cache, needs only the config and template, so a rerun answered from the cache loads nothing."""

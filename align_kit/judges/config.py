@@ -158,7 +158,7 @@ class JudgeConfig:
         metadata={
             "help": "openai: retries by the openai client after a timeout, connection error, 408, 409, 429 or "
             "5xx (waits 0.5 s doubling to 8 s, or the server's Retry-After); a refused connection stops "
-            "sooner (see judge_openai.REFUSED_ATTEMPTS)."
+            "sooner (see judges.openai_client.REFUSED_ATTEMPTS)."
         },
     )
     max_tokens_field: str = field(

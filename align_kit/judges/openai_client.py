@@ -1,6 +1,6 @@
 """The OpenAI-compatible chat-completions client (``OpenAIClient``) and its transport.
 
-One client serves every endpoint align-kit talks to: a judge (``judge_backends.OpenAIJudge``), a served
+One client serves every endpoint align-kit talks to: a judge (``judges.backends.OpenAIJudge``), a served
 system under evaluation (``align_kit.evaluation.served``) and the loss proposer (``align_kit.loss_lab.discovery``), so
 all get the same metering, budget, proxy and retry handling.
 

@@ -6,7 +6,7 @@ the raw text it was parsed from and any rationale. ``judge_both_orders`` asks ev
 in slot A and again swapped, caches each single-order reply on disk, and combines the two verdicts: see
 ``combine_orders``.
 
-A judge is data: ``eval/judges/<name>/judge.yaml`` (read into ``judge_config.JudgeConfig``; unknown keys fail)
+A judge is data: ``eval/judges/<name>/judge.yaml`` (read into ``judges.config.JudgeConfig``; unknown keys fail)
 next to a prompt template in which ``{instruction}``, ``{output_1}`` (slot A) and ``{output_2}``
 (slot B) are replaced in one pass. Backends (in ``align_kit/judges/backends.py``):
 

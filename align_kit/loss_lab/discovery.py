@@ -90,7 +90,7 @@ class ProposerConfig:
 
 class OpenAIProposer:
     """``prompt -> reply`` through an OpenAI-compatible chat-completions endpoint, over the judge's client
-    (``judge_openai.OpenAIClient``: its retries, metering in ``stats``, budget and proxy handling)."""
+    (``judges.openai_client.OpenAIClient``: its retries, metering in ``stats``, budget and proxy handling)."""
 
     def __init__(self, config: ProposerConfig):
         self.config = config
