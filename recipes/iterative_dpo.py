@@ -35,7 +35,7 @@ from align_kit.judges.labelling import (
 from align_kit.models.generation import generate, greedy_reward, policy_report
 from align_kit.models.loading import load_model, load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.training import guards, runs
+from align_kit.training import guards, runs, stops
 from align_kit.training.losses import DPOConfig, DPOTrainer
 from align_kit.training.reward_funcs import WeightedRewards, build_reward_funcs
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             processing_class=tokenizer,
             callbacks=guards.watch(round_run),
         )
-        result = trainer.train(resume_from_checkpoint=round_run.resume_from)
+        result = stops.train(trainer, round_run)
         runs.save_model(
             runs.Run(runs.round_model(run, index), None), trainer, tokenizer, model_args.model_name_or_path,
             adapter_args,

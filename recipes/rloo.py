@@ -32,7 +32,7 @@ from align_kit.models import adapters, rewards
 from align_kit.models.generation import policy_report
 from align_kit.models.loading import load_tokenizer, policy_and_reference, tokenizer_source
 from align_kit.parsing import parse
-from align_kit.training import guards, runs
+from align_kit.training import guards, runs, stops
 from align_kit.training.grpo import RLOOTrainerWithReference
 from align_kit.training.reward_funcs import WeightedRewards, build_reward_funcs
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # 6. train
-    result = trainer.train(resume_from_checkpoint=run.resume_from)
+    result = stops.train(trainer, run)
 
     # 7. save
     runs.save_model(run, trainer, tokenizer, model_args.model_name_or_path, adapter_args)
