@@ -77,11 +77,11 @@ def evaluate(systems: dict[str, str], out: Path) -> Path:
     import yaml
 
     config = yaml.safe_load((ROOT / "eval/configs/embedded.yaml").read_text())
+    for key in [key for key in config if key.startswith("best_of_n")]:
+        config.pop(key)  # no best-of-N system here
     config.update(
         systems=[f"{name}={path}" for name, path in systems.items()],
         base="sft",
-        best_of_n_policy=None,
-        best_of_n_reward_model=None,
         judges=["oracle"],
         optional_judges=[],
         output_dir=str(out / "eval"),
@@ -116,6 +116,15 @@ def kl_to_sft(systems: dict[str, str], prompts: list[str], seed: int) -> dict[st
             policy = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
             kls[name] = sampled_kl(policy, reference, tokenizer, prompts, seed=seed)
     return kls
+
+
+def own_report(folder: str) -> dict | None:
+    """The recipe's own policy report (64 held-out prompts, its own reward) where it writes one."""
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics.get("report")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ci": c and [c["ci_low"], c["ci_high"]],
             "counts_vs_sft": c and c["counts"],
             "kl_to_sft_sampled": kls.get(name),
+            "run_policy_report": own_report(systems[name]),
             "cpu_s": timings.get(name, {}).get("cpu_s"),
             "wall_s": timings.get(name, {}).get("wall_s"),
             "command": plan.get(name),
