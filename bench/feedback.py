@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, machine, table  # noqa: E402
 
 
-def stages(sft: str, reward: str, out: Path, rounds: int, steps: int | None) -> dict[str, list[str]]:
+def stages(
+    sft: str, reward: str, out: Path, rounds: int, steps: int | None, online_lr: float | None = None
+) -> dict[str, list[str]]:
     """Method -> recipe command line (after ``python``)."""
 
     def cmd(recipe: str, config: str, name: str, *extra: str) -> list[str]:
@@ -44,6 +46,13 @@ def stages(sft: str, reward: str, out: Path, rounds: int, steps: int | None) -> 
         "dpo_offline": cmd("dpo", "dpo_tiny", "dpo_offline"),
         "online_dpo_oracle": cmd("online_dpo", "online_dpo_tiny", "online_dpo_oracle", "--reward_funcs", "oracle", *cut),
         "online_dpo_rm": cmd("online_dpo", "online_dpo_tiny", "online_dpo_rm", "--reward_funcs", reward, *cut),
+        **(
+            {f"online_dpo_oracle_lr{online_lr:g}": cmd(
+                "online_dpo", "online_dpo_tiny", f"online_dpo_oracle_lr{online_lr:g}", "--reward_funcs", "oracle",
+                "--learning_rate", str(online_lr), *cut,
+            )}
+            if online_lr else {}
+        ),
         "iterative_dpo": cmd("iterative_dpo", "iterative_dpo_tiny", "iterative_dpo", "--rounds", str(rounds)),
         "rloo": cmd("rloo", "rloo_tiny", "rloo", "--reward_funcs", reward, *cut),
         "grpo": cmd("grpo", "grpo_tiny", "grpo", "--reward_funcs", reward, *cut),
@@ -136,6 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--steps", type=int, default=None, help="cut online DPO, RLOO, GRPO to this many steps"
     )
+    parser.add_argument(
+        "--online_lr",
+        type=float,
+        default=None,
+        help="also run online DPO with oracle labels at this learning rate (the YAML's 5e-6 barely moves)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result", default=str(RESULTS / "feedback.json"))
     args = parser.parse_args(argv)
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    plan = stages(args.sft, args.reward, out, args.rounds, args.steps)
+    plan = stages(args.sft, args.reward, out, args.rounds, args.steps, args.online_lr)
     for name, command in plan.items():
         run_stage(name, command, out / name, timings, timings_path)
 
@@ -195,7 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
         "figures": figures,
         "targets": {"online_dpo_oracle_beats_offline_dpo": "oracle score"},
         "passed": {"online_dpo_oracle_beats_offline_dpo": beats},
-        "settings": {"sft": args.sft, "reward": args.reward, "rounds": args.rounds, "steps": args.steps},
+        "settings": {
+            "sft": args.sft,
+            "reward": args.reward,
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "online_lr": args.online_lr,
+        },
         "eval_config": str(out / "eval_config.yaml"),
         "machine": machine(),
     }
