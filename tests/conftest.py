@@ -78,6 +78,30 @@ def recipe_argv(values: dict, *extra: str) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", str(value))] + [*extra, *CPU_ARGS]
 
 
+def group_sampling_args(out, specs, **overrides) -> list[str]:
+    """Two steps of a group-sampling recipe (GRPO, RLOO) on the embedded task with reward specs ``specs``."""
+    values = {
+        "model_name_or_path": EMBEDDED_NAME,
+        "dataset": "embedded",
+        "embedded_train_size": "48",
+        "embedded_test_size": "24",
+        "output_dir": str(out),
+        "max_steps": "2",
+        "per_device_train_batch_size": "8",
+        "num_generations": "4",
+        "max_completion_length": "8",
+        "learning_rate": "1e-3",
+        "beta": "0.1",
+        "report_prompts": "4",
+        "report_max_new_tokens": "8",
+        "logging_steps": "1",
+        "save_strategy": "no",
+        "seed": "0",
+        **overrides,
+    }
+    return recipe_argv(values, "--reward_funcs", *specs)
+
+
 class ScriptedJudge:
     """The one judge double of the suite: ``verdict(item)`` gives each single-order answer ('A', 'B',
     'tie', or None for a parse failure); every pair asked and every parse failure is counted."""

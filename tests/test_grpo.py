@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_recipe, max_change, recipe_argv
+from conftest import group_sampling_args, load_recipe, max_change
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl import GRPOConfig
@@ -198,33 +198,10 @@ def grpo():
     return load_recipe("grpo")
 
 
-def grpo_args(out, specs, **overrides) -> list[str]:
-    values = {
-        "model_name_or_path": EMBEDDED_NAME,
-        "dataset": "embedded",
-        "embedded_train_size": "48",
-        "embedded_test_size": "24",
-        "output_dir": str(out),
-        "max_steps": "2",
-        "per_device_train_batch_size": "8",
-        "num_generations": "4",
-        "max_completion_length": "8",
-        "learning_rate": "1e-3",
-        "beta": "0.1",
-        "report_prompts": "4",
-        "report_max_new_tokens": "8",
-        "logging_steps": "1",
-        "save_strategy": "no",
-        "seed": "0",
-        **overrides,
-    }
-    return recipe_argv(values, "--reward_funcs", *specs)
-
-
 def test_grpo_recipe_two_steps_move_the_policy_and_report(grpo, reward_folders, tmp_path):
     out = tmp_path / "grpo"
     specs = [reward_folders[0], "oracle"]
-    metrics = grpo.main(grpo_args(out, specs) + ["--reward_weights", "1.0", "0.5"])
+    metrics = grpo.main(group_sampling_args(out, specs) + ["--reward_weights", "1.0", "0.5"])
     steps = [e for e in metrics["log_history"] if "loss" in e]
     assert len(steps) == 2 and all(math.isfinite(e["loss"]) for e in steps)
     name = reward_folders[0].rsplit("/", 1)[-1]
@@ -249,14 +226,14 @@ def test_grpo_recipe_two_steps_move_the_policy_and_report(grpo, reward_folders, 
 
 def test_reward_models_key_is_refused(grpo, reward_folders, tmp_path):
     with pytest.raises(ValueError, match="reward_models: not read by this recipe"):
-        grpo.main(grpo_args(tmp_path / "x", ["oracle"], reward_models=reward_folders[0]))
+        grpo.main(group_sampling_args(tmp_path / "x", ["oracle"], reward_models=reward_folders[0]))
 
 
 def test_grpo_recipe_with_an_adapter_and_an_ensemble_logs_the_disagreement(grpo, reward_folders, tmp_path):
     out = tmp_path / "grpo_adapter"
     spec = "ensemble:" + ",".join(reward_folders)
     metrics = grpo.main(
-        grpo_args(out, [spec], adapter="residual", adapter_rank=4, disagreement_threshold=0.5)
+        group_sampling_args(out, [spec], adapter="residual", adapter_rank=4, disagreement_threshold=0.5)
     )
     assert (out / adapters.WEIGHTS_NAME).exists() and not (out / "model.safetensors").exists()
     trained = load_model(ModelArgs(model_name_or_path=str(out)))

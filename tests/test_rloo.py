@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from conftest import load_recipe, max_change, recipe_argv
+from conftest import group_sampling_args, load_recipe, max_change
 from datasets import Dataset
 from test_grpo import PAD, first_token_probability, peaked_tiny_gpt2, starts_with_rewarded_token
 from trl import RLOOConfig
@@ -59,29 +59,6 @@ def rloo():
     return load_recipe("rloo")
 
 
-def rloo_args(out, specs, **overrides) -> list[str]:
-    values = {
-        "model_name_or_path": EMBEDDED_NAME,
-        "dataset": "embedded",
-        "embedded_train_size": "48",
-        "embedded_test_size": "24",
-        "output_dir": str(out),
-        "max_steps": "2",
-        "per_device_train_batch_size": "8",
-        "num_generations": "4",
-        "max_completion_length": "8",
-        "learning_rate": "1e-3",
-        "beta": "0.1",
-        "report_prompts": "4",
-        "report_max_new_tokens": "8",
-        "logging_steps": "1",
-        "save_strategy": "no",
-        "seed": "0",
-        **overrides,
-    }
-    return recipe_argv(values, "--reward_funcs", *specs)
-
-
 @pytest.mark.parametrize(
     "kind",  # the ensemble and module:function specs are GRPO's code (test_grpo): opt-in here, for time
     ["folder_and_oracle", pytest.param("ensemble_and_function", marks=pytest.mark.quality)],
@@ -92,7 +69,7 @@ def test_rloo_recipe_two_steps_with_each_reward_spec(rloo, reward_folders, tmp_p
         "folder_and_oracle": [reward_folders[0], "oracle"],
         "ensemble_and_function": ["ensemble:" + ",".join(reward_folders), "test_rloo:distinct_characters"],
     }[kind]
-    metrics = rloo.main(rloo_args(out, specs))
+    metrics = rloo.main(group_sampling_args(out, specs))
     steps = [e for e in metrics["log_history"] if "loss" in e]
     assert len(steps) == 2 and all(math.isfinite(e["loss"]) for e in steps)
     names = {
