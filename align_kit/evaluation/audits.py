@@ -15,6 +15,7 @@ from align_kit.evaluation import ratings, stats
 from align_kit.evaluation.answers import HeldOut, prompt_id
 from align_kit.evaluation.settings import HONEYPOT_KINDS
 from align_kit.evaluation.stats import Judgment
+from align_kit.judges.labelling import corrupt
 from align_kit.judges.protocol import PairResult, total_traffic
 from align_kit.judges.verdicts import Outcome
 
@@ -55,20 +56,8 @@ def honeypots(held: HeldOut, n: int, kinds: Sequence[str], seed: int) -> tuple[l
     with_reference = [i for i, answer in enumerate(held.chosen) if answer is not None][:n]
     for i in with_reference:
         pid, prompt, real = held.prompt_ids[i], held.prompts[i], held.chosen[i]
-        words = _words(real)
-        for kind in kinds:
-            fake = None
-            if kind == "truncated" and len(words) >= 2:
-                fake = " " + " ".join(words[: max(1, len(words) // 4)])
-            elif kind == "shuffled" and len(set(words)) >= 2:
-                shuffled = list(words)
-                while shuffled == words:
-                    rng.shuffle(shuffled)
-                fake = " " + " ".join(shuffled)
-            elif kind == "empty":
-                fake = ""
-            elif kind == "off_topic":
-                fake = _off_topic(i, held, rng)
+        for kind in kinds:  # the corruptions labelling plants too, plus another prompt's answer
+            fake = _off_topic(i, held, rng) if kind == "off_topic" else corrupt(real, kind, rng)
             if fake is None or fake.strip() == real.strip():
                 skipped[f"honeypot {kind}: answer too short to corrupt"] += 1
             else:

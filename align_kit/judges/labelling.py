@@ -73,7 +73,8 @@ def preference_rows(
 
 def corrupt(answer: str, kind: str, rng: random.Random) -> str | None:
     """A copy of ``answer`` that a working judge must rank below it, or None when it is too short for
-    ``kind``: its first quarter of words, its words shuffled, or nothing at all."""
+    ``kind``: its first quarter of words, its words shuffled, or nothing at all. The labelling audit and the
+    evaluation's honeypots both plant it."""
     words = answer.split()
     if kind == "truncated" and len(words) >= 2:
         return " " + " ".join(words[: max(1, len(words) // 4)])
