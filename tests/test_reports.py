@@ -10,6 +10,7 @@ import pytest
 from align_kit import files
 from align_kit.evaluation import ratings, reports, stats
 from align_kit.evaluation.stats import Judgment
+from align_kit.judges.verdicts import check_audit
 
 
 def _synthetic_run(seed=0):
@@ -43,7 +44,7 @@ def _synthetic_run(seed=0):
         "ranking": ranking,
         "audit": stats.audit(judgments, honeypots=(["win"] * 9 + ["loss"], ["win"] * 10)),
     }
-    results["audit_checks"] = stats.check_audit(results["audit"])
+    results["audit_checks"] = check_audit(results["audit"])
     examples = [
         {
             "prompt_id": "q0",

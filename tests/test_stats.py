@@ -11,6 +11,7 @@ import pytest
 
 from align_kit.evaluation import ratings, stats
 from align_kit.evaluation.stats import Judgment
+from align_kit.judges.verdicts import check_audit
 
 
 def _judgments(verdicts, system="dpo", baseline="sft", system_len=None, baseline_len=None, prompt_ids=None):
@@ -233,7 +234,7 @@ def test_position_bias_audit_flags_a_judge_that_always_picks_slot_a():
     bias = stats.position_bias(rows)
     assert bias["flip_rate"] == 1.0 and bias["first_slot_rate"] == 1.0
     assert bias["n_decided"] == 80 and bias["first_slot_p"] < 1e-20
-    failed = {row["name"] for row in stats.check_audit(stats.audit(rows)) if row["passed"] is False}
+    failed = {row["name"] for row in check_audit(stats.audit(rows)) if row["passed"] is False}
     assert failed == {"flip_rate", "first_slot_rate"}
 
 
@@ -255,7 +256,7 @@ def test_audit_checks_against_thresholds():
     figures = stats.audit(
         rows, honeypots=(["win", "loss"], ["win", "win"]), human=(["win", "loss"], ["win", "loss"])
     )
-    checks = {row["name"]: row for row in stats.check_audit(figures)}
+    checks = {row["name"]: row for row in check_audit(figures)}
     assert checks["honeypot_pass_rate"]["value"] == 0.5 and checks["honeypot_pass_rate"]["passed"] is False
     assert checks["human_kappa"]["passed"] is True
     assert checks["flip_rate"]["passed"] is None  # no single-order verdicts recorded

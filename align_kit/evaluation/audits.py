@@ -17,7 +17,7 @@ from align_kit.evaluation.settings import HONEYPOT_KINDS
 from align_kit.evaluation.stats import Judgment
 from align_kit.judges.labelling import corrupt
 from align_kit.judges.protocol import PairResult, total_traffic
-from align_kit.judges.verdicts import Outcome
+from align_kit.judges.verdicts import Outcome, check_audit
 
 AuditKind = Literal["honeypot", "labels"]
 
@@ -103,7 +103,7 @@ def audit_judge(
     audited: Sequence[tuple[AuditPair, PairResult]],
     rates: Any = None,
 ) -> dict[str, Any]:
-    """Every audit figure of one judge, its checks against ``stats.AUDIT_THRESHOLDS`` and the notes that say
+    """Every audit figure of one judge, its checks against ``verdicts.AUDIT_THRESHOLDS`` and the notes that say
     how each was measured; computed once, here, and only rendered by the reports.
 
     ``judgments``: every decided pair (comparisons and audit pairs) for position bias; ``asked``: every pair
@@ -146,7 +146,7 @@ def audit_judge(
     ]
     if figures["n_intransitive"] is None:
         notes.append("Transitivity needs at least 3 systems (counting chosen).")
-    return {"audit": figures, "audit_checks": stats.check_audit(figures), "audit_notes": notes}
+    return {"audit": figures, "audit_checks": check_audit(figures), "audit_notes": notes}
 
 
 def _fmt(value: Any) -> str:

@@ -8,7 +8,7 @@ The results dict (JSON-ready; every key but `comparisons` is optional):
     paired:       [stats.paired_test(...)]
     ranking:      ratings.rank_systems(...)
     audit:        the judge's audit figures (audits.audit_judge)
-    audit_checks: stats.check_audit(audit): one row per figure with its range and pass/fail
+    audit_checks: verdicts.check_audit(audit): one row per figure with its range and pass/fail
     audit_notes:  [str] shown under the audit table (how each figure was measured, breakdowns)
     trust:        audits.trust_verdict(audit_checks): the verdict on the judge every report opens with
     traffic:      audits.judge_traffic(...): the judge's request counters and whether they flag the run

@@ -21,7 +21,7 @@ import statsmodels.api as sm
 from scipy import stats as scipy_stats
 from statsmodels.tools.sm_exceptions import ModelWarning
 
-from align_kit.judges.verdicts import AUDIT_THRESHOLDS, OUTCOME_SCORES, SLOTS, cohens_kappa
+from align_kit.judges.verdicts import OUTCOME_SCORES, SLOTS, cohens_kappa
 
 TEXT_FIELDS = ("first_order_text", "swapped_order_text", "first_order_rationale", "swapped_order_rationale")
 
@@ -354,7 +354,7 @@ def audit(
     human: tuple[Sequence[str], Sequence[str]] | None = None,
     n_intransitive: int | None = None,
 ) -> dict[str, Any]:
-    """Judge-quality figures checked by `check_audit`.
+    """Judge-quality figures checked by `judges.verdicts.check_audit`.
 
     honeypots: (judge verdicts, expected verdicts) on honeypot pairs; human: (judge labels, human labels);
     n_intransitive: the intransitive triads of the pairwise table (``ratings.intransitive_triads``).
@@ -375,21 +375,6 @@ def audit(
         "n_human": human_agreement["n"] if human_agreement else 0,
         "n_intransitive": n_intransitive,
     }
-
-
-def check_audit(
-    figures: Mapping[str, Any], thresholds: Mapping[str, tuple[float, float]] | None = None
-) -> list[dict[str, Any]]:
-    """One row per threshold: {name, value, low, high, passed}; passed is None when the figure is missing."""
-    rows = []
-    for name, (low, high) in (thresholds or AUDIT_THRESHOLDS).items():
-        value = figures.get(name)
-        missing = value is None or (isinstance(value, float) and math.isnan(value))
-        passed = None if missing else bool(low <= value <= high)
-        rows.append(
-            {"name": name, "value": None if missing else value, "low": low, "high": high, "passed": passed}
-        )
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from align_kit.configs import ConfigError
 from align_kit.judges.backends import load_judge
 from align_kit.judges.cache import JudgmentCache
 from align_kit.judges.protocol import Judge, PairResult, judge_both_orders
-from align_kit.judges.verdicts import AUDIT_THRESHOLDS, OUTCOME_SCORES, Outcome, cohens_kappa
+from align_kit.judges.verdicts import AUDIT_THRESHOLDS, OUTCOME_SCORES, Outcome, check_audit, cohens_kappa
 
 HONEYPOT_KINDS = ("truncated", "shuffled", "empty")  # corruptions any answer of two words or more allows
 CHECKED = ("flip_rate", "first_slot_rate", "parse_failure_rate", "honeypot_pass_rate", "human_kappa")
@@ -164,15 +164,7 @@ def labelling_audit(
     figures["human_accuracy"] = sum(e == o for e, o in decided) / len(decided) if decided else None
     kappa = cohens_kappa([o for _, o in decided], [e for e, _ in decided]) if decided else math.nan
     figures["human_kappa"] = None if math.isnan(kappa) else kappa
-    checks = []
-    for name in CHECKED:
-        low, high = AUDIT_THRESHOLDS[name]
-        value = figures[name]
-        missing = value is None or (isinstance(value, float) and math.isnan(value))
-        passed = None if missing else bool(low <= value <= high)
-        checks.append(
-            {"name": name, "value": None if missing else value, "low": low, "high": high, "passed": passed}
-        )
+    checks = check_audit(figures, {name: AUDIT_THRESHOLDS[name] for name in CHECKED})
     failed = [c["name"] for c in checks if c["passed"] is False]
     return {"figures": figures, "checks": checks, "failed": failed, "passed": not failed}
 

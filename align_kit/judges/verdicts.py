@@ -9,8 +9,8 @@ both orders, the system under test first and then second, and the two slots comb
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 Slot = Literal["A", "B", "tie"]
 Outcome = Literal["win", "tie", "loss"]
@@ -78,6 +78,21 @@ AUDIT_THRESHOLDS: dict[str, tuple[float, float]] = {
     "human_kappa": (0.4, 1.0),  # at least "moderate" agreement (Landis & Koch, 1977)
     "n_intransitive": (0.0, 0.0),
 }
+
+
+def check_audit(
+    figures: Mapping[str, Any], thresholds: Mapping[str, tuple[float, float]] | None = None
+) -> list[dict[str, Any]]:
+    """One row per threshold: {name, value, low, high, passed}; passed is None when the figure is missing."""
+    rows = []
+    for name, (low, high) in (thresholds or AUDIT_THRESHOLDS).items():
+        value = figures.get(name)
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        passed = None if missing else bool(low <= value <= high)
+        rows.append(
+            {"name": name, "value": None if missing else value, "low": low, "high": high, "passed": passed}
+        )
+    return rows
 
 
 def cohens_kappa(labels_a: Sequence[str], labels_b: Sequence[str]) -> float:
