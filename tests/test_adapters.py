@@ -19,6 +19,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from align_kit.configs import AdapterArgs
 from align_kit.models.adapters import (
     AdapterOffReference,
+    LeanGelu,
     MLPAdapter,
     adapters_disabled,
     count_parameters,
@@ -27,6 +28,7 @@ from align_kit.models.adapters import (
     has_adapters,
     inject_adapters,
     is_adapter_parameter,
+    lean_activations,
     load_adapter_weights,
     remove_adapters,
     save_adapter,
@@ -328,3 +330,34 @@ def test_adapter_off_reference_in_dpo_trainer_equals_copied_base(tmp_path):
     assert (policy_chosen - copy_chosen).abs().max() > 1e-3  # the adapter moved, so the check above has teeth
     first_loss = trainer.state.log_history[0]["loss"]
     assert first_loss == pytest.approx(0.6931, abs=1e-3)  # ln 2: policy == reference at step 0
+
+
+def test_lean_activations_keep_outputs_bit_for_bit_and_one_saved_tensor_per_activation():
+    from transformers.activations import NewGELUActivation
+
+    torch.manual_seed(0)
+    plain = build_tiny_gpt2()
+    lean = build_tiny_gpt2()
+    assert lean_activations(lean) == lean.config.n_layer
+    assert all(isinstance(block.mlp.act, LeanGelu) for block in lean.transformer.h)
+    assert isinstance(plain.transformer.h[0].mlp.act, NewGELUActivation)
+    assert lean_activations(lean) == 0  # a second call finds nothing left to wrap
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, lean(ids).logits)  # evaluation is untouched
+    saved = {}
+    for name, model in (("plain", plain), ("lean", lean)):
+        kept: list[torch.Size] = []
+
+        def pack(tensor, kept=kept):
+            kept.append(tensor.shape)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        saved[name] = len(kept)
+    per_layer = (saved["plain"] - saved["lean"]) / plain.config.n_layer
+    assert per_layer >= 3  # x^3, tanh(...) and 0.5 x are no longer kept for backward
+    for (name, p), (_, q) in zip(plain.named_parameters(), lean.named_parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name

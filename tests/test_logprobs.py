@@ -94,6 +94,24 @@ def test_logps_and_gradients_equal_the_full_logits_path(adapter, padding_side):
         assert_close(got_grads[name], grad)
 
 
+def test_under_bf16_autocast_the_head_runs_in_bf16_both_ways_and_gradients_keep_their_dtype():
+    model = tiny_model()
+    ids, mask, answer = batch("right")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = full_logits_logps(model, ids, mask, answer).float()
+        want.sum().backward()
+        want_grads = grads(model)
+        got = answer_token_logps(model, ids, mask, answer, chunk_size=6).logps
+        got.sum().backward()
+        got_grads = grads(model)
+    in_fp32 = answer_token_logps(model, ids, mask, answer, chunk_size=6).logps.detach()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # both paths round the head's matmul to bf16
+    assert (got.detach() - in_fp32).abs().max() > 1e-6  # ... which float32 does not
+    for name, grad in want_grads.items():
+        assert got_grads[name].dtype == torch.float32
+        assert (got_grads[name] - grad).norm() <= 0.05 * grad.norm(), name
+
+
 def test_the_adapter_off_reference_equals_the_base_model():
     model = tiny_model(adapter="residual")
     ids, mask, answer = batch("left")

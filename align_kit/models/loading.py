@@ -323,6 +323,7 @@ def load_weights_file(
         )
     if config.tie_word_embeddings:
         model.tie_weights()
+    adapters.lean_activations(model)
     return model.to(dtype)
 
 
@@ -340,7 +341,9 @@ def load_model(args: ModelArgs, name_or_path: str | None = None) -> PreTrainedMo
     folder = Path(loadable(source))
     if (folder / adapters.CONFIG_NAME).exists():
         return load_adapted(folder, dtype)
-    return AutoModelForCausalLM.from_pretrained(str(folder), revision=args.model_revision, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), revision=args.model_revision, dtype=dtype)
+    adapters.lean_activations(model)  # same outputs; backward keeps one tensor per MLP activation, not four
+    return model
 
 
 def load_adapted(folder: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -382,6 +385,7 @@ def load_reward_model(
     )
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # the classifier reads r at the last non-pad token
+    adapters.lean_activations(model)
     return model
 
 

@@ -3,9 +3,10 @@
 A causal LM's log pi(y_t | y_<t) needs the logits only at the answer positions, and only one row at a time:
 ``log_softmax(h_t W^T + b)[y_{t+1}]``. ``answer_token_logps`` runs the model with ``logits_to_keep=1`` and
 ``output_hidden_states=True`` (so the model itself makes a (B, 1, V) logits tensor), keeps the final hidden
-states of the answer positions, and applies the LM head to ``chunk_size`` of them at a time. In training each
-chunk is wrapped in ``torch.utils.checkpoint``: its logits are freed after the forward and recomputed in the
-backward, so at most one (chunk_size, V) block of logits (and its gradient) exists at any moment.
+states of the answer positions, and applies the LM head to ``chunk_size`` of them at a time. Each chunk is one
+``_HeadLogps`` call: its logits are freed after the forward and recomputed in the backward, which applies the
+log-softmax gradient in place, so at most one (chunk_size, V) block of logits exists at any moment, and the
+statistics below cost no second pass.
 
 The same pass gives the statistics TRL's DPO trainer logs from the full logits (entropy, mean logit, argmax
 accuracy), computed on the same answer tokens, so switching paths changes no logged metric.
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -61,19 +61,58 @@ def check_chunkable(model: nn.Module) -> str | None:
     return None
 
 
-def _head_chunk(
-    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (K, H), labels (K,) -> log-prob of each label, entropy, mean logit, argmax hit; each (K,)."""
-    logits = nn.functional.linear(hidden, weight, bias).float()  # (K, V); float32 also under bf16 autocast
-    logsumexp = torch.logsumexp(logits, dim=-1)  # (K,)
-    logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logsumexp
-    with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)
-        entropy = logsumexp - (probs * logits).sum(-1)  # H = log Z - E_p[logit]
-        mean_logit = logits.mean(-1)
-        correct = logits.argmax(-1) == labels
-    return logps, entropy, mean_logit, correct
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where autocast is on (bf16 on CPU or GPU), else hidden's."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
+def _logits(hidden, weight, bias, dtype: torch.dtype) -> torch.Tensor:
+    """(K, V) float32 logits with the matmul in ``dtype``, outside autocast so forward and recompute agree."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        cast_bias = None if bias is None else bias.to(dtype)
+        return nn.functional.linear(hidden.to(dtype), weight.to(dtype), cast_bias).float()
+
+
+class _HeadLogps(torch.autograd.Function):
+    """log pi(y | h) = z_y - logsumexp(z) with z = h W^T + b, for rows h of one chunk. The (K, V) logits live only
+    inside ``forward`` and again inside ``backward``, which recomputes them and applies the log-softmax gradient
+    d log pi(y) / dz = onehot(y) - softmax(z) directly, so autograd never keeps a vocabulary-sized tensor. The
+    forward also returns the detached statistics TRL logs: entropy, mean logit and whether argmax z == y."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels):
+        dtype = _compute_dtype(hidden)
+        logits = _logits(hidden, weight, bias, dtype)
+        top = logits.max(dim=-1, keepdim=True).values
+        shifted = logits - top
+        exp = shifted.exp()
+        partition = exp.sum(dim=-1)  # Z e^{-max}
+        logsumexp = top.squeeze(-1) + partition.log()
+        logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logsumexp
+        entropy = partition.log() - (exp * shifted).sum(dim=-1) / partition  # H = log Z - E_p[z]
+        mean_logit = logits.mean(dim=-1)
+        correct = logits.argmax(dim=-1) == labels
+        ctx.save_for_backward(hidden, weight, bias, labels, logsumexp)
+        ctx.dtype = dtype
+        ctx.mark_non_differentiable(entropy, mean_logit, correct)
+        return logps, entropy, mean_logit, correct
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_):
+        hidden, weight, bias, labels, logsumexp = ctx.saved_tensors
+        logits = _logits(hidden, weight, bias, ctx.dtype)
+        grad = logits.sub_(logsumexp.unsqueeze(-1)).exp_().mul_(-grad_logps.unsqueeze(-1))  # -g softmax(z)
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logps.unsqueeze(-1))  # + g onehot(y)
+        grad = grad.to(ctx.dtype)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad @ weight.to(ctx.dtype)).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.T @ hidden.to(ctx.dtype)).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 def chunked_head_logps(
@@ -82,23 +121,17 @@ def chunked_head_logps(
     head: nn.Linear,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_head_chunk`` over rows of hidden (K, H) in chunks of ``chunk_size``; logits recomputed in backward."""
-    parts = []
-    recompute = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-    for start in range(0, hidden.shape[0], chunk_size):
-        args = (
-            hidden[start : start + chunk_size],
-            labels[start : start + chunk_size],
-            head.weight,
-            head.bias,
-        )
-        if recompute:
-            parts.append(checkpoint(_head_chunk, *args, use_reentrant=False))
-        else:
-            parts.append(_head_chunk(*args))
-    if not parts:  # no answer token in the batch
+    """hidden (K, H), labels (K,) -> log-prob of each label, entropy, mean logit, argmax hit; each (K,), computed
+    ``chunk_size`` rows at a time by ``_HeadLogps`` (logits recomputed in backward)."""
+    if hidden.shape[0] == 0:  # no answer token in the batch
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty, empty, torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    parts = [
+        _HeadLogps.apply(
+            hidden[start : start + chunk_size], head.weight, head.bias, labels[start : start + chunk_size]
+        )
+        for start in range(0, hidden.shape[0], chunk_size)
+    ]
     return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
