@@ -83,16 +83,18 @@ class _HeadLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels):
         dtype = _compute_dtype(hidden)
-        logits = _logits(hidden, weight, bias, dtype)
-        top = logits.max(dim=-1, keepdim=True).values
-        shifted = logits - top
-        exp = shifted.exp()
-        partition = exp.sum(dim=-1)  # Z e^{-max}
-        logsumexp = top.squeeze(-1) + partition.log()
-        logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logsumexp
-        entropy = partition.log() - (exp * shifted).sum(dim=-1) / partition  # H = log Z - E_p[z]
+        logits = _logits(hidden, weight, bias, dtype)  # (K, V); two such blocks at most exist below
+        label_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         mean_logit = logits.mean(dim=-1)
-        correct = logits.argmax(dim=-1) == labels
+        top, best = logits.max(dim=-1)
+        correct = best == labels
+        shifted = logits.sub_(top.unsqueeze(-1))  # in place: z - max z
+        exp = shifted.exp()
+        partition = exp.sum(dim=-1)  # Z e^{-max z}
+        logsumexp = top + partition.log()
+        logps = label_logit - logsumexp
+        expected = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / partition  # E_p[z - max z]
+        entropy = partition.log() - expected  # H = log Z - E_p[z]
         ctx.save_for_backward(hidden, weight, bias, labels, logsumexp)
         ctx.dtype = dtype
         ctx.mark_non_differentiable(entropy, mean_logit, correct)
@@ -153,11 +155,12 @@ def answer_token_logps(
         use_cache=False,
         **model_kwargs,
     )
-    hidden = outputs.hidden_states[-1][:, :-1]  # (N, T-1, H): final layer, after the last norm
     target = answer_mask[:, 1:].bool()  # (N, T-1)
+    hidden = outputs.hidden_states[-1][:, :-1][target]  # (K, H): final layer, after the last norm
+    del outputs  # the other layers' hidden states go now (without gradient nothing else holds them)
     labels = input_ids[:, 1:][target]  # (K,)
     head = unwrapped(model).get_output_embeddings()
-    logps, entropy, mean_logit, correct = chunked_head_logps(hidden[target], labels, head, chunk_size)
+    logps, entropy, mean_logit, correct = chunked_head_logps(hidden, labels, head, chunk_size)
     full = hidden.new_zeros(target.shape, dtype=torch.float32)
     return AnswerLogps(
         logps=full.masked_scatter(target, logps),
