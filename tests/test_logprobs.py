@@ -5,6 +5,10 @@
 - no tensor with a vocabulary-sized last dimension and more than ``chunk_size`` rows is saved for backward;
 - DPOTrainer's loss, logged metrics and gradients with ``logprob_chunk_size > 0`` equal ``0`` (TRL's own
   ``_compute_loss``) for every loss type the chunked path computes, for the adapter-off and a separate reference;
+- KTOTrainer's per-answer and KL-row log-probabilities (policy and reference), loss, logged metrics and
+  gradients with ``logprob_chunk_size > 0`` equal ``0`` (TRL's own ``compute_ref_log_probs`` and
+  ``_compute_loss``) for a full model, both adapters with the adapter-off reference, right and left padding,
+  kto and apo_zero_unpaired; its precomputed reference is computed on the chunked path and equals the live one;
 - settings the chunked path cannot compute fall back to TRL's path, saying so.
 """
 
@@ -16,11 +20,11 @@ from datasets import Dataset
 from trl.trainer.utils import selective_log_softmax
 
 from align_kit.configs import AdapterArgs, DataArgs
-from align_kit.data.loading import load_preferences
+from align_kit.data.loading import load_preferences, load_unpaired
 from align_kit.models import adapters
 from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 from align_kit.models.logprobs import answer_token_logps
-from align_kit.training.losses import DPO_LOSS_TYPES, DPOConfig, DPOTrainer
+from align_kit.training.losses import DPO_LOSS_TYPES, DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
@@ -245,3 +249,118 @@ def test_generation_answer_logprobs_equal_the_full_softmax_with_left_padded_prom
         want = torch.log_softmax(logits[:, 7:-1], -1).gather(-1, sequences[:, 8:, None]).squeeze(-1)
     assert got.shape == want.shape == (3, 10)
     assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KTOTrainer: chunked against TRL's own _compute_loss and compute_ref_log_probs on the same batch
+
+
+def kto_trainer(tmp_path, reference: str, **settings) -> KTOTrainer:
+    """Six unpaired rows in one batch; ``reference``: "separate" (a full model and its own reference) or an
+    adapter design ("residual", "replace") with the adapter-off reference."""
+    tokenizer = build_byte_tokenizer()
+    splits, _ = load_unpaired(DataArgs(embedded_train_size=3, embedded_test_size=2), tokenizer)
+    train = Dataset.from_list(splits["train"]).select_columns(["prompt", "completion", "label"])
+    torch.manual_seed(0)
+    model = build_tiny_gpt2(SHAPE, vocab_size=len(tokenizer))
+    if reference == "separate":
+        ref_model = build_tiny_gpt2(SHAPE, vocab_size=len(tokenizer)).eval().requires_grad_(False)
+    else:
+        adapters.inject_adapters(model, AdapterArgs(adapter=reference, adapter_rank=4))
+        adapters.freeze_non_adapter(model)
+        ref_model = adapters.AdapterOffReference(model)
+    argv = dict(output_dir=str(tmp_path), per_device_train_batch_size=6, max_length=96, report_to="none")
+    args = KTOConfig(**{**argv, **settings}, use_cpu=True, bf16=False, gradient_checkpointing=False)
+    trainer = KTOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer
+    )
+    with torch.no_grad():  # move the policy off its reference so that no log-ratio is 0
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    return trainer
+
+
+def left_padded(inputs: dict) -> dict:
+    """TRL's KTO collator pads on the right; the same rows with their padding moved to the left."""
+    out = dict(inputs)
+    for prefix in ("", "KL_") if "KL_input_ids" in inputs else ("",):
+        shifts = (inputs[f"{prefix}attention_mask"] == 0).sum(dim=1)  # (N,)
+        for name in ("input_ids", "attention_mask", "completion_mask"):
+            key = f"{prefix}{name}"
+            out[key] = torch.stack([row.roll(int(s)) for row, s in zip(inputs[key], shifts, strict=True)])
+    assert (out["attention_mask"][:, 0] == 0).any()
+    return out
+
+
+def first_kto_batch(trainer: KTOTrainer, padding_side: str = "right") -> dict:
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert 0 < inputs["label"].sum() < len(inputs["label"])  # desirable and undesirable answers
+    return left_padded(inputs) if padding_side == "left" else inputs
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("reference", ["separate", "residual", "replace"])
+def test_kto_logps_loss_metrics_and_gradients_equal_trls_path(tmp_path, reference, padding_side):
+    trainer = kto_trainer(tmp_path, reference, desirable_weight=2.0, undesirable_weight=0.5)
+    inputs = first_kto_batch(trainer, padding_side)
+    for model in (trainer.model, trainer.ref_model):  # per answer and per KL row, under policy and reference
+        trainer._chunk_size = 0
+        want_answers, want_kl = trainer.compute_ref_log_probs(model, inputs)
+        trainer._chunk_size = 16
+        got_answers, got_kl = trainer.compute_ref_log_probs(model, inputs)
+        assert_close(got_answers, want_answers)
+        assert_close(got_kl, want_kl)
+    trl_loss, trl_metrics, trl_grads = loss_metrics_grads(trainer, inputs, 0)
+    loss, metrics, chunked_grads = loss_metrics_grads(trainer, inputs, 16)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=REL)
+    assert set(metrics) == set(trl_metrics) and "logits/rejected" in metrics
+    for name, value in trl_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=REL, abs=1e-6), name
+    assert trl_metrics["rewards/margins"] != 0.0 and trl_loss.item() != pytest.approx(0.5 * 1.25 / 2)
+    assert set(chunked_grads) == set(trl_grads) and trl_grads
+    if reference != "separate":
+        assert all(adapters.is_adapter_parameter(name) for name in chunked_grads)
+    for name, grad in trl_grads.items():
+        assert_close(chunked_grads[name], grad)
+
+
+def test_apo_zero_unpaired_equals_trls_path(tmp_path):
+    trainer = kto_trainer(tmp_path, "separate", loss_type="apo_zero_unpaired")
+    inputs = first_kto_batch(trainer)
+    assert "KL_input_ids" not in inputs  # no KL estimate for APO
+    trl_loss, trl_metrics, trl_grads = loss_metrics_grads(trainer, inputs, 0)
+    loss, metrics, chunked_grads = loss_metrics_grads(trainer, inputs, 16)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=REL)
+    assert metrics == pytest.approx(trl_metrics, rel=REL, abs=1e-6)
+    for name, grad in trl_grads.items():
+        assert_close(chunked_grads[name], grad)
+
+
+def test_kto_precomputed_reference_goes_through_the_chunked_path_and_equals_live(tmp_path):
+    live = kto_trainer(tmp_path / "live", "residual")
+    trainer = kto_trainer(tmp_path / "pre", "residual", precompute_ref_log_probs=True, logprob_chunk_size=16)
+    assert trainer.__dict__["_chunk_size"] == 16  # decided by TRL's precompute, in __init__, via our override
+    inputs = first_kto_batch(trainer)
+    trainer._chunk_size = 0  # TRL's reference pass on the same rows
+    want = trainer.compute_ref_log_probs(trainer.ref_model, inputs)
+    assert_close(inputs["ref_logps"], want[0])
+    assert_close(inputs["ref_KL_logps"], want[1])
+    trainer.model.load_state_dict(live.model.state_dict())  # the same perturbed policy
+    got = loss_metrics_grads(trainer, inputs, 16)[0]
+    assert got.item() == pytest.approx(loss_metrics_grads(live, first_kto_batch(live), 0)[0].item(), rel=REL)
+
+
+def test_kto_with_compute_metrics_uses_trls_path_and_says_so(tmp_path, capsys):
+    trainer = kto_trainer(tmp_path, "separate")
+    trainer.compute_metrics = lambda prediction: {}
+    assert trainer.chunk_size == 0
+    assert "compute_metrics: TRL's prediction_step" in capsys.readouterr().out
+    assert kto_trainer(tmp_path, "separate").chunk_size == 1024
+
+
+def test_kto_config_refuses_a_negative_chunk_size_when_parsed():
+    from align_kit.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="logprob_chunk_size"):
+        KTOConfig(output_dir="x", logprob_chunk_size=-1, report_to="none")
