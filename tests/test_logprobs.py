@@ -1,4 +1,4 @@
-"""Protects the chunked log-probability path (align_kit/models/logprobs.py) and its use in DPOTrainer:
+"""Protects the chunked log-probability path (align_kit/models/logprobs.py) and its use in DPOTrainer and KTOTrainer:
 
 - per-token answer log-probabilities and their gradients equal TRL's full-logits path (relative 1e-5) for a
   full model, both adapter designs and the adapter-off reference, with right and left padding;
