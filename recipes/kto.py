@@ -11,7 +11,6 @@ into its desirable and its undesirable answer. As in DPO the reference model is 
 from __future__ import annotations
 
 from datasets import Dataset
-from trl import KTOTrainer
 
 from align_kit import console
 from align_kit.configs import AdapterArgs, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
@@ -22,7 +21,7 @@ from align_kit.parsing import parse
 from align_kit.training import curves, guards, runs, stops
 from align_kit.training.callbacks import trainer_callbacks
 from align_kit.training.curves import CurveArgs
-from align_kit.training.losses import KTOConfig  # TRL's, with settings that make the loss constant refused
+from align_kit.training.losses import KTOConfig, KTOTrainer  # TRL's, on chunked log-probabilities
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, CurveArgs, RunArgs, KTOConfig)
 

@@ -7,7 +7,8 @@
 - a user-defined ``loss_function`` written as DPO's formula reproduces TRL's sigmoid loss bit for bit (losses,
   rewards and weights), works against the adapter-off reference and with two processes, and broken ones
   (missing, wrong shape, non-finite, no gradient) are refused in one line;
-- KTO reads unpaired rows with counted drops, and starts at 1 - sigmoid(0) = 0.5 per answer times its weight.
+- KTO reads unpaired rows with counted drops, and starts at 1 - sigmoid(0) = 0.5 per answer times its weight;
+  its recipe on chunked log-probabilities (the default) logs what TRL's path logs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, load_recipe, tiny_run_args
+from conftest import ROOT, load_recipe, recipe_argv, tiny_run_args
 
 from align_kit.configs import DataArgs, ModelArgs
 from align_kit.data.loading import load_preferences, load_unpaired, to_unpaired
@@ -435,6 +436,40 @@ def test_kto_with_a_new_adapter_uses_the_adapter_off_reference(micro_model_dir, 
     assert steps[1]["rewards/chosen"] != 0.0
     assert (tmp_path / "kto" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "kto" / "model.safetensors").exists()  # only the adapter was trained and saved
+
+
+def test_kto_recipe_on_chunked_logprobs_logs_what_trls_path_logs(micro_model_dir, tmp_path, capsys):
+    """kto_tiny.yaml cut to two steps and one evaluation: the default chunked path and ``logprob_chunk_size: 0``
+    (TRL's own ``_compute_loss``) log the same loss and metrics at each step, the second one after a real
+    update, and in the evaluation."""
+    logged = {}
+    for chunk in (0, 1024):
+        argv = [
+            "--config",
+            str(ROOT / "recipes" / "configs" / "kto_tiny.yaml"),
+            "--logprob_chunk_size",
+            str(chunk),
+        ]
+        argv += recipe_argv({
+            "model_name_or_path": micro_model_dir, "output_dir": tmp_path / str(chunk), "embedded_train_size": N_PAIRS,
+            "embedded_test_size": 4, "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+            "warmup_steps": 0, "logging_steps": 1, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "no",
+        })  # fmt: skip
+        history = load_recipe("kto").main(argv)["log_history"]
+        logged[chunk] = [e for e in history if "loss" in e or "eval_loss" in e]
+    assert "logprob_chunk_size" not in capsys.readouterr().out  # no fallback line: the chunked path ran
+    assert len(logged[0]) == 3 and logged[0][0]["loss"] == pytest.approx(0.5, abs=1e-7)
+    assert logged[0][2]["eval_loss"] != pytest.approx(0.5, abs=1e-4)
+    assert logged[0][1]["loss"] != pytest.approx(0.5, abs=1e-4) and logged[0][1]["rewards/margins"] != 0.0
+    for trl_step, chunked_step in zip(logged[0], logged[1024], strict=True):
+        assert set(chunked_step) == set(trl_step)
+        for name, value in trl_step.items():
+            if name.endswith(("_runtime", "_per_second")):
+                continue
+            # rewards/* are beta (0.1) times a difference of two answer sums near 200 nats, whose float32
+            # spacing is 1.5e-5: the paths' rounding of those sums, not of the reward, sets the tolerance
+            slack = 0.1 * 2 * 1.5e-5 if "rewards/" in name else 1e-7
+            assert chunked_step[name] == pytest.approx(value, rel=1e-5, abs=slack), name
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from align_kit import console
-from align_kit.models.logprobs import AnswerLogps, answer_token_logps, check_chunkable
+from align_kit.models.logprobs import AnswerLogps, answer_token_logps
 from align_kit.training import ref_cache
+from align_kit.training.chunked import ChunkedLogps
 
 # TRL's loss terms from summed log-probabilities (the chunked path never holds the logits TRL's code reads)
 
@@ -84,42 +85,18 @@ def dpo_term(
     raise ValueError(f"loss_type {loss_type!r}: not a TRL 1.12 DPO loss type")
 
 
-class ChunkedDPO:
+class ChunkedDPO(ChunkedLogps):
     """Methods of ``losses.DPOTrainer`` (a ``trl.DPOTrainer``) for ``args.logprob_chunk_size > 0``."""
 
-    @property
-    def chunk_size(self) -> int:
-        """``args.logprob_chunk_size``, or 0 (TRL's path, said in the log once) where the chunked path cannot
-        apply. Decided on first use: TRL's ``__init__`` already computes a precomputed reference."""
-        if "_chunk_size" not in self.__dict__:
-            self._chunk_size = self._usable_chunk_size()
-        return self._chunk_size
-
-    def _usable_chunk_size(self) -> int:
+    def _chunk_blockers(self) -> list[str]:
         args = self.args
-        if args.logprob_chunk_size == 0:
-            return 0
-        blocked = [
-            name
-            for name, value in (
-                ("use_weighting", args.use_weighting),
-                ("ld_alpha", args.ld_alpha is not None),
-                ("f_divergence_type", args.f_divergence_type != "reverse_kl"),
-                ("use_liger_kernel", args.use_liger_kernel),
-            )
-            if value
-        ]
-        reasons = [f"{name}: {CHUNKED_UNSUPPORTED[name]}" for name in blocked]
-        for model in (self.model, self.ref_model):
-            problem = None if model is None else check_chunkable(model)
-            if problem:
-                reasons.append(problem)
-        if reasons:
-            console.log(
-                f"logprob_chunk_size={args.logprob_chunk_size} not used, TRL's full-logits path instead ({'; '.join(reasons)})"
-            )
-            return 0
-        return args.logprob_chunk_size
+        blocked = {
+            "use_weighting": args.use_weighting,
+            "ld_alpha": args.ld_alpha is not None,
+            "f_divergence_type": args.f_divergence_type != "reverse_kl",
+            "use_liger_kernel": args.use_liger_kernel,
+        }
+        return [f"{name}: {CHUNKED_UNSUPPORTED[name]}" for name, value in blocked.items() if value]
 
     def compute_ref_log_probs(self, model, inputs):
         """The reference pair (chosen, rejected), each (B,); ``model`` is the reference to run."""
@@ -193,19 +170,8 @@ class ChunkedDPO:
 
     def _log_token_metrics(self, mode: str, policy: AnswerLogps, inputs) -> None:
         """TRL's token metrics (entropy, logits/chosen, logits/rejected, mean_token_accuracy, num_tokens),
-        from the answer tokens the chunked pass saw."""
-        gather = self.accelerator.gather_for_metrics
-        mask = inputs["completion_mask"][:, 1:].float()  # (2B, T-1)
-        half = len(mask) // 2
-        totals = {
-            "entropy": (policy.entropy.sum(), mask.sum()),
-            "logits/chosen": (policy.mean_logit[:half].sum(), mask[:half].sum()),
-            "logits/rejected": (policy.mean_logit[half:].sum(), mask[half:].sum()),
-            "mean_token_accuracy": (policy.correct[:half].sum().float(), mask[:half].sum()),
-        }
-        for name, (value, count) in totals.items():
-            value, count = gather(value).sum().item(), gather(count).sum().item()
+        from the answer tokens the chunked pass saw; the chosen answers are the first half of the rows."""
+        rows = len(inputs["completion_mask"])
+        chosen = torch.arange(rows, device=policy.logps.device) < rows // 2
+        for name, (value, count) in self._answer_token_totals(mode, policy, inputs, chosen, True).items():
             self._metrics[mode][name].append(value / count if count > 0 else 0.0)
-        if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

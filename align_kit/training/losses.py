@@ -30,6 +30,7 @@ from trl.trainer.utils import selective_log_softmax
 from align_kit.configs import ConfigError
 from align_kit.models.generation import answer_logprobs
 from align_kit.training.dpo_chunked import ChunkedDPO
+from align_kit.training.kto_chunked import ChunkedKTO
 
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -153,6 +154,29 @@ def _loss_type_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def logprob_chunk_size_field(fallbacks: str):
+    """The ``logprob_chunk_size`` field of DPOConfig and KTOConfig; ``fallbacks`` names the settings that keep
+    TRL's path."""
+    return field(
+        default=1024,
+        metadata={
+            "help": "Answer tokens per chunk when computing log-probabilities from the final hidden states and "
+            "the LM head, each chunk's logits recomputed in backward, so no (batch, length, vocabulary) logits "
+            "tensor exists (align_kit/models/logprobs.py). 0: TRL's path (full logits). Not in TRL 1.12; on by "
+            "default because the full logits are what runs out of memory. TRL's path is used, and the log says "
+            f"so, with {fallbacks}, or a model that rescales its logits after the head."
+        },
+    )
+
+
+def check_logprob_chunk_size(value) -> None:
+    if not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"logprob_chunk_size: {value!r} must be a whole number >= 0 (0: TRL's path)",
+            field="logprob_chunk_size",
+        )
+
+
 @dataclass
 class DPOConfig(trl.DPOConfig):
     """TRL's DPOConfig plus ``loss_function``, with every setting that would make the loss infinite,
@@ -175,24 +199,13 @@ class DPOConfig(trl.DPOConfig):
             "or (losses, chosen_rewards, rejected_rewards). See align_kit/training/losses.py."
         },
     )
-    logprob_chunk_size: int = field(
-        default=1024,
-        metadata={
-            "help": "Answer tokens per chunk when computing log-probabilities from the final hidden states and "
-            "the LM head, each chunk's logits recomputed in backward, so no (batch, length, vocabulary) logits "
-            "tensor exists (align_kit/models/logprobs.py). 0: TRL's path (full logits). Not in TRL 1.12; on by default "
-            "because the full logits are what runs out of memory. TRL's path is used, and the log says so, with "
-            "use_weighting, ld_alpha, an f_divergence_type other than reverse_kl or use_liger_kernel."
-        },
+    logprob_chunk_size: int = logprob_chunk_size_field(
+        "use_weighting, ld_alpha, an f_divergence_type other than reverse_kl or use_liger_kernel"
     )
 
     def __post_init__(self):
         self.loss_type = _loss_type_list(self.loss_type)
-        if not isinstance(self.logprob_chunk_size, int) or self.logprob_chunk_size < 0:
-            raise ConfigError(
-                f"logprob_chunk_size: {self.logprob_chunk_size!r} must be a whole number >= 0 (0: TRL's path)",
-                field="logprob_chunk_size",
-            )
+        check_logprob_chunk_size(self.logprob_chunk_size)
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise ConfigError(
                 f"beta: {self.beta} must be above 0 (every DPO loss scales or divides by beta; at 0 the loss "
@@ -293,9 +306,15 @@ class DPOConfig(trl.DPOConfig):
 
 @dataclass
 class KTOConfig(trl.KTOConfig):
-    """TRL's KTOConfig with the settings that make the loss constant or unbounded refused when parsed."""
+    """TRL's KTOConfig with the settings that make the loss constant or unbounded refused when parsed, plus
+    ``logprob_chunk_size`` (as DPOConfig's; kto_chunked.py)."""
+
+    logprob_chunk_size: int = logprob_chunk_size_field(
+        "use_liger_kernel, a MoE router loss, image inputs, a PEFT model without ref_model or compute_metrics"
+    )
 
     def __post_init__(self):
+        check_logprob_chunk_size(self.logprob_chunk_size)
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise ConfigError(
                 f"beta: {self.beta} must be above 0 (at 0 the KTO loss is constant)", field="beta"
@@ -382,6 +401,13 @@ class DPOTrainer(ChunkedDPO, trl.DPOTrainer):
         }
         for name, value in values.items():
             self._metrics[mode][name].append(self.accelerator.gather(value).mean().item())
+
+
+class KTOTrainer(ChunkedKTO, trl.KTOTrainer):
+    """TRL's KTOTrainer; with ``args.logprob_chunk_size > 0`` (the default) the policy's, the reference's and the
+    KL rows' answer log-probabilities come from ``logprobs.answer_token_logps`` (no full-vocabulary logits) and
+    the loss from ``kto_chunked.kto_losses``, with TRL's metrics logged from the same pass. With
+    ``logprob_chunk_size: 0`` it is TRL's trainer unchanged."""
 
 
 # ---------------------------------------------------------------------------------------------------------
