@@ -1,14 +1,17 @@
 """What the trainers on chunked log-probabilities share (``dpo_chunked.ChunkedDPO``, ``kto_chunked.ChunkedKTO``):
-whether ``args.logprob_chunk_size`` applies to this run (decided once, the log saying why not), and the
-per-token metrics TRL logs from its full logits, totalled from the chunked pass (``logprobs.AnswerLogps``).
+whether ``args.logprob_chunk_size`` applies to this run (decided once, the log saying why not), the
+per-token metrics TRL logs from its full logits, totalled from the chunked pass (``logprobs.AnswerLogps``), and
+the precomputed reference kept in the run folder (``ref_cache``).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.data import DataLoader
 
 from align_kit import console
 from align_kit.models.logprobs import AnswerLogps, check_chunkable
+from align_kit.training import ref_cache
 
 
 class ChunkedLogps:
@@ -65,3 +68,23 @@ class ChunkedLogps:
             name: (gather(value).sum().item(), gather(count).sum().item())
             for name, (value, count) in totals.items()
         }
+
+    def _cached_reference(self, dataset, name: str, batch_size: int, columns: tuple[str, ...], **settings):
+        """TRL's precomputed reference (``precompute_ref_log_probs``), but kept in ``<output_dir>/ref_logps``
+        under a key of the data, the reference's weights and every setting that changes the values (``settings``
+        adds the trainer's own), and computed with ``compute_ref_log_probs``, so through the chunked path when it
+        is on. ``columns`` names the tensors ``compute_ref_log_probs`` returns, in order."""
+        args = self.args
+        reference = self.ref_model if self.ref_model is not None else self.model
+        settings = {
+            "chunk_size": self.chunk_size, "max_length": args.max_length, "bf16": args.bf16, "fp16": args.fp16,
+            "pad_to_multiple_of": args.pad_to_multiple_of, "batch_size": batch_size,
+            "reference": type(reference).__name__, **settings,
+        }  # fmt: skip
+        key = ref_cache.cache_key(dataset, reference, settings)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        return ref_cache.precomputed(
+            dataset, name, args.output_dir, key, loader,
+            lambda batch: self.compute_ref_log_probs(reference, batch)[: len(columns)],
+            self.accelerator, console.log, columns,
+        )  # fmt: skip

@@ -8,11 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import DataLoader
 
-from align_kit import console
 from align_kit.models.logprobs import AnswerLogps, answer_token_logps
-from align_kit.training import ref_cache
 from align_kit.training.chunked import ChunkedLogps
 
 # TRL's loss terms from summed log-probabilities (the chunked path never holds the logits TRL's code reads)
@@ -113,21 +110,11 @@ class ChunkedDPO(ChunkedLogps):
         return ref.logps.sum(dim=1).chunk(2, dim=0)
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        """TRL's precomputed reference, but kept in ``<output_dir>/ref_logps`` under a key of the data, the
-        reference's weights and the settings that change the values, and computed through the chunked path."""
+        """The reference pair of every row, computed once and kept in the run folder (``_cached_reference``)."""
         args = self.args
-        reference = self.ref_model if self.ref_model is not None else self.model
-        settings = {
-            "chunk_size": self.chunk_size, "max_length": args.max_length, "truncation_mode": args.truncation_mode,
-            "padding_free": args.padding_free, "pad_to_multiple_of": args.pad_to_multiple_of, "bf16": args.bf16,
-            "fp16": args.fp16, "ld_alpha": args.ld_alpha, "batch_size": batch_size,
-            "reference": type(reference).__name__,
-        }  # fmt: skip
-        key = ref_cache.cache_key(dataset, reference, settings)
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-        return ref_cache.precomputed(
-            dataset, name, args.output_dir, key, loader,
-            lambda batch: self.compute_ref_log_probs(reference, batch), self.accelerator, console.log,
+        return self._cached_reference(
+            dataset, name, batch_size, ("ref_chosen_logps", "ref_rejected_logps"),
+            truncation_mode=args.truncation_mode, padding_free=args.padding_free, ld_alpha=args.ld_alpha,
         )  # fmt: skip
 
     def _chunked_loss(self, model, inputs, return_outputs):

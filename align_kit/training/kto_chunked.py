@@ -5,7 +5,7 @@ the policy's, the reference's and the KL completions' summed answer log-probabil
 TRL's KTO batch holds N answers, each labelled desirable or not, and, for ``loss_type: kto``, N "KL" rows
 (each prompt with a batch neighbour's answer) whose log-ratio estimates the reference point z_0 of the paper
 (Ethayarajh et al. 2024, Eq. 7); as in TRL, the KL rows run without gradient. A precomputed reference
-(``precompute_ref_log_probs``) is TRL's, computed through ``compute_ref_log_probs``, so through this path too.
+(``precompute_ref_log_probs``) is kept in the run folder as DPO's is (``ChunkedLogps._cached_reference``).
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ class ChunkedKTO(ChunkedLogps):
             answers = self._summed_logps(model, inputs)
             kl_rows = self._summed_logps(model, inputs, "KL_") if self.calculate_KL else None
         return answers, kl_rows
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """The reference's answer (and, for kto, KL-row) log-probabilities of every row, computed once and kept
+        in the run folder (``_cached_reference``) instead of datasets' cache."""
+        columns = ("ref_logps", "ref_KL_logps") if self.calculate_KL else ("ref_logps",)
+        return self._cached_reference(dataset, name, batch_size, columns, calculate_kl=self.calculate_KL)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.chunk_size:

@@ -5,7 +5,9 @@ resume. ``precomputed`` computes them once (with whatever reference the trainer 
 the policy or a separate model, through the chunked path when it is on), saves them under
 ``<output_dir>/ref_logps/<split>-<key>.pt``, and reuses the file when the key matches: a hash of the tokenized
 pairs, of the weights the reference computes with, and of every setting that changes the values. TRL's own
-cache (datasets' cache folder) is keyed by the dataset and weights only, outside the run.
+cache (datasets' cache folder) is keyed by the dataset and weights only, outside the run. DPO keeps two columns
+(``ref_chosen_logps``, ``ref_rejected_logps``), KTO one or two (``ref_logps`` and, with its KL estimate,
+``ref_KL_logps``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "KL_completion_ids", "label")
 FOLDER = "ref_logps"
 
 
 def data_hash(dataset: Dataset) -> str:
     digest = hashlib.sha256()
-    for column in PAIR_COLUMNS:
+    for column in TOKEN_COLUMNS:
         if column in dataset.column_names:
             digest.update(json.dumps(list(dataset[column])).encode())
     return digest.hexdigest()
@@ -52,39 +54,38 @@ def precomputed(
     folder: str | Path,
     key: str,
     loader: DataLoader,
-    compute: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    compute: Callable[[dict], tuple[torch.Tensor, ...]],
     accelerator: Any,
     log: Callable[[str], None],
+    columns: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps"),
 ) -> Dataset:
-    """``dataset`` with ``ref_chosen_logps`` and ``ref_rejected_logps`` columns, read from the run folder when
-    a file with this key is there, else computed batch by batch with ``compute`` (on every rank, gathered)
-    and saved by the main process."""
+    """``dataset`` with one column per name in ``columns`` (``compute(batch)`` returns a tensor for each, in that
+    order), read from the run folder when a file with this key is there, else computed batch by batch (on every
+    rank, gathered) and saved by the main process."""
     path = Path(folder) / FOLDER / f"{name}-{key[:16]}.pt"
     if path.is_file():
         saved = torch.load(path)
-        if saved["key"] == key and len(saved["chosen"]) == len(dataset):
+        if saved["key"] == key and all(len(saved["columns"].get(c, ())) == len(dataset) for c in columns):
             log(f"reference log-probabilities for {name}: reused from {path}")
-            return _with_columns(dataset, saved["chosen"], saved["rejected"])
-    chosen, rejected = [], []
+            return _with_columns(dataset, saved["columns"])
+    parts: dict[str, list[torch.Tensor]] = {column: [] for column in columns}
     for batch in accelerator.prepare(loader):
-        pair = accelerator.gather_for_metrics(compute(batch))
-        chosen.append(pair[0].float().cpu())
-        rejected.append(pair[1].float().cpu())
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        values = accelerator.gather_for_metrics(tuple(compute(batch)))
+        for column, value in zip(columns, values, strict=True):
+            parts[column].append(value.float().cpu())
+    values = {column: torch.cat(chunks) for column, chunks in parts.items()}
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "chosen": chosen, "rejected": rejected}, tmp)
+        torch.save({"key": key, "columns": values}, tmp)
         tmp.replace(path)  # whole or not at all
-        log(f"reference log-probabilities for {name}: computed once for {len(chosen)} pairs, saved to {path}")
+        log(f"reference log-probabilities for {name}: computed once for {len(dataset)} rows, saved to {path}")
     accelerator.wait_for_everyone()
-    return _with_columns(dataset, chosen, rejected)
+    return _with_columns(dataset, values)
 
 
-def _with_columns(dataset: Dataset, chosen: torch.Tensor, rejected: torch.Tensor) -> Dataset:
-    dataset = dataset.remove_columns(
-        [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names]
-    )
-    return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
-        "ref_rejected_logps", rejected.tolist()
-    )
+def _with_columns(dataset: Dataset, values: dict[str, torch.Tensor]) -> Dataset:
+    dataset = dataset.remove_columns([c for c in values if c in dataset.column_names])
+    for column, value in values.items():
+        dataset = dataset.add_column(column, value.tolist())
+    return dataset
