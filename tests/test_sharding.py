@@ -1,12 +1,17 @@
-"""Protects the promise that FSDP and DeepSpeed either shard or are refused in one line before anything loads:
-on CPU (where accelerate would train unsharded DDP) and without the deepspeed package, a launch that asks for
-them stops at ``runs.start`` naming the setting; no committed FSDP/DeepSpeed accelerate config sets use_cpu."""
+"""Protects the promise that FSDP and DeepSpeed either shard or are refused in one line before anything loads.
+
+FSDP2 really shards on two CPU processes (gloo): accelerate would train them as DDP, align-kit switches the
+trainer to FSDP2; each rank holds half of the parameters and the saved weights equal a one-process run's.
+FSDP1 on CPU, FSDP on a GPU-less machine without use_cpu, and DeepSpeed without the package or on CPU stop at
+``runs.start`` naming the setting."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from align_kit.configs import ConfigError
@@ -18,11 +23,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 @pytest.mark.parametrize(
     "env, use_cpu, message",
     [
-        ({"ACCELERATE_USE_FSDP": "true"}, True, "FSDP was requested .* on CPU"),
+        ({"ACCELERATE_USE_FSDP": "true"}, True, r"FSDP1 \(fsdp_version: 1\) was requested on CPU: .*non-CPU"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True, "FSDP1 .* use fsdp_version: 2"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False, "without a GPU .* set use_cpu: true"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, True, "DeepSpeed ZeRO was requested"),
     ],
 )
 def test_a_launch_that_cannot_shard_is_refused_in_one_line(monkeypatch, env, use_cpu, message):
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=message) as error:
@@ -40,9 +49,12 @@ def test_deepspeed_missing_is_named(monkeypatch):
         launch.refuse_unsharded_launch(False)
 
 
-def test_a_plain_launch_passes(monkeypatch):
+def test_a_plain_launch_and_fsdp2_on_cpu_pass(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    launch.refuse_unsharded_launch(True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
     launch.refuse_unsharded_launch(True)
 
 
@@ -50,13 +62,55 @@ def test_a_recipe_launched_for_fsdp_on_cpu_stops_before_loading(monkeypatch, tmp
     from conftest import load_recipe, tiny_run_args
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="FSDP"):
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP1"):
         load_recipe("dpo").main(tiny_run_args(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
-def test_no_sharded_accelerate_config_asks_for_the_cpu(path):
+def test_sharded_accelerate_configs_ask_for_the_cpu_only_where_they_can_run_there(path):
     config = yaml.safe_load(path.read_text())
-    if config.get("distributed_type") in ("FSDP", "DEEPSPEED"):
-        assert config.get("use_cpu") is False, f"{path.name}: the launcher would drop the sharding on CPU"
+    if config.get("distributed_type") == "DEEPSPEED":
+        assert config.get("use_cpu") is False, f"{path.name}: ZeRO is refused on CPU"
+    if config.get("distributed_type") == "FSDP" and config.get("use_cpu"):
+        assert config["fsdp_config"]["fsdp_version"] == 2, f"{path.name}: FSDP1 cannot run on CPU"
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_shards_and_saves_the_weights_of_one_process(tmp_path, align_kit_home):
+    """A few SFT steps at one global batch of 8 rows: two FSDP2 processes x 4 rows, then one process x 8."""
+    from conftest import load_recipe, tiny_run_args
+    from safetensors.torch import load_file
+    from test_multiprocess import launch_two_processes
+
+    from align_kit.models.loading import embedded_dir
+
+    settings = {"learning_rate": "1e-3", "max_steps": "3"}
+    args = tiny_run_args(tmp_path / "two", per_device_train_batch_size=4, **settings)
+    log, counts = launch_two_processes(
+        "sft", args, tmp_path, align_kit_home, config=CONFIG_DIR / "fsdp_cpu.yaml"
+    )
+    assert "FSDP2 on 2 CPU processes" in log
+    held = [json.loads((counts / f"held{rank}").read_text()) for rank in (0, 1)]
+    total = held[0]["total"]
+    assert held[1]["total"] == total > 800_000  # the embedded tiny-gpt2
+    assert held[0]["held"] + held[1]["held"] == total  # shards, no copies
+    for rank in held:
+        assert rank["held"] / total == pytest.approx(0.5, abs=0.02)
+
+    load_recipe("sft").main(tiny_run_args(tmp_path / "one", per_device_train_batch_size=8, **settings))
+    two = load_file(tmp_path / "two" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    start = load_file(align_kit_home / embedded_dir().name / "model.safetensors")
+    # The FSDP full state dict also names the tied LM head, a copy of the token embedding.
+    assert set(two) - set(one) <= {"lm_head.weight"}
+    if "lm_head.weight" in two:
+        assert torch.equal(two["lm_head.weight"], two["transformer.wte.weight"])
+    moved = max((one[name] - start[name]).abs().max().item() for name in one)
+    assert moved > 1e-3  # it trained, so equal weights test the sharded steps
+    for name in one:
+        # Only the order of float sums differs (gradients reduce-scattered, batch split in two); AdamW
+        # divides by the gradient's own scale, so where a gradient is near zero that rounding moves a
+        # weight by up to ~1e-6 here, 0.1% of one step (lr 1e-3).
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5)
