@@ -26,7 +26,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
         ({"ACCELERATE_USE_FSDP": "true"}, True, r"FSDP1 \(fsdp_version: 1\) was requested on CPU: .*non-CPU"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True, "FSDP1 .* use fsdp_version: 2"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False, "without a GPU .* set use_cpu: true"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, True, "DeepSpeed ZeRO was requested"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, True, "DeepSpeed ZeRO was requested on CPU: .*fsdp_cpu.yaml"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, False, "DeepSpeed ZeRO was requested on CPU: .*world size 1"),
     ],
 )
 def test_a_launch_that_cannot_shard_is_refused_in_one_line(monkeypatch, env, use_cpu, message):
@@ -45,6 +46,7 @@ def test_deepspeed_missing_is_named(monkeypatch):
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed here")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)  # a GPU host
     with pytest.raises(ConfigError, match="deepspeed is not installed"):
         launch.refuse_unsharded_launch(False)
 

@@ -4,7 +4,9 @@ A launcher that asked for FSDP or DeepSpeed where the run cannot shard is refuse
 training unsharded without a word. FSDP2 (``fully_shard``) does run on CPU processes over gloo, but
 accelerate 1.15 never selects it there: ``AcceleratorState`` turns ``ACCELERATE_USE_FSDP`` into FSDP only for
 GPU-like distributed types and keeps ``MULTI_CPU`` (DDP) otherwise. ``shard_on_cpu`` makes that choice for
-the trainer, before ``train()`` prepares the model (recipes/accelerate/fsdp_cpu.yaml).
+the trainer, before ``train()`` prepares the model (recipes/accelerate/fsdp_cpu.yaml). DeepSpeed ZeRO (0.19,
+whose CPU accelerator talks gloo) cannot be reached on CPU the same way: accelerate enables it only off CPU,
+and on a GPU-less machine its state says world size 1 on every rank, so ZeRO's batch check fails.
 """
 
 from __future__ import annotations
@@ -41,13 +43,17 @@ def refuse_unsharded_launch(use_cpu: bool) -> None:
                 "process would see world size 1); set use_cpu: true"
             )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if use_cpu or no_gpu:
+            raise ConfigError(
+                "DeepSpeed ZeRO was requested on CPU: accelerate 1.15 enables DeepSpeed only on an accelerator "
+                "(with use_cpu it trains DDP; without, every rank records world size 1 while deepspeed's gloo "
+                "group holds them all); shard with recipes/accelerate/fsdp_cpu.yaml, or run ZeRO on GPUs"
+            )
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
                 "DeepSpeed ZeRO was requested (ACCELERATE_USE_DEEPSPEED) but deepspeed is not installed: "
-                'pip install -e ".[deepspeed]" on a GPU host'
+                'pip install -e ".[deepspeed]"'
             )
-        if use_cpu or no_gpu:
-            raise ConfigError("DeepSpeed ZeRO was requested on CPU: align-kit runs ZeRO on GPUs only")
 
 
 def shard_on_cpu(trainer: Any) -> None:
