@@ -60,6 +60,23 @@ def test_a_plain_launch_and_fsdp2_on_cpu_pass(monkeypatch):
     launch.refuse_unsharded_launch(True)
 
 
+def test_a_trainer_that_wrapped_its_model_for_ddp_when_built_is_refused(monkeypatch):
+    """TRL's PPOTrainer prepares its model in its constructor: too late to switch it to FSDP2."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    wrapped = DistributedDataParallel.__new__(DistributedDataParallel)  # the type is what is checked
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), model=wrapped
+    )
+    with pytest.raises(ConfigError, match="wrapped its model for DDP .*cpu_2proc.yaml") as error:
+        launch.shard_on_cpu(trainer)
+    assert "\n" not in str(error.value)
+
+
 def test_a_recipe_launched_for_fsdp_on_cpu_stops_before_loading(monkeypatch, tmp_path):
     from conftest import load_recipe, tiny_run_args
 
