@@ -46,7 +46,7 @@ save_model = runs.save_model
 def save_model_with_checksum(run, trainer, *args):
     model = trainer.accelerator.unwrap_model(trainer.model)
     Path(os.environ["CHECKSUM_DIR"], "rank" + os.environ["RANK"]).write_text(weights_checksum(model))
-    Path(os.environ["CHECKSUM_DIR"], "held" + os.environ["RANK"]).write_text(json.dumps(held_elements(model)))
+    Path(os.environ["CHECKSUM_DIR"], "held" + os.environ["RANK"]).write_text(json.dumps(held_elements(model, trainer.optimizer)))
     return save_model(run, trainer, *args)
 
 runs.save_model = save_model_with_checksum
@@ -69,30 +69,39 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def local(param: torch.Tensor) -> torch.Tensor:
-    """What this rank stores of ``param``: its shard of an FSDP2 DTensor, else the whole tensor."""
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank stores of ``tensor``: its shard of an FSDP2 DTensor or a ZeRO-3 parameter, else all."""
     from torch.distributed.tensor import DTensor
 
-    return param.to_local() if isinstance(param, DTensor) else param
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return getattr(tensor, "ds_tensor", tensor)
 
 
-def held_elements(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter elements this rank stores ("held") and the model has ("total")."""
+def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Parameter elements this rank stores ("held"), the model has ("total"), and optimizer-state elements
+    this rank stores ("optimizer"; AdamW keeps two per parameter element)."""
     params = list(model.parameters())
-    return {"held": sum(local(p).numel() for p in params), "total": sum(p.numel() for p in params)}
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper; DeepSpeed's ZeRO optimizer
+    moments = [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    return {
+        "held": sum(local(p).numel() for p in params),
+        "total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+        "optimizer": sum(local(v).numel() for v in moments),
+    }
 
 
 def launch_two_processes(
-    recipe: str, args: list[str], tmp_path: Path, home: Path, config: Path = ACCELERATE_CONFIG
+    recipe: str, args: list[str], tmp_path: Path, home: Path, config: Path = ACCELERATE_CONFIG, *flags: str
 ) -> tuple[str, Path]:
-    """``accelerate launch --config_file config`` (default: DDP) a recipe on two CPU processes; returns
-    (captured stdout+stderr, checksum folder)."""
+    """``accelerate launch --config_file config *flags`` (default: DDP) a recipe on two CPU processes;
+    returns (captured stdout+stderr, checksum folder)."""
     wrapper = tmp_path / "run_with_checksum.py"
     wrapper.write_text(WRAPPER.format(tests=str(ROOT / "tests")))
     checksums = tmp_path / "checksums"
     checksums.mkdir()
     env = {**os.environ, "ALIGN_KIT_HOME": str(home), "CHECKSUM_DIR": str(checksums), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags]
     command += [str(wrapper), str(ROOT / "recipes" / f"{recipe}.py"), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     log = done.stdout + done.stderr
@@ -149,9 +158,10 @@ def test_both_ranks_end_with_identical_weights_save_them_and_close(dpo_two_and_o
     ]
     rank0, rank1 = (checksums / "rank0").read_text(), (checksums / "rank1").read_text()
     assert rank0 == rank1
-    for rank in (0, 1):  # DDP: every rank holds the whole model
+    for rank in (0, 1):  # DDP: every rank holds the whole model and both AdamW moments of it
         held = json.loads((checksums / f"held{rank}").read_text())
         assert held["held"] == held["total"] > 0
+        assert held["optimizer"] == 2 * held["total"]
     saved = load_model(ModelArgs(model_name_or_path=str(dpo_two_and_one["dir"])))
     assert weights_checksum(saved) == rank0
 

@@ -4,9 +4,9 @@ A launcher that asked for FSDP or DeepSpeed where the run cannot shard is refuse
 training unsharded without a word. FSDP2 (``fully_shard``) does run on CPU processes over gloo, but
 accelerate 1.15 never selects it there: ``AcceleratorState`` turns ``ACCELERATE_USE_FSDP`` into FSDP only for
 GPU-like distributed types and keeps ``MULTI_CPU`` (DDP) otherwise. ``shard_on_cpu`` makes that choice for
-the trainer, before ``train()`` prepares the model (recipes/accelerate/fsdp_cpu.yaml). DeepSpeed ZeRO (0.19,
-whose CPU accelerator talks gloo) cannot be reached on CPU the same way: accelerate enables it only off CPU,
-and on a GPU-less machine its state says world size 1 on every rank, so ZeRO's batch check fails.
+the trainer, before ``train()`` prepares the model (recipes/accelerate/fsdp_cpu.yaml). DeepSpeed ZeRO needs
+no such switch: with the run config's use_cpu the trainer's accelerator is DeepSpeed's over the same gloo
+group (deepspeed's CPU accelerator); without it, on a GPU-less machine, every rank would see world size 1.
 """
 
 from __future__ import annotations
@@ -29,31 +29,27 @@ def fsdp_requested() -> bool:
 
 def refuse_unsharded_launch(use_cpu: bool) -> None:
     """One line, before anything loads, where the launcher asked for FSDP or DeepSpeed and the run cannot
-    shard: accelerate would otherwise train as DDP (or fail deep inside the trainer) without saying so."""
+    shard: accelerate would otherwise train as DDP, or each process alone, without saying so."""
+    zero = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if not (fsdp_requested() or zero):
+        return
     no_gpu = not torch.cuda.is_available()
-    if fsdp_requested() and (use_cpu or no_gpu):
-        if os.environ.get("FSDP_VERSION", "1") != "2":
-            raise ConfigError(
-                "FSDP1 (fsdp_version: 1) was requested on CPU: torch's FullyShardedDataParallel needs a non-CPU "
-                "accelerator device; use fsdp_version: 2 (recipes/accelerate/fsdp_cpu.yaml)"
-            )
-        if not use_cpu:
-            raise ConfigError(
-                "FSDP was requested on a machine without a GPU but the run config says use_cpu: false (each "
-                "process would see world size 1); set use_cpu: true"
-            )
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        if use_cpu or no_gpu:
-            raise ConfigError(
-                "DeepSpeed ZeRO was requested on CPU: accelerate 1.15 enables DeepSpeed only on an accelerator "
-                "(with use_cpu it trains DDP; without, every rank records world size 1 while deepspeed's gloo "
-                "group holds them all); shard with recipes/accelerate/fsdp_cpu.yaml, or run ZeRO on GPUs"
-            )
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                "DeepSpeed ZeRO was requested (ACCELERATE_USE_DEEPSPEED) but deepspeed is not installed: "
-                'pip install -e ".[deepspeed]"'
-            )
+    if fsdp_requested() and (use_cpu or no_gpu) and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(
+            "FSDP1 (fsdp_version: 1) was requested on CPU: torch's FullyShardedDataParallel needs a non-CPU "
+            "accelerator device; use fsdp_version: 2 (recipes/accelerate/fsdp_cpu.yaml)"
+        )
+    if no_gpu and not use_cpu:
+        raise ConfigError(
+            f"{'FSDP' if fsdp_requested() else 'DeepSpeed ZeRO'} was requested on a machine without a GPU but "
+            "the run config says use_cpu: false (accelerate would record world size 1 on every rank); set "
+            "use_cpu: true"
+        )
+    if zero and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "DeepSpeed ZeRO was requested (ACCELERATE_USE_DEEPSPEED) but deepspeed is not installed: "
+            'pip install -e ".[deepspeed]"'
+        )
 
 
 def shard_on_cpu(trainer: Any) -> None:
