@@ -3,7 +3,8 @@
 Each file parses, is headed by the exact `accelerate launch` command it is for (valid flags, an
 existing recipe and run config), loads in accelerate's own config class with no key that
 accelerate would silently ignore, and turns into the launcher and the FSDP or DeepSpeed plugin it
-promises. One slow test really starts cpu_2proc.yaml and checks that two ranks join one gloo group.
+promises. One slow test really starts cpu_2proc.yaml and checks that two ranks join one gloo group;
+tests/test_sharding.py trains with fsdp_cpu.yaml.
 """
 
 import os
@@ -25,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "recipes" / "accelerate"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
-REQUIRED = {"single_gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "cpu_2proc"}
+REQUIRED = {"single_gpu", "ddp", "fsdp", "fsdp_cpu", "deepspeed_zero2", "deepspeed_zero3", "cpu_2proc"}
 
 
 def _rel(path: Path) -> str:
@@ -104,6 +105,7 @@ def test_accelerate_loads_the_file_without_ignored_keys(path):
         ("deepspeed_zero2", "deepspeed", 8, False),
         ("deepspeed_zero3", "deepspeed", 8, False),
         ("cpu_2proc", "multi_gpu", 2, True),
+        ("fsdp_cpu", "fsdp", 2, True),
     ],
 )
 def test_launcher_that_each_file_selects(name, launcher, num_processes, use_cpu):
@@ -125,8 +127,9 @@ def test_num_processes_flag_overrides_the_placeholder():
     assert args.num_processes == 4
 
 
-def test_fsdp_file_gives_fsdp2_full_state_dict_wrapping_each_gpt2_block(restore_environ):
-    _apply_launcher_env(*_launch_args("fsdp"))
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_cpu"])
+def test_fsdp_files_give_fsdp2_full_state_dict_wrapping_each_gpt2_block(restore_environ, name):
+    _apply_launcher_env(*_launch_args(name))
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2
     assert plugin.reshard_after_forward is True

@@ -28,15 +28,15 @@ RUN_FILES = {
     "README.md", "run.lock", "run.lock.json", "run_id.json",  # model card; the run folder's lock and run id
 }  # fmt: skip
 
-# Runs a recipe's main(), writes a checksum of this rank's weights just before the model is saved, and
-# notes whether the process group was ended.
+# Runs a recipe's main(), writes a checksum of this rank's weights (its own shards under FSDP) and how many
+# parameter elements it holds just before the model is saved, and notes whether the process group was ended.
 # It lives here, not in align_kit: production code carries no test hooks.
 WRAPPER = """
-import importlib.util, os, sys
+import importlib.util, json, os, sys
 from pathlib import Path
 from align_kit.training import runs
 sys.path.insert(0, {tests!r})
-from test_multiprocess import weights_checksum
+from test_multiprocess import held_elements, weights_checksum
 
 spec = importlib.util.spec_from_file_location("recipe", sys.argv[1])
 recipe = importlib.util.module_from_spec(spec)
@@ -46,6 +46,7 @@ save_model = runs.save_model
 def save_model_with_checksum(run, trainer, *args):
     model = trainer.accelerator.unwrap_model(trainer.model)
     Path(os.environ["CHECKSUM_DIR"], "rank" + os.environ["RANK"]).write_text(weights_checksum(model))
+    Path(os.environ["CHECKSUM_DIR"], "held" + os.environ["RANK"]).write_text(json.dumps(held_elements(model, trainer.optimizer)))
     return save_model(run, trainer, *args)
 
 runs.save_model = save_model_with_checksum
@@ -57,24 +58,50 @@ if not torch.distributed.is_initialized():  # runs.finish ended the process grou
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
-    """sha256 over every parameter's name and exact bytes (bit-identical weights <=> equal checksums)."""
+    """sha256 over every parameter's name and exact bytes (bit-identical weights <=> equal checksums); under
+    FSDP, over this rank's shards."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         digest.update(name.encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(local(param).detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
-def launch_two_processes(recipe: str, args: list[str], tmp_path: Path, home: Path) -> tuple[str, Path]:
-    """``accelerate launch`` a recipe on two CPU processes; returns (captured stdout+stderr, checksum folder)."""
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank stores of ``tensor``: its shard of an FSDP2 DTensor or a ZeRO-3 parameter, else all."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return getattr(tensor, "ds_tensor", tensor)
+
+
+def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Parameter elements this rank stores ("held"), the model has ("total"), and optimizer-state elements
+    this rank stores ("optimizer"; AdamW keeps two per parameter element)."""
+    params = list(model.parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper; DeepSpeed's ZeRO optimizer
+    moments = [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    return {
+        "held": sum(local(p).numel() for p in params),
+        "total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+        "optimizer": sum(local(v).numel() for v in moments),
+    }
+
+
+def launch_two_processes(
+    recipe: str, args: list[str], tmp_path: Path, home: Path, config: Path = ACCELERATE_CONFIG, *flags: str
+) -> tuple[str, Path]:
+    """``accelerate launch --config_file config *flags`` (default: DDP) a recipe on two CPU processes;
+    returns (captured stdout+stderr, checksum folder)."""
     wrapper = tmp_path / "run_with_checksum.py"
     wrapper.write_text(WRAPPER.format(tests=str(ROOT / "tests")))
     checksums = tmp_path / "checksums"
     checksums.mkdir()
     env = {**os.environ, "ALIGN_KIT_HOME": str(home), "CHECKSUM_DIR": str(checksums), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags]
     command += [str(wrapper), str(ROOT / "recipes" / f"{recipe}.py"), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     log = done.stdout + done.stderr
@@ -121,9 +148,20 @@ def dpo_two_and_one(tmp_path_factory):
 
 def test_both_ranks_end_with_identical_weights_save_them_and_close(dpo_two_and_one):
     checksums = dpo_two_and_one["checksums"]
-    assert sorted(p.name for p in checksums.iterdir()) == ["closed0", "closed1", "rank0", "rank1"]
+    assert sorted(p.name for p in checksums.iterdir()) == [
+        "closed0",
+        "closed1",
+        "held0",
+        "held1",
+        "rank0",
+        "rank1",
+    ]
     rank0, rank1 = (checksums / "rank0").read_text(), (checksums / "rank1").read_text()
     assert rank0 == rank1
+    for rank in (0, 1):  # DDP: every rank holds the whole model and both AdamW moments of it
+        held = json.loads((checksums / f"held{rank}").read_text())
+        assert held["held"] == held["total"] > 0
+        assert held["optimizer"] == 2 * held["total"]
     saved = load_model(ModelArgs(model_name_or_path=str(dpo_two_and_one["dir"])))
     assert weights_checksum(saved) == rank0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from align_kit import files
@@ -56,7 +57,10 @@ class NonFiniteGuard(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             return  # DeepSpeed keeps gradients in its own partitions: the logged grad_norm is checked instead
-        norm = torch.nn.utils.get_total_norm(grads).detach().float()
+        norm = torch.nn.utils.get_total_norm(grads).detach()
+        if isinstance(norm, DTensor):  # FSDP2: the norm of every rank's gradient shards, reduced
+            norm = norm.full_tensor()
+        norm = norm.float()
         bad = (~torch.isfinite(norm)).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)

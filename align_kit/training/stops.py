@@ -39,6 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from align_kit import files
 from align_kit.console import EXIT_STOPPED, Stopped, is_main_process, log
+from align_kit.training import launch
 
 STOPPED_FILE = "stopped.json"  # one entry per graceful stop: signal, step, checkpoint, time
 PR_SET_PDEATHSIG = 1
@@ -124,6 +125,7 @@ def train(trainer: Any, run: Any, resumable: bool = True) -> TrainOutput:
         stop = StopOnSignal()
         trainer.add_callback(stop)
     stop.install(trainer, resumable)
+    launch.shard_on_cpu(trainer)
     die_with_launcher()
     try:
         result = trainer.train(resume_from_checkpoint=run.resume_from) if resumable else trainer.train()
