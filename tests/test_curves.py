@@ -192,6 +192,20 @@ def test_stop_at_gold_peak_keeps_the_policy_of_the_step_it_names(tmp_path):
     assert json.loads((run / curves.PEAK_DIR / "curve_point.json").read_text())["step"] == 2
 
 
+def test_the_stop_is_rank_zeros_decision_on_every_rank(tmp_path, monkeypatch):
+    sent = []
+
+    def broadcast(objects, from_process):  # what a rank whose recorder measured nothing receives
+        sent.append((list(objects), from_process))
+        return [True]
+
+    monkeypatch.setattr(curves, "broadcast_object_list", broadcast)
+    other_rank = ScriptedRecorder(tmp_path / "run", OVER, window=3, keep_peak=True)
+    assert other_rank.alarm is None and other_rank.should_stop() is True
+    assert sent == [([False], 0)]
+    assert ScriptedRecorder(tmp_path / "off", OVER, window=3).should_stop() is False and len(sent) == 1
+
+
 def test_curves_command_writes_the_page_table_and_fits(tmp_path):
     rng = np.random.default_rng(0)
     for name, method, function in (
