@@ -4,9 +4,11 @@ Trains whatever the demo has not (recipes/configs/{sft,reward,dpo,ppo,grpo,best_
 as ``make demo`` does; the curve stages record curves at the ``curve_steps`` their YAML sets, the value the
 demo ships and the default measured here), then draws their curves with ``align-kit curves`` into
 bench/results/curves/. The overhead is measured side by side in this one process: the demo's PPO trained
-twice into runs/bench_curves, without curves (curve_steps 0) and with them, the extra wall time as a fraction
-of the run without (target <= 10%). The demo evaluation's alignment tax (``make demo``), when there, is copied
-into bench/results/alignment_tax.json. Writes bench/results/curves.json and prints the tables.
+twice into runs/bench_curves, without curves (curve_steps 0) and with them; its CPU time with curves over the
+CPU time without, and the points' own CPU time over the run without (target <= 10% for both; CPU rather than
+wall seconds, which on a shared machine measure the neighbours' load; wall times are kept too). The demo
+evaluation's alignment tax (``make demo``), when there, is copied into bench/results/alignment_tax.json.
+Writes bench/results/curves.json and prints the tables.
 
     .venv/bin/python bench/curves.py [--skip_overhead]
 """
@@ -32,24 +34,28 @@ def ppo_pair(out: Path) -> dict:
     """The demo's PPO without and with curves, one after the other; wall seconds of each and the overhead."""
     from align_kit.resources import load_script, locate
 
-    wall = {}
+    wall, cpu = {}, {}
     for name, extra in (("off", ["--curve_steps", "0"]), ("on", [])):
         folder = out / f"ppo_{name}"
         shutil.rmtree(folder, ignore_errors=True)  # a rerun measures again
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         load_script(locate("recipes/ppo.py"), f"bench_ppo_{name}").main(
             ["--config", PPO, "--output_dir", str(folder), *extra]
         )
-        wall[name] = time.perf_counter() - start
+        wall[name], cpu[name] = time.perf_counter() - start, time.process_time() - cpu_start
     points = [json.loads(line) for line in (out / "ppo_on" / "curves.jsonl").read_text().splitlines()]
-    curve_s = sum(p["seconds"] for p in points)
+    curve_s, curve_cpu = sum(p["seconds"] for p in points), sum(p["cpu_seconds"] for p in points)
     return {
         "wall_off_s": wall["off"],
         "wall_on_s": wall["on"],
-        "overhead": wall["on"] / wall["off"] - 1,
+        "cpu_off_s": cpu["off"],
+        "cpu_on_s": cpu["on"],
+        # CPU seconds: on a machine shared with other jobs the wall times measure the neighbours' load
+        "overhead": cpu["on"] / cpu["off"] - 1,
+        "overhead_wall": wall["on"] / wall["off"] - 1,
         "points": len(points),
-        "curve_seconds": curve_s,
-        "overhead_from_points": curve_s / (wall["on"] - curve_s),  # the points' own timers, less noisy
+        "curve_cpu_seconds": curve_cpu,
+        "overhead_from_points": curve_cpu / cpu["off"],
         "seconds_per_point": curve_s / len(points),
     }
 
@@ -80,12 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_overhead:
         pair = ppo_pair(Path(args.out))
         figures["ppo_overhead"] = pair
-        passed["overhead"] = pair["overhead"] <= TARGET
+        passed["overhead"] = max(pair["overhead"], pair["overhead_from_points"]) <= TARGET  # both measures
         print(
-            f"\nPPO (ppo_tiny.yaml, curve_steps {figures['curve_steps']['ppo']}): {pair['wall_off_s']:.1f} s "
-            f"without curves, {pair['wall_on_s']:.1f} s with {pair['points']} points: overhead "
-            f"{100 * pair['overhead']:.1f}% (target <= {100 * TARGET:.0f}%); the points' own timers: "
-            f"{pair['curve_seconds']:.1f} s, {100 * pair['overhead_from_points']:.1f}%"
+            f"\nPPO (ppo_tiny.yaml, curve_steps {figures['curve_steps']['ppo']}), CPU seconds: "
+            f"{pair['cpu_off_s']:.1f} without curves, {pair['cpu_on_s']:.1f} with {pair['points']} points: "
+            f"overhead {100 * pair['overhead']:.1f}% (target <= {100 * TARGET:.0f}%); the points' own CPU "
+            f"time {pair['curve_cpu_seconds']:.1f} s = {100 * pair['overhead_from_points']:.1f}% of the run "
+            f"without; wall {pair['wall_off_s']:.1f} vs {pair['wall_on_s']:.1f} s ({100 * pair['overhead_wall']:+.1f}%)"
         )
     evaluation = demo.OUT / "eval" / "evaluation.json"
     if evaluation.exists() and "tax" in (result := json.loads(evaluation.read_text())):

@@ -248,9 +248,10 @@ class CurveRecorder:
         peak. Returns the point (None when skipped or on a process other than the main one)."""
         if not is_main_process() or any(p["step"] == step for p in self.points):
             return None
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         point = self.measure(step)
         point["seconds"] = time.perf_counter() - start  # the curve's cost, for the overhead benchmark
+        point["cpu_seconds"] = time.process_time() - cpu  # the same on a machine shared with other jobs
         self.points.append(point)
         reason = alarm_reason(self.points, self.window)
         if reason and self.alarm is None:
