@@ -50,6 +50,7 @@ def test_ppo_curve_points_match_a_direct_computation_and_the_kept_peak(
     )
     points = [json.loads(line) for line in (out / curves.CURVES).read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2]
+    assert all(p["seconds"] > 0 and p["cpu_seconds"] > 0 for p in points)  # the overhead benchmark's timers
     assert points[0]["kl"] == pytest.approx(0.0, abs=1e-5) and points[-1]["kl"] != pytest.approx(
         0.0, abs=1e-4
     )
