@@ -50,6 +50,7 @@ def test_ppo_curve_points_match_a_direct_computation_and_the_kept_peak(
     )
     points = [json.loads(line) for line in (out / curves.CURVES).read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2]
+    assert all(p["seconds"] > 0 and p["cpu_seconds"] > 0 for p in points)  # the overhead benchmark's timers
     assert points[0]["kl"] == pytest.approx(0.0, abs=1e-5) and points[-1]["kl"] != pytest.approx(
         0.0, abs=1e-4
     )
@@ -190,6 +191,20 @@ def test_stop_at_gold_peak_keeps_the_policy_of_the_step_it_names(tmp_path):
     kept = load_model(ModelArgs(model_name_or_path=str(run)))
     assert all(torch.equal(kept.state_dict()[k], v) for k, v in snapshots[2].items())
     assert json.loads((run / curves.PEAK_DIR / "curve_point.json").read_text())["step"] == 2
+
+
+def test_the_stop_is_rank_zeros_decision_on_every_rank(tmp_path, monkeypatch):
+    sent = []
+
+    def broadcast(objects, from_process):  # what a rank whose recorder measured nothing receives
+        sent.append((list(objects), from_process))
+        return [True]
+
+    monkeypatch.setattr(curves, "broadcast_object_list", broadcast)
+    other_rank = ScriptedRecorder(tmp_path / "run", OVER, window=3, keep_peak=True)
+    assert other_rank.alarm is None and other_rank.should_stop() is True
+    assert sent == [([False], 0)]
+    assert ScriptedRecorder(tmp_path / "off", OVER, window=3).should_stop() is False and len(sent) == 1
 
 
 def test_curves_command_writes_the_page_table_and_fits(tmp_path):

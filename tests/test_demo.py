@@ -1,11 +1,13 @@
 """Protects `make demo`'s runner: each stage is its script's main() called with its YAML, every config
-the demo names exists, a stage whose run folder is complete is skipped rather than overwritten, and the
-summary prints oracle scores, win rates and the reward model's accuracy by kind of rejected answer."""
+the demo names exists, every curve run's YAML sets curve_steps, a stage whose run folder is complete is skipped
+rather than overwritten, and the summary prints oracle scores, win rates, the alignment tax and the reward
+model's accuracy by kind of rejected answer."""
 
 from __future__ import annotations
 
 import json
 
+import yaml
 from conftest import ROOT
 
 from align_kit import demo
@@ -31,6 +33,10 @@ def test_every_stage_the_demo_runs_has_its_script_and_tiny_config():
         assert (ROOT / "recipes" / f"{stage}.py").exists(), stage
         assert (ROOT / "recipes" / "configs" / f"{stage}_tiny.yaml").exists(), stage
     assert (ROOT / "eval" / "win_rate.py").exists() and (ROOT / "eval" / "configs" / "embedded.yaml").exists()
+    for stage in demo.CURVE_RUNS:  # the demo draws their curves: each records them
+        config = yaml.safe_load((ROOT / "recipes" / "configs" / f"{stage}_tiny.yaml").read_text())
+        assert stage in demo.STAGES and config["curve_steps"] >= 1, stage
+    assert yaml.safe_load((ROOT / "eval" / "configs" / "embedded.yaml").read_text())["tax_text"] == "embedded"
 
 
 def test_summary_prints_oracle_scores_win_rates_and_the_reward_models_accuracy_by_kind(
@@ -51,8 +57,12 @@ def test_summary_prints_oracle_scores_win_rates_and_the_reward_models_accuracy_b
         "ci_high": 0.4,
         "n": 1,
     }
+    tax = {"sft": {"perplexity": 2.0, "perplexity_change_pct": 0.0}}
+    tax["dpo"] = {"perplexity": 2.5, "perplexity_change_pct": 25.0, "oracle_change": {"harm": 0.5}}
     (tmp_path / "eval" / "evaluation.json").write_text(
-        json.dumps({"judges": {"oracle": {"comparisons": [comparison]}}})
+        json.dumps(
+            {"judges": {"oracle": {"comparisons": [comparison]}}, "tax": {"base": "sft", "systems": tax}}
+        )
     )
     held = {"accuracy": 0.85, "by_kind": {"add: wrong sum": {"accuracy": 0.47, "n_pairs": 57}}}
     (tmp_path / "reward").mkdir()
@@ -62,4 +72,5 @@ def test_summary_prints_oracle_scores_win_rates_and_the_reward_models_accuracy_b
     assert out["oracle"]["sft"]["oracle"] == 1.0 and out["reward_held_out"] == held
     assert "25.0% (10.0-40.0), n=1" in printed and "held-out preference accuracy 0.850" in printed
     assert "add: wrong sum" in printed and "0.470 (n=57)" in printed
+    assert "dpo                2.500   +25.0%  +0.000  +0.000  +0.500" in printed and out["tax"] == tax
     assert json.loads((tmp_path / "summary.json").read_text())["timings_s"] == {"sft": 1.5}

@@ -171,7 +171,8 @@ def plot(curves: dict[str, list[dict[str, Any]]], summaries: list[dict[str, Any]
             else:
                 field = "gold" if key == "gold" else "gold_greedy"
                 values = np.array([p[field][summary["gold_name"]] for p in points])
-            axis.plot(d, values - values[0], "o-", color=color, label=f"{name} ({summary['method']})")
+            label = name if name == summary["method"] else f"{name} ({summary['method']})"
+            axis.plot(d, values - values[0], "o-", color=color, label=label)
             fit = summary["fits"].get(key, {})
             if "alpha" in fit:
                 axis.plot(grid, function(grid, fit["alpha"], fit["beta"]), ":", color=color)
@@ -180,7 +181,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], summaries: list[dict[str, Any]
                 i = [p["step"] for p in points].index(peak["step"])
                 axis.plot(d[i], values[i] - values[0], "*", color=color, markersize=16, markeredgecolor="k")
     axes[0].set(title="gold gain (star: gold peak; dotted: fitted form)", xlabel="sqrt(KL to reference)")
-    axes[1].set(title="proxy gain", xlabel="sqrt(KL to reference)")
+    axes[1].set(title="proxy gain (star: where gold peaked)", xlabel="sqrt(KL to reference)")
     if len(keys) == 3:
         axes[2].set(title="gold gain of greedy answers (star: its peak)", xlabel="sqrt(KL to reference)")
     for axis in axes:

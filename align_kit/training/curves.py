@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
@@ -51,6 +52,13 @@ class CurveArgs:
     )
     curve_prompts: int = field(default=64, metadata={"help": "Held-out prompts of every curve point."})
     curve_max_new_tokens: int = field(default=48, metadata={"help": "Answer length of the curve samples."})
+    curve_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Prompts generated at once for a point: one batch of the demo's prompts costs half of two "
+            "(a tiny model's generation is per-step overhead)."
+        },
+    )
     curve_gold: list[str] = field(
         default_factory=lambda: ["oracle"],
         metadata={
@@ -85,7 +93,7 @@ class CurveArgs:
     def __post_init__(self) -> None:
         as_list(self, "curve_gold")
         check_at_least(self, 0, "curve_steps")
-        check_at_least(self, 1, "curve_prompts", "curve_max_new_tokens")
+        check_at_least(self, 1, "curve_prompts", "curve_max_new_tokens", "curve_batch_size")
         check_at_least(self, 2, "curve_alarm_window")
         if self.stop_at_gold_peak and not self.curve_steps:
             raise ConfigError(
@@ -162,6 +170,7 @@ class CurveRecorder:
         save: Callable[[Path], None] | None = None,
         seed: int = 0,
         greedy: bool = False,
+        batch_size: int = 64,
     ):
         if proxy is None and implicit_beta is None:
             raise ValueError("a curve needs a proxy scorer or implicit_beta (DPO's implicit reward)")
@@ -171,6 +180,7 @@ class CurveRecorder:
         self.prompts, self.proxy, self.golds, self.members = list(prompts), proxy, golds or {}, list(members)
         self.implicit_beta, self.max_new_tokens, self.window = implicit_beta, max_new_tokens, window
         self.keep_peak, self.save, self.seed, self.greedy = keep_peak, save, seed, greedy
+        self.batch_size = batch_size
         self.points: list[dict[str, Any]] = []
         if self.path.exists():  # a resumed run keeps the points it measured
             self.points = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -182,7 +192,13 @@ class CurveRecorder:
     def measure(self, step: int) -> dict[str, Any]:
         """One point: sampled answers scored by proxy and golds, with the sampled KL (k1) to the reference."""
         answers, ratios = sample_with_log_ratios(
-            self.policy, self.reference, self.tokenizer, self.prompts, self.max_new_tokens, seed=self.seed
+            self.policy,
+            self.reference,
+            self.tokenizer,
+            self.prompts,
+            self.max_new_tokens,
+            self.batch_size,
+            self.seed,
         )
         kl = sum(ratios) / len(ratios)
         if self.proxy is not None:
@@ -212,7 +228,12 @@ class CurveRecorder:
             greedy = [
                 a[0]
                 for a in generate(
-                    self.policy, self.tokenizer, self.prompts, self.max_new_tokens, progress=False
+                    self.policy,
+                    self.tokenizer,
+                    self.prompts,
+                    self.max_new_tokens,
+                    self.batch_size,
+                    progress=False,
                 )
             ]
             point["gold_greedy"] = {
@@ -227,9 +248,10 @@ class CurveRecorder:
         peak. Returns the point (None when skipped or on a process other than the main one)."""
         if not is_main_process() or any(p["step"] == step for p in self.points):
             return None
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         point = self.measure(step)
         point["seconds"] = time.perf_counter() - start  # the curve's cost, for the overhead benchmark
+        point["cpu_seconds"] = time.process_time() - cpu  # the same on a machine shared with other jobs
         self.points.append(point)
         reason = alarm_reason(self.points, self.window)
         if reason and self.alarm is None:
@@ -259,7 +281,11 @@ class CurveRecorder:
         tmp.rename(self.peak_dir)
 
     def should_stop(self) -> bool:
-        return self.keep_peak and self.alarm is not None
+        """Decided on the main process, the only one that measures, and broadcast from it, so that every
+        rank stops at the same step (call it on every rank)."""
+        if not self.keep_peak:
+            return False
+        return bool(broadcast_object_list([self.alarm is not None], from_process=0)[0])
 
     def summary(self) -> dict[str, Any]:
         """For run_complete.json and metrics.json: the points, the alarm and the peak kept."""
@@ -360,7 +386,7 @@ def recorder_for(
         proxy=proxy or (reward_scorer(reward_model, tokenizer) if reward_model is not None else None),
         golds=gold_scorers(args.curve_gold, tokenizer), members=members, implicit_beta=implicit_beta,
         max_new_tokens=args.curve_max_new_tokens, window=args.curve_alarm_window, keep_peak=args.stop_at_gold_peak,
-        save=save, seed=seed, greedy=args.curve_greedy,
+        save=save, seed=seed, greedy=args.curve_greedy, batch_size=args.curve_batch_size,
     )  # fmt: skip
 
 
