@@ -174,6 +174,21 @@ def test_alarm_fires_once_on_over_optimisation_and_never_on_a_monotone_curve(tmp
     assert resumed.record(2) is None and len(resumed.points) == len(OVER) and resumed.alarm == over.alarm
 
 
+def test_a_point_leaves_trainings_random_stream_where_it_was(tmp_path):
+    class Reseeding(ScriptedRecorder):
+        def measure(self, step):  # what sampling answers does to the global generator
+            torch.manual_seed(self.seed)
+            torch.rand(3)
+            return super().measure(step)
+
+    recorder = Reseeding(tmp_path, OVER)
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    recorder.record(0)
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_stop_at_gold_peak_keeps_the_policy_of_the_step_it_names(tmp_path):
     run = tmp_path / "run"
     recorder = ScriptedRecorder(run, OVER, window=3, keep_peak=True)

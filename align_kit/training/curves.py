@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
@@ -249,7 +250,8 @@ class CurveRecorder:
         if not is_main_process() or any(p["step"] == step for p in self.points):
             return None
         start, cpu = time.perf_counter(), time.process_time()
-        point = self.measure(step)
+        with torch.random.fork_rng():  # the point samples with its own seed; training's random stream goes on
+            point = self.measure(step)
         point["seconds"] = time.perf_counter() - start  # the curve's cost, for the overhead benchmark
         point["cpu_seconds"] = time.process_time() - cpu  # the same on a machine shared with other jobs
         self.points.append(point)
