@@ -57,8 +57,10 @@ def shard_on_cpu(trainer: Any) -> None:
     before ``train()`` prepares the model. Models the trainer prepared in its constructor (a separate
     reference or reward model, evaluation only) stay whole on every rank; a trainer that already wrapped its
     policy for DDP is refused."""
+    if not fsdp_requested():
+        return
     accelerator = trainer.accelerator
-    if not fsdp_requested() or accelerator.distributed_type != DistributedType.MULTI_CPU:
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
     if isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
         raise ConfigError(
