@@ -30,7 +30,9 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(PY) -m pytest -q
 
+# The long checks include the alignment tax's lm-evaluation-harness task (the optional lm-eval extra).
 test-all: $(STAMP) browser
+	$(PY) -m pip install --quiet -e ".[lm-eval]"
 	$(PY) -m pytest -q -m ""
 
 bench: $(STAMP)
