@@ -54,6 +54,7 @@ class MLPAdapter(nn.Module):
         n_embd, inner = base_layer.c_fc.weight.shape  # Conv1D weight: (in, out)
         factory = {"device": base_layer.c_fc.weight.device, "dtype": base_layer.c_fc.weight.dtype}
         self.base_layer = base_layer
+        lean_activations(base_layer)  # the frozen MLP's backward keeps one (B, T, inner) tensor, not four
         self.design = design
         self.disabled = False
         self.adapter_dropout = nn.Dropout(dropout)
@@ -90,21 +91,11 @@ class MLPAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x)
-        act = self.base_layer.act  # GPT-2's activation (gelu_new); it has no parameters
+        act = self.base_layer.act  # GPT-2's activation (gelu_new, in LeanGelu); it has no parameters
         if self.design == "residual":
-            return self._frozen_mlp(x) + self.adapter_up(self.adapter_dropout(act(self.adapter_down(x))))
+            return self.base_layer(x) + self.adapter_up(self.adapter_dropout(act(self.adapter_down(x))))
         hidden = self.adapter_dropout(act(self.adapter_fc(x)))  # (B, T, rank)
         return self.base_layer.dropout(self.adapter_proj(hidden))  # GPT-2's residual dropout, as in GPT2MLP
-
-    def _frozen_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x)`` op for op, but its backward stores one (B, T, inner) tensor instead of four."""
-        mlp = self.base_layer
-        hidden = mlp.c_fc(x)
-        if hidden.requires_grad and isinstance(mlp.act, NewGELUActivation):
-            hidden = _LeanGeluNew.apply(hidden, mlp.act)
-        else:
-            hidden = mlp.act(hidden)
-        return mlp.dropout(mlp.c_proj(hidden))
 
 
 class _LeanGeluNew(torch.autograd.Function):
