@@ -438,7 +438,19 @@ class BestOfNArgs:
 
 @dataclass
 class RunArgs:
-    """How a run started again in the folder of an interrupted one treats changed settings."""
+    """How a run treats its process's memory, and how a run started again in the folder of an interrupted one
+    treats changed settings."""
+
+    keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "glibc's malloc serves large blocks from its heap and keeps what the process frees for the "
+            "next allocation (mallopt M_MMAP_MAX=0 and M_TRIM_THRESHOLD=-1, training/launch.py), instead of "
+            "returning every logits, gradient or cast buffer to the OS and page-faulting its successor in "
+            "afresh: about a fifth of a CPU training step of the GPT-2 124M shape (bench/mfu.py). The process "
+            "then stays at its peak memory. No effect where libc is not glibc."
+        },
+    )
 
     allow_changed_settings: bool = field(
         default=False,

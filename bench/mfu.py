@@ -9,14 +9,16 @@ and bf16 against float32.
   Measured at the start and again at the end of the run; the higher of the two is used (the conservative MFU).
   On a GPU the datasheet peak (989 TFLOP/s dense bf16, H100/H200) is reported beside the measured one.
 - steps: each case runs in its own child process (so its peak RSS is its own) through the trainer align-kit
-  uses (trl.SFTTrainer, align_kit.training.losses.DPOTrainer, trl.RewardTrainer), GPT2Config with random weights and
+  uses (align_kit.training.sft.SFTTrainer, align_kit.training.losses.DPOTrainer, trl.RewardTrainer), GPT2Config with random weights and
   vocabulary 50257 (nothing downloaded), batch 4 (pairs for DPO and the reward model) x 128 tokens, one warm-up
-  step then timed steps. DPO: full model and residual adapter, chunked (logprob_chunk_size 1024) and TRL's path.
+  step then timed steps. SFT: align-kit's chunked NLL (logprob_chunk_size 1024, its gradient made in the forward)
+  and TRL's own chunked_nll (which recomputes the head in backward). DPO: full model and residual adapter,
+  chunked (logprob_chunk_size 1024) and TRL's path.
 - Model FLOPs per step, counted from the shapes: forward 2N per token (N = the matmul weights: 12 L d^2 + d V,
   the head counted for every token as in the standard MFU count) plus attention 4 L T d per token (QK^T and AV,
   not halved for the causal mask); backward 4N for trained weights and 2N for frozen weights that gradients
   pass through (an adapter's base); DPO adds the reference's forward. ``hw_flops`` counts what the chunked path
-  really executes instead: the head only on answer tokens, recomputed once in backward.
+  really executes instead: the head only on answer tokens, recomputed once in backward (DPO; TRL's SFT).
 - memory: one DPO step of 4 pairs at 256/512/1024 tokens (half prompt, half answer), chunked and TRL's path,
   each with every activation kept and with activation checkpointing (TRL's default): peak RSS above the child's
   baseline after imports. Models get ``adapters.lean_activations`` as align-kit's loaders give them.
@@ -108,6 +110,10 @@ def flops(shape: dict, case: dict, seq: int, answer_tokens: int) -> dict:
     if case["method"] == "dpo":
         model += tokens * (2 * (body + head) + attention)  # the reference's forward
     executed = model
+    if case["method"] == "sft":  # the head only on tokens with a label; TRL's chunked_nll recomputes it
+        executed = model - 6 * head * (tokens - answer_tokens)
+        if not case.get("chunk"):
+            executed += 2 * head * answer_tokens
     if case["method"] == "dpo" and case.get("chunk"):  # head only on answer tokens, + its recompute
         skipped = 2 * head * (tokens - answer_tokens)
         skipped_bwd = (4 if not case.get("adapter") else 2) * head * (tokens - answer_tokens)
@@ -170,6 +176,10 @@ def child(job: dict) -> dict:
     from align_kit.configs import AdapterArgs
     from align_kit.models import adapters
     from align_kit.models.loading import build_byte_tokenizer
+    from align_kit.training import launch
+
+    if job.get("keep_freed_memory", True):  # as align_kit.training.runs.start does for every run
+        launch.keep_freed_memory()
 
     baseline = rss_mb()
     shape, case, seq = job["shape"], job["case"], job["seq"]
@@ -200,12 +210,12 @@ def child(job: dict) -> dict:
             ends.append(time.perf_counter())
 
     if case["method"] == "sft":
-        import trl
+        from align_kit.training.sft import SFTConfig, SFTTrainer
 
         data = Dataset.from_list([{"text": letters(rng, seq - 1)} for _ in range(rows)])
-        args = trl.SFTConfig(**common_args, max_length=seq)
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        answer_tokens = shape["batch"] * seq
+        args = SFTConfig(**common_args, max_length=seq, logprob_chunk_size=case.get("chunk", 0))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        answer_tokens = shape["batch"] * (seq - 1)  # every token but the first is a label
     elif case["method"] == "rm":
         import trl
 
@@ -287,7 +297,8 @@ def run_case(shape: dict, case: dict, seq: int, steps: int, threads: int, work: 
 
 
 STEP_CASES = {
-    "sft": {"method": "sft"},
+    "sft": {"method": "sft", "chunk": CHUNK},
+    "sft trl": {"method": "sft", "chunk": 0},
     "dpo full chunked": {"method": "dpo", "chunk": CHUNK},
     "dpo full trl": {"method": "dpo", "chunk": 0},
     "dpo residual chunked": {"method": "dpo", "chunk": CHUNK, "adapter": "residual"},
@@ -306,7 +317,7 @@ PRECOMPUTE_CASES = {  # the reference is computed before the first step, so ever
     },
 }
 BF16_CASES = {
-    "sft bf16": {"method": "sft", "bf16": True},
+    "sft bf16": {"method": "sft", "chunk": CHUNK, "bf16": True},
     "dpo full chunked bf16": {"method": "dpo", "chunk": CHUNK, "bf16": True},
 }
 

@@ -18,7 +18,6 @@ import random
 from statistics import mean
 
 from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
 
 from align_kit import console
 from align_kit.configs import AdapterArgs, BestOfNArgs, DataArgs, ModelArgs, RewardModelArgs, RunArgs
@@ -29,6 +28,7 @@ from align_kit.models.loading import load_model, load_policy, load_tokenizer, to
 from align_kit.parsing import parse
 from align_kit.training import curves, guards, runs, stops
 from align_kit.training.curves import CurveArgs
+from align_kit.training.sft import SFTConfig, SFTTrainer
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, RewardModelArgs, BestOfNArgs, CurveArgs, RunArgs, SFTConfig)
 

@@ -8,7 +8,6 @@ python recipes/sft.py --config recipes/configs/sft_tiny.yaml --num_train_epochs 
 from __future__ import annotations
 
 from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
 
 from align_kit import console
 from align_kit.configs import AdapterArgs, ConfigError, DataArgs, EarlyStoppingArgs, ModelArgs, RunArgs
@@ -25,6 +24,7 @@ from align_kit.parsing import parse
 from align_kit.training import curves, guards, runs, stops
 from align_kit.training.callbacks import trainer_callbacks
 from align_kit.training.curves import CurveArgs
+from align_kit.training.sft import SFTConfig, SFTTrainer
 
 CONFIG = (DataArgs, ModelArgs, AdapterArgs, EarlyStoppingArgs, CurveArgs, RunArgs, SFTConfig)
 

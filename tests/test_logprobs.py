@@ -9,6 +9,7 @@
   gradients with ``logprob_chunk_size > 0`` equal ``0`` (TRL's own ``compute_ref_log_probs`` and
   ``_compute_loss``) for a full model, both adapters with the adapter-off reference, right and left padding,
   kto and apo_zero_unpaired; its precomputed reference is computed on the chunked path and equals the live one;
+- with bf16 the trainers' head runs under the run's autocast, as TRL's runs inside the model's forward;
 - settings the chunked path cannot compute fall back to TRL's path, saying so.
 """
 
@@ -25,6 +26,7 @@ from align_kit.models import adapters
 from align_kit.models.loading import TinyGPT2Shape, build_byte_tokenizer, build_tiny_gpt2
 from align_kit.models.logprobs import answer_token_logps
 from align_kit.training.losses import DPO_LOSS_TYPES, DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+from align_kit.training.sft import SFTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_a_frozen_heap")
 
@@ -167,7 +169,8 @@ def tiny_trainer(trainer_class, config_class, train, tokenizer, tmp_path, refere
         adapters.freeze_non_adapter(model)
         ref_model = adapters.AdapterOffReference(model)
     argv = dict(output_dir=str(tmp_path), per_device_train_batch_size=6, max_length=96, report_to="none")
-    args = config_class(**{**argv, **settings}, use_cpu=True, bf16=False, gradient_checkpointing=False)
+    fixed = dict(use_cpu=True, bf16=False, gradient_checkpointing=False)
+    args = config_class(**{**argv, **fixed, **settings})
     return trainer_class(
         model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer
     )
@@ -250,7 +253,21 @@ def test_settings_the_chunked_path_cannot_compute_use_trls_path_and_say_so(tmp_p
     assert (dpo_trainer if method == "dpo" else kto_trainer)(tmp_path, "separate").chunk_size == 1024
 
 
-@pytest.mark.parametrize("config", [DPOConfig, KTOConfig])
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_with_bf16_the_trainers_head_runs_in_bf16_as_inside_the_models_forward(tmp_path, method):
+    make = dpo_trainer if method == "dpo" else kto_trainer
+    trainer, in_fp32 = make(tmp_path, "separate", bf16=True), make(tmp_path, "separate")
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    got = trainer._answer_logps(trainer.model, inputs).logps
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate wraps the model's forward in
+        want = answer_token_logps(
+            trainer.model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], 1024
+        ).logps
+    assert torch.equal(got, want)
+    assert (got - in_fp32._answer_logps(trainer.model, inputs).logps).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("config", [DPOConfig, KTOConfig, SFTConfig])
 def test_a_negative_chunk_size_is_refused_when_parsed(config):
     from align_kit.configs import ConfigError
 

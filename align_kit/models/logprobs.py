@@ -67,53 +67,80 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
 
 
-def _logits(hidden, weight, bias, dtype: torch.dtype) -> torch.Tensor:
-    """(K, V) float32 logits with the matmul in ``dtype``, outside autocast so forward and recompute agree."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        cast_bias = None if bias is None else bias.to(dtype)
-        return nn.functional.linear(hidden.to(dtype), weight.to(dtype), cast_bias).float()
+def _linear(hidden, weight, bias, dtype: torch.dtype) -> torch.Tensor:
+    """(K, V) float32 logits, the matmul in ``dtype`` (``weight`` and ``bias`` already cast to it). Call it
+    with autocast off: forward and recompute then agree, and the float32 statistics around it stay float32."""
+    return nn.functional.linear(hidden.to(dtype), weight, bias).float()
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
+
+
+def _logits_grad(
+    exp: torch.Tensor, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, dtype
+) -> torch.Tensor:
+    """a * exp + b * onehot(y) for (K, V) float32 ``exp`` and per-row (K,) ``a`` and ``b``, in ``dtype``. Float32
+    overwrites ``exp``; a narrower dtype is written in the same pass as the product, the label entries made in
+    float32 first, so every entry rounds once."""
+    a, b, labels = a.unsqueeze(-1), b.unsqueeze(-1), labels.unsqueeze(-1)
+    if dtype == exp.dtype:
+        return exp.mul_(a).scatter_add_(-1, labels, b)
+    at_label = exp.gather(-1, labels).mul_(a).add_(b)
+    grad = torch.mul(exp, a, out=torch.empty(exp.shape, dtype=dtype, device=exp.device))
+    return grad.scatter_(-1, labels, at_label.to(dtype))
 
 
 class _HeadLogps(torch.autograd.Function):
     """log pi(y | h) = z_y - logsumexp(z) with z = h W^T + b, for rows h of one chunk. The (K, V) logits live only
     inside ``forward`` and again inside ``backward``, which recomputes them and applies the log-softmax gradient
     d log pi(y) / dz = onehot(y) - softmax(z) directly, so autograd never keeps a vocabulary-sized tensor. The
-    forward also returns the detached statistics TRL logs: entropy, mean logit and whether argmax z == y."""
+    forward also returns the detached statistics TRL logs: entropy, mean logit and whether argmax z == y.
+    Under autocast the matmuls run in its dtype (the head's weight cast once and kept for backward) and
+    everything else in float32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels):
         dtype = _compute_dtype(hidden)
-        logits = _logits(hidden, weight, bias, dtype)  # (K, V); two such blocks at most exist below
-        label_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        mean_logit = logits.mean(dim=-1)
-        top, best = logits.max(dim=-1)
-        correct = best == labels
-        shifted = logits.sub_(top.unsqueeze(-1))  # in place: z - max z
-        exp = shifted.exp()
-        partition = exp.sum(dim=-1)  # Z e^{-max z}
-        logsumexp = top + partition.log()
-        logps = label_logit - logsumexp
-        expected = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / partition  # E_p[z - max z]
-        entropy = partition.log() - expected  # H = log Z - E_p[z]
-        ctx.save_for_backward(hidden, weight, bias, labels, logsumexp)
+        with torch.autocast(hidden.device.type, enabled=False):
+            cast_weight, cast_bias = weight.to(dtype), _cast(bias, dtype)
+            logits = _linear(
+                hidden, cast_weight, cast_bias, dtype
+            )  # (K, V); two such blocks at most exist below
+            label_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            mean_logit = logits.mean(dim=-1)
+            top, best = logits.max(dim=-1)
+            correct = best == labels
+            shifted = logits.sub_(top.unsqueeze(-1))  # in place: z - max z
+            exp = shifted.exp()
+            partition = exp.sum(dim=-1)  # Z e^{-max z}
+            logsumexp = top + partition.log()
+            logps = label_logit - logsumexp
+            expected = (
+                torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / partition
+            )  # E_p[z - max z]
+            entropy = partition.log() - expected  # H = log Z - E_p[z]
+        ctx.save_for_backward(hidden, cast_weight, cast_bias, labels, logsumexp)
         ctx.dtype = dtype
         ctx.mark_non_differentiable(entropy, mean_logit, correct)
         return logps, entropy, mean_logit, correct
 
     @staticmethod
     def backward(ctx, grad_logps, *_):
-        hidden, weight, bias, labels, logsumexp = ctx.saved_tensors
-        logits = _logits(hidden, weight, bias, ctx.dtype)
-        grad = logits.sub_(logsumexp.unsqueeze(-1)).exp_().mul_(-grad_logps.unsqueeze(-1))  # -g softmax(z)
-        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logps.unsqueeze(-1))  # + g onehot(y)
-        grad = grad.to(ctx.dtype)
-        grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (grad @ weight.to(ctx.dtype)).to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad.T @ hidden.to(ctx.dtype)).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(dim=0).to(bias.dtype)
+        hidden, weight, bias, labels, logsumexp = ctx.saved_tensors  # weight and bias in ctx.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            probs = (
+                _linear(hidden, weight, bias, ctx.dtype).sub_(logsumexp.unsqueeze(-1)).exp_()
+            )  # softmax(z)
+            grad = _logits_grad(probs, -grad_logps, grad_logps, labels, ctx.dtype)  # g (onehot - softmax)
+            del probs
+            grad_hidden = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad @ weight).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad.T @ hidden.to(ctx.dtype)).float()
+            if bias is not None and ctx.needs_input_grad[2]:
+                grad_bias = grad.sum(dim=0).float()
         return grad_hidden, grad_weight, grad_bias, None
 
 
@@ -168,3 +195,88 @@ def answer_token_logps(
         mean_logit=full.detach().masked_scatter(target, mean_logit),
         correct=torch.zeros_like(target).masked_scatter(target, correct),
     )
+
+
+class _HeadNLL(torch.autograd.Function):
+    """The summed next-token NLL of rows h of ``hidden``, sum_t [logsumexp(z_t) - z_t[y_t]] with z = h W^T + b,
+    ``chunk_size`` rows at a time, with its gradient made in the same pass. For a scalar loss the logits'
+    gradient is known in the forward, d sum / dz = softmax(z) - onehot(y), so each chunk turns it straight into
+    dL/dh = (softmax - onehot) W and dL/dW += (softmax - onehot)^T h: no logits are kept for backward and none
+    are recomputed (the chunked path of ``_HeadLogps`` runs the head matmul a second time). Backward scales the
+    saved gradients by the incoming scalar, so it runs once per forward. Also returns the detached statistics
+    TRL's SFT logs: argmax hits and the entropy sum. Precision as ``_HeadLogps``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
+        dtype = _compute_dtype(hidden)
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_weight = grad_bias = None  # the first chunk's, then summed
+        nll = hidden.new_zeros((), dtype=torch.float32)
+        entropy = hidden.new_zeros((), dtype=torch.float32)
+        correct = hidden.new_zeros((), dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            cast_weight, cast_bias = weight.to(dtype), _cast(bias, dtype)
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows, y = hidden[start : start + chunk_size].to(dtype), labels[start : start + chunk_size]
+                logits = _linear(rows, cast_weight, cast_bias, dtype)  # (K, V)
+                top, best = logits.max(dim=-1)
+                label_logit = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                shifted = logits.sub_(top.unsqueeze(-1))  # in place: z - max z
+                exp = shifted.exp()
+                partition = exp.sum(dim=-1)  # Z e^{-max z}
+                log_partition = partition.log()
+                nll += (top + log_partition - label_logit).sum()
+                expected = (
+                    torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / partition
+                )  # E_p[z - max z]
+                entropy += (log_partition - expected).sum()  # H = log Z - E_p[z]
+                correct += (best == y).sum()
+                del logits, shifted
+                if not (want_hidden or want_weight or want_bias):
+                    continue
+                grad = _logits_grad(exp, partition.reciprocal(), torch.full_like(partition, -1.0), y, dtype)
+                del exp  # grad = softmax - onehot
+                if want_hidden:
+                    grad_hidden[start : start + chunk_size] = grad @ cast_weight
+                if want_weight:
+                    part = grad.T @ rows  # (V, H)
+                    grad_weight = part.to(weight.dtype) if grad_weight is None else grad_weight.add_(part)
+                if want_bias:
+                    part = grad.sum(dim=0)
+                    grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
+        if want_weight and grad_weight is None:  # no row: the sum is 0, so is its gradient
+            grad_weight = torch.zeros_like(weight)
+        if want_bias and grad_bias is None:
+            grad_bias = torch.zeros_like(bias)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(correct, entropy)
+        return nll, correct, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_nll, *_):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "_HeadNLL's gradients were made in its forward and are used once; no retain_graph"
+            )
+        grads, ctx.grads = ctx.grads, None
+        return *(None if g is None else g.mul_(grad_nll) for g in grads), None, None
+
+
+def chunked_nll(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Linear | tuple[torch.Tensor, torch.Tensor | None],
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The summed NLL of next-token ``labels`` (N, T) from final hidden states (N, T, H) already aligned with
+    them (position t predicts labels[t]; -100 ignored) -> (summed NLL, argmax hits, entropy sum, valid tokens),
+    each a scalar. Only the valid rows reach the head (``_HeadNLL``); no (N, T, V) tensor is made and the head's
+    matmul runs once forward and twice (dh, dW) in backward, as with full logits. ``head`` is the LM head or its
+    (weight, bias)."""
+    weight, bias = (head.weight, head.bias) if isinstance(head, nn.Module) else head
+    valid = labels != -100
+    rows = hidden[valid]  # (K, H)
+    nll, correct, entropy = _HeadNLL.apply(rows, weight, bias, labels[valid], chunk_size)
+    return nll, correct, entropy, valid.sum()

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from align_kit import console
-from align_kit.models.logprobs import AnswerLogps, check_chunkable
+from align_kit.models.logprobs import AnswerLogps, answer_token_logps, check_chunkable
 from align_kit.training import ref_cache
 
 
@@ -45,6 +45,19 @@ class ChunkedLogps:
             )
             return 0
         return size
+
+    def _answer_logps(self, model, inputs, prefix: str = "") -> AnswerLogps:
+        """``answer_token_logps`` of the rows ``inputs[prefix + "input_ids"]`` under the run's mixed precision:
+        the head runs after the model's forward, where accelerate's autocast does not reach, while TRL's path
+        runs it inside (a bf16 or fp16 matmul, as the rest of the model)."""
+        with self.accelerator.autocast():
+            return answer_token_logps(
+                model,
+                inputs[f"{prefix}input_ids"],
+                inputs[f"{prefix}attention_mask"],
+                inputs[f"{prefix}completion_mask"],
+                self.chunk_size,
+            )
 
     def _answer_token_totals(
         self, mode: str, policy: AnswerLogps, inputs, chosen: torch.Tensor, accuracy: bool

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from align_kit.models.logprobs import AnswerLogps, answer_token_logps
+from align_kit.models.logprobs import AnswerLogps
 from align_kit.training.chunked import ChunkedLogps
 
 # TRL's loss terms from summed log-probabilities (the chunked path never holds the logits TRL's code reads)
@@ -100,13 +100,7 @@ class ChunkedDPO(ChunkedLogps):
         if not self.chunk_size:
             return super().compute_ref_log_probs(model, inputs)
         with torch.no_grad():
-            ref = answer_token_logps(
-                model,
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                inputs["completion_mask"],
-                self.chunk_size,
-            )
+            ref = self._answer_logps(model, inputs)
         return ref.logps.sum(dim=1).chunk(2, dim=0)
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
@@ -120,9 +114,7 @@ class ChunkedDPO(ChunkedLogps):
     def _chunked_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]  # (2B, T), chosen rows first
-        policy = answer_token_logps(
-            model, inputs["input_ids"], inputs["attention_mask"], completion_mask, self.chunk_size
-        )
+        policy = self._answer_logps(model, inputs)
         chosen_logps, rejected_logps = policy.logps.sum(dim=1).chunk(2, dim=0)  # (B,) each
         ref_chosen_logps, ref_rejected_logps = self._reference_logps(model, inputs)
         self._log_token_metrics(mode, policy, inputs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from accelerate.utils import is_peft_model
 
-from align_kit.models.logprobs import answer_token_logps
 from align_kit.training.chunked import ChunkedLogps
 
 CHUNKED_UNSUPPORTED = {  # setting -> why the chunked path cannot compute it
@@ -57,14 +56,7 @@ class ChunkedKTO(ChunkedLogps):
 
     def _summed_logps(self, model, inputs, prefix: str = "") -> torch.Tensor:
         """log pi(y|x) summed over each row's answer tokens, (N,); prefix "KL_" for the KL rows."""
-        policy = answer_token_logps(
-            model,
-            inputs[f"{prefix}input_ids"],
-            inputs[f"{prefix}attention_mask"],
-            inputs[f"{prefix}completion_mask"],
-            self.chunk_size,
-        )
-        return policy.logps.sum(dim=1)
+        return self._answer_logps(model, inputs, prefix).logps.sum(dim=1)
 
     def compute_ref_log_probs(self, model, inputs):
         """(answers, KL rows) summed log-probabilities under the reference ``model``, each (N,); the second is
@@ -90,9 +82,7 @@ class ChunkedKTO(ChunkedLogps):
         if self.calculate_KL:
             with torch.no_grad():
                 kl_logps = self._summed_logps(model, inputs, "KL_")
-        policy = answer_token_logps(
-            model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], self.chunk_size
-        )
+        policy = self._answer_logps(model, inputs)
         logps = policy.logps.sum(dim=1)  # (N,)
         if self.precompute_ref_logps:
             ref_logps, ref_kl_logps = inputs["ref_logps"], inputs.get("ref_KL_logps")

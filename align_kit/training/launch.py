@@ -1,4 +1,5 @@
-"""How the run was launched, checked before anything loads, and FSDP2 on CPU processes.
+"""How the run was launched, checked before anything loads, FSDP2 on CPU processes, and how the process keeps
+its freed memory.
 
 A launcher that asked for FSDP or DeepSpeed where the run cannot shard is refused in one line instead of
 training unsharded without a word. FSDP2 (``fully_shard``) does run on CPU processes over gloo, but
@@ -11,6 +12,7 @@ group (deepspeed's CPU accelerator); without it, on a GPU-less machine, every ra
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 from typing import Any
@@ -21,6 +23,23 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from align_kit.configs import ConfigError
 from align_kit.console import log
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+
+
+def keep_freed_memory(wanted: bool = True) -> bool:
+    """Make glibc's malloc serve every block from its heap (``M_MMAP_MAX`` 0) and never give the heap back
+    (``M_TRIM_THRESHOLD`` -1). By default a large block (above a threshold that grows to at most 32 MB) is
+    its own mmap, unmapped when freed, so each step's (chunk x vocabulary) logits, weight-sized gradients and autocast copies are page-faulted in and
+    zeroed by the kernel again; reused heap memory is not. Returns whether it applied (not where libc is not
+    glibc, nor unless ``wanted``: RunArgs.keep_freed_memory)."""
+    if not wanted:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def fsdp_requested() -> bool:
