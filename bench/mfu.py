@@ -178,11 +178,11 @@ def child(job: dict) -> dict:
     from align_kit.models.loading import build_byte_tokenizer
     from align_kit.training import launch
 
-    if job.get("keep_freed_memory", True):  # as align_kit.training.runs.start does for every run
-        launch.keep_freed_memory()
-
     baseline = rss_mb()
     shape, case, seq = job["shape"], job["case"], job["seq"]
+    # as align_kit.training.runs.start does for every run (RunArgs.keep_freed_memory, default auto)
+    cpu_autocast = case.get("bf16", False) and not torch.cuda.is_available()
+    launch.keep_freed_memory(job.get("keep_freed_memory", "auto"), cpu_autocast)
     rng = random.Random(0)
     tokenizer = build_byte_tokenizer()  # one token per letter, so lengths are exact
     config = GPT2Config(

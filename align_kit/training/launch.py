@@ -24,22 +24,36 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from align_kit.configs import ConfigError
 from align_kit.console import log
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
 
 
-def keep_freed_memory(wanted: bool = True) -> bool:
-    """Make glibc's malloc serve every block from its heap (``M_MMAP_MAX`` 0) and never give the heap back
-    (``M_TRIM_THRESHOLD`` -1). By default a large block (above a threshold that grows to at most 32 MB) is
-    its own mmap, unmapped when freed, so each step's (chunk x vocabulary) logits, weight-sized gradients and autocast copies are page-faulted in and
-    zeroed by the kernel again; reused heap memory is not. Returns whether it applied (not where libc is not
-    glibc, nor unless ``wanted``: RunArgs.keep_freed_memory)."""
-    if not wanted:
-        return False
+def keep_freed_memory(mode: str, cpu_autocast: bool) -> str:
+    """Tell glibc's malloc to keep freed memory for reuse (RunArgs.keep_freed_memory); returns the mode applied,
+    "none" where libc is not glibc. By default a large block (above a threshold that grows to at most 32 MB)
+    is its own mmap, unmapped when freed, so each step's activations, autocast copies, (chunk x vocabulary)
+    logits and weight-sized gradients are page-faulted in and zeroed by the kernel again; reused heap memory
+    is not. "small" keeps the heap (never trimmed) for blocks up to 32 MB; "all" serves every block from it,
+    whose fragmentation costs peak memory; "auto" is "all" under CPU autocast, which casts the big blocks
+    once more, else "small"."""
+    if mode == "auto":
+        mode = "all" if cpu_autocast else "small"
+    if mode == "none":
+        return mode
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+        return "none"
+    if mode == "all":
+        applied = mallopt(M_MMAP_MAX, 0)
+    else:
+        applied = mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    return mode if applied and mallopt(M_TRIM_THRESHOLD, -1) else "none"
+
+
+def cpu_autocast(args: Any) -> bool:
+    """Whether a trainer with these arguments trains under CPU bf16/fp16 autocast."""
+    mixed = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+    return mixed and (bool(getattr(args, "use_cpu", False)) or not torch.cuda.is_available())
 
 
 def fsdp_requested() -> bool:

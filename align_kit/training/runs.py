@@ -105,7 +105,7 @@ def start(args: Any, *configs: Any, cannot_resume: str | None = None) -> Run:
     shapes.resolve_random_model(configs)  # random:<shape> -> its folder, built on this run's data
     check_model_sources(configs)
     run_args = next((c for c in configs if isinstance(c, RunArgs)), RunArgs())
-    launch.keep_freed_memory(run_args.keep_freed_memory)
+    launch.keep_freed_memory(run_args.keep_freed_memory, launch.cpu_autocast(args))
     resume_from = args.resume_from_checkpoint
     if resume_from is not None:
         problem = checkpoints.checkpoint_problem(Path(resume_from))
