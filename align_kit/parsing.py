@@ -121,9 +121,10 @@ def bf16_available() -> bool:
 def settle_bf16(values: dict[str, Any], args: list[str]) -> None:
     """``bf16: auto`` in the file or ``--bf16 auto`` becomes true where a GPU supports bf16 (and the run is not
     told use_cpu), false otherwise: one config file for A100s, T4s and laptops. A CPU with native bf16
-    (AVX512-BF16, AMX) stays float32: on this project's 2-core machine autocast cut step time only to 0.59 (SFT)
-    and 0.68 (DPO) of float32's and moved the demo's PPO and best-of-8 figures outside their float32 CIs (README, "Lean
-    training"); ``bf16: true`` with ``use_cpu: true`` still runs CPU autocast for those who want it."""
+    (AVX512-BF16, AMX) stays float32: on this project's 2-core machine autocast cuts step time to 0.56 (SFT)
+    and 0.53 (DPO) of float32's, but it moved the demo's PPO and best-of-8 figures outside their float32 CIs
+    (README, "Lean training"); ``bf16: true`` with ``use_cpu: true`` still runs CPU autocast for those who
+    want it."""
     on_cpu = _true(_given(values, args, "use_cpu", False))
 
     def settled() -> str:  # asked only when a setting says auto: importing torch's CUDA check costs time

@@ -468,7 +468,11 @@ def main(argv: list[str] | None = None) -> dict:
         previous = json.loads(out.read_text())
         kept = {k: v for k, v in previous["figures"].items() if k in PARTS and k not in parts}
         figures.update(kept)
-        info["kept_from_previous_run"] = {k: previous["machine"] for k in kept}
+        earlier = previous["machine"].get("kept_from_previous_run", {})
+        own = {k: v for k, v in previous["machine"].items() if k != "kept_from_previous_run"}
+        own.update({k: previous["figures"][k] for k in ("peak_float32_flops", "peak_bfloat16_flops")})
+        # where and against which peak each kept part was measured
+        info["kept_from_previous_run"] = {k: earlier.get(k, own) for k in kept}
     if torch.cuda.is_available():
         figures["datasheet_bf16_flops"] = DATASHEET_BF16_FLOPS
     with tempfile.TemporaryDirectory(prefix="align-kit-mfu-") as tmp:
