@@ -1,5 +1,6 @@
 """Best-of-N fine-tuning (the cross-entropy method): sample N answers per prompt, keep the k that the
-reward model (or ensemble) scores highest, fine-tune on them with TRL's SFTTrainer, and repeat.
+reward model (or ensemble) scores highest, fine-tune on them with TRL's SFTTrainer (align_kit/training/sft.py),
+and repeat.
 
     accelerate launch recipes/best_of_n.py --config recipes/configs/best_of_n_tiny.yaml
     python recipes/best_of_n.py --config recipes/configs/best_of_n_tiny.yaml --rounds 3

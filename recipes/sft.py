@@ -1,5 +1,5 @@
 """Supervised fine-tuning (SFT) on instruction rows, conversations or the answers of a preference set,
-with TRL's SFTTrainer.
+with TRL's SFTTrainer (align_kit/training/sft.py: its chunked loss without the head's recompute).
 
 accelerate launch recipes/sft.py --config recipes/configs/sft_tiny.yaml
 python recipes/sft.py --config recipes/configs/sft_tiny.yaml --num_train_epochs 1
