@@ -91,6 +91,20 @@ def _logits_grad(
     return grad.scatter_(-1, labels, at_label.to(dtype))
 
 
+def _softmax_statistics(logits: torch.Tensor, labels: torch.Tensor):
+    """From (K, V) float32 logits z, which it overwrites with z - max z: logsumexp(z), z_y, argmax z == y and the
+    entropy, each (K,), and exp(z - max z) (K, V) with its row sums Z e^{-max z}, which a gradient needs."""
+    top, best = logits.max(dim=-1)
+    label_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    shifted = logits.sub_(top.unsqueeze(-1))  # in place: z - max z
+    exp = shifted.exp()
+    partition = exp.sum(dim=-1)  # Z e^{-max z}
+    log_partition = partition.log()
+    expected = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / partition  # E_p[z - max z]
+    entropy = log_partition - expected  # H = log Z - E_p[z]
+    return top + log_partition, label_logit, best == labels, entropy, exp, partition
+
+
 class _HeadLogps(torch.autograd.Function):
     """log pi(y | h) = z_y - logsumexp(z) with z = h W^T + b, for rows h of one chunk. The (K, V) logits live only
     inside ``forward`` and again inside ``backward``, which recomputes them and applies the log-softmax gradient
@@ -104,22 +118,10 @@ class _HeadLogps(torch.autograd.Function):
         dtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             cast_weight, cast_bias = weight.to(dtype), _cast(bias, dtype)
-            logits = _linear(
-                hidden, cast_weight, cast_bias, dtype
-            )  # (K, V); two such blocks at most exist below
-            label_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            logits = _linear(hidden, cast_weight, cast_bias, dtype)  # (K, V); two such blocks at most below
             mean_logit = logits.mean(dim=-1)
-            top, best = logits.max(dim=-1)
-            correct = best == labels
-            shifted = logits.sub_(top.unsqueeze(-1))  # in place: z - max z
-            exp = shifted.exp()
-            partition = exp.sum(dim=-1)  # Z e^{-max z}
-            logsumexp = top + partition.log()
+            logsumexp, label_logit, correct, entropy, _, _ = _softmax_statistics(logits, labels)
             logps = label_logit - logsumexp
-            expected = (
-                torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / partition
-            )  # E_p[z - max z]
-            entropy = partition.log() - expected  # H = log Z - E_p[z]
         ctx.save_for_backward(hidden, cast_weight, cast_bias, labels, logsumexp)
         ctx.dtype = dtype
         ctx.mark_non_differentiable(entropy, mean_logit, correct)
@@ -129,11 +131,10 @@ class _HeadLogps(torch.autograd.Function):
     def backward(ctx, grad_logps, *_):
         hidden, weight, bias, labels, logsumexp = ctx.saved_tensors  # weight and bias in ctx.dtype
         with torch.autocast(hidden.device.type, enabled=False):
-            probs = (
-                _linear(hidden, weight, bias, ctx.dtype).sub_(logsumexp.unsqueeze(-1)).exp_()
-            )  # softmax(z)
+            logits = _linear(hidden, weight, bias, ctx.dtype)
+            probs = logits.sub_(logsumexp.unsqueeze(-1)).exp_()  # softmax(z), in place
             grad = _logits_grad(probs, -grad_logps, grad_logps, labels, ctx.dtype)  # g (onehot - softmax)
-            del probs
+            del logits, probs
             grad_hidden = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_hidden = (grad @ weight).to(hidden.dtype)
@@ -220,19 +221,11 @@ class _HeadNLL(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 rows, y = hidden[start : start + chunk_size].to(dtype), labels[start : start + chunk_size]
                 logits = _linear(rows, cast_weight, cast_bias, dtype)  # (K, V)
-                top, best = logits.max(dim=-1)
-                label_logit = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-                shifted = logits.sub_(top.unsqueeze(-1))  # in place: z - max z
-                exp = shifted.exp()
-                partition = exp.sum(dim=-1)  # Z e^{-max z}
-                log_partition = partition.log()
-                nll += (top + log_partition - label_logit).sum()
-                expected = (
-                    torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / partition
-                )  # E_p[z - max z]
-                entropy += (log_partition - expected).sum()  # H = log Z - E_p[z]
-                correct += (best == y).sum()
-                del logits, shifted
+                logsumexp, label_logit, hits, chunk_entropy, exp, partition = _softmax_statistics(logits, y)
+                del logits  # now z - max z, no longer needed
+                nll += (logsumexp - label_logit).sum()
+                entropy += chunk_entropy.sum()
+                correct += hits.sum()
                 if not (want_hidden or want_weight or want_bias):
                     continue
                 grad = _logits_grad(exp, partition.reciprocal(), torch.full_like(partition, -1.0), y, dtype)

@@ -93,14 +93,9 @@ def patch_forward(model: nn.Module, unpatched, chunk_size: int) -> None:
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
         nll, correct, entropy, valid = chunked_nll(hidden, shift_labels, (weight, bias), chunk_size)
-        if num_items_in_batch is None:
-            loss = nll / valid.clamp(min=1)
-        else:
-            loss = nll / (
-                num_items_in_batch.to(nll.device)
-                if torch.is_tensor(num_items_in_batch)
-                else num_items_in_batch
-            )
+        if num_items_in_batch is None:  # the mean over this batch's label tokens
+            num_items_in_batch = valid.clamp(min=1)
+        loss = nll / torch.as_tensor(num_items_in_batch, device=nll.device)
         return _ChunkedCELMHeadOutput(
             loss=loss, logits=None, num_correct_tokens=correct, entropy_sum=entropy, num_valid_tokens=valid
         )
